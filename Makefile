@@ -1,0 +1,55 @@
+# lowrank_tales: every command creates or reuses the project virtual environment .venv/ and installs what it needs.
+#   make docs    build the documentation site from the notebooks and serve it on http://127.0.0.1:$(PORT) (Ctrl-C stops)
+#   make test    the whole test suite (what CI runs)
+#   make site    build the site only, into _docs/
+#   make lab     open the notebooks in JupyterLab
+#   make bench   run the benchmarks (they print tables and write benchmarks/results/*.json)
+#   make export  regenerate lowrank_tales/ from nbs/;  make clean-nbs  strip notebooks as nbdev_clean does
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+STAMP := $(VENV)/.installed
+export LOWRANK_TALES_PROGRESS ?= 0
+
+.PHONY: docs site test lab bench export clean-nbs venv browser clean
+
+venv: $(STAMP)
+
+# torch is pinned to the local CPU build first (an unpinned torch pulls a multi-GB CUDA build);
+# constraints.txt pins the rest to versions checked together.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data]"
+	touch $(STAMP)
+
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser of its own).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+site: $(STAMP)
+	$(PY) tools/build_docs.py
+
+docs: site
+	@echo "Serving the book at http://127.0.0.1:$(PORT)/  (Ctrl-C stops)"
+	$(PY) -m http.server $(PORT) --bind 127.0.0.1 --directory _docs
+
+test: $(STAMP) browser
+	$(PY) -m pytest tests -q
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1
+
+bench: $(STAMP)
+	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+export: $(STAMP)
+	$(VENV)/bin/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(VENV)/bin/nbdev_clean
+
+clean:
+	rm -rf _proc _docs .pytest_cache
