@@ -40,7 +40,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest tests -q
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1
+	$(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -6,5 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #94e00189
+# %% ../nbs/99_api.ipynb #4695bc7c
 from .core import Factorization
+from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
+                                    khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
