@@ -22,7 +22,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,peers]"
 	touch $(STAMP)
 
 # Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser of its own).
@@ -43,6 +43,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,peers,bench]"
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 export: $(STAMP)

@@ -1,0 +1,42 @@
+"""House rules for the notebooks that tools rely on.
+
+nbdev's doc build executes every cell that contains an import (so that `show_doc` can see the names), so a cell that
+mixes imports with other code runs out of context there and breaks or slows the build: imports stay in their own
+cells. Each chapter starts with a title and a one-line subtitle (the module docstring) and declares its module."""
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith("_"))
+
+
+def cells(nb_path: Path, kind: str) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(nb_path.read_text())["cells"] if c["cell_type"] == kind]
+
+
+def is_directive_export(src: str) -> bool:
+    return any(line.strip().startswith(("#| export", "#|export", "#| exporti", "#| exports")) for line in src.splitlines()[:3])
+
+
+def mixes_imports(src: str) -> bool:
+    body = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
+    try: tree = ast.parse(body)
+    except SyntaxError: return False
+    nodes = list(ast.walk(tree))
+    has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes)
+    return has_import and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_imports_stay_in_their_own_cells(nb):
+    offenders = [src.splitlines()[0] for src in cells(nb, "code") if not is_directive_export(src) and mixes_imports(src)]
+    assert not offenders, f"{nb.name}: cells mixing imports with other code (move the imports up): {offenders}"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_opens_with_title_and_subtitle(nb):
+    first = cells(nb, "markdown")[0].splitlines()
+    assert first[0].startswith("# ") and any(line.startswith("> ") for line in first[1:4]), f"{nb.name}: {first[:3]}"
