@@ -6,7 +6,16 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #4695bc7c
+# %% ../nbs/99_api.ipynb #f2caf7a4
 from .core import Factorization
+from .als import dense_als, randomized_svd
+from .completion import als, predict, weighted_grams, solve_weighted_columns
+from .hadamard import hadamard_als
+from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
+from .khatri_rao import khatri_rao_als, nearest_partition_khatri_rao
+from .adapters import Adapter, LoRA, LoHA, LoKr, LoKH
+from .models import (inject, merge, unmerge, save_adapter, load_adapter, export_peft, import_peft,
+                                  trainable_parameters)
+# Last, because the chapter module `lowrank_tales.khatri_rao` (imported above) would otherwise shadow the product:
 from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
                                     khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
