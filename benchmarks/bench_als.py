@@ -55,8 +55,10 @@ def dense_part(M: int = 4000, ranks=(16, 64, 128), repeats: int = 9) -> dict:
         fns[f"sweep K={K}"] = lambda W=W, Z=Z, g=grams: als_sweep(A, W, Z, norm2, 1e-6, g)
         fns[f"floor K={K}"] = lambda W=W, Z=Z: (W.T @ A, A @ Z.T)
         fns[f"torch sweep K={K}"] = lambda W=Wt, Z=Zt, g=grams_t: als_sweep(At, W, Z, norm2, 1e-6, g)
-    torch_fns = {k: fns.pop(k) for k in [k for k in fns if k.startswith("torch")]}
-    times = interleaved_times(fns, repeats=repeats, warmup=1)  # numpy only: torch's idle OpenMP threads would slow OpenBLAS
+    # the sweeps run on torch (numpy input through zero-copy views): timed in their own rounds, apart from OpenBLAS's
+    # peak and floor, because each library's idle spinning threads slow the other's on a two-core machine
+    torch_fns = {k: fns.pop(k) for k in [k for k in fns if "sweep" in k]}
+    times = interleaved_times(fns, repeats=repeats, warmup=1)
     times.update(interleaved_times(torch_fns, repeats=repeats, warmup=1))
     peak = 2 * 3000 ** 3 / times["peak (3000² DGEMM)"]
     rows = []

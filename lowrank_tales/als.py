@@ -75,6 +75,12 @@ def _trace(G) -> float:
     "tr G as a Python float."
     return float(G.diagonal().sum())
 
+def _torch_views(A, *xs):
+    "Zero-copy torch views of a CPU numpy `A` and its factors, or `None` when `A` is a tensor or cannot be viewed."
+    if is_tensor(A) or A.dtype not in (np.float32, np.float64) or not A.flags.writeable or min(A.strides) < 0: return None
+    if any(is_tensor(x) or x.dtype != A.dtype for x in xs): return None
+    return [torch.from_numpy(x if x.flags.writeable and min(x.strides) >= 0 else x.copy()) for x in (A, *xs)]
+
 def als_sweep(A,  # data (M, N)
               W,  # current left factor (M, K)
               Z,  # current right factor (K, N)
@@ -83,12 +89,16 @@ def als_sweep(A,  # data (M, N)
               grams=None,  # (WᵀW, ZZᵀ) of the incoming factors, when the previous sweep computed them
              ):  # W, Z, their grams (WᵀW, ZZᵀ), loss of the incoming (W, Z), loss after the sweep
     "One ALS sweep (Z-step then W-step); both losses by the trace identity, without another pass over `A`."
+    views = _torch_views(A, W, Z, *(grams or ()))
+    if views is not None:  # CPU numpy: the same sweep on torch views of the arrays, results back as numpy views
+        W, Z, grams, before, after = als_sweep(views[0], views[1], views[2], norm2, reg, views[3:] or None)
+        return W.numpy(), Z.numpy(), tuple(g.numpy() for g in grams), before, after
     reg_w, reg_z = _reg_pair(reg)
     WtW, ZZt = (W.T @ W, Z @ Z.T) if grams is None else grams
     WtA = W.T @ A
     before = norm2 - 2 * _inner(Z, WtA) + _inner(WtW, ZZt) + reg_w * _trace(WtW) + reg_z * _trace(ZZt)
     Z = gram_solve(WtW, WtA, reg_z)
-    AZt, ZZt = A @ Z.T, Z @ Z.T
+    AZt, ZZt = ((Z @ A.T).T if is_tensor(A) else A @ Z.T), Z @ Z.T  # the faster layout of each library
     W = gram_solve(ZZt, AZt.T, reg_w).T
     WtW = W.T @ W
     after = norm2 - 2 * _inner(W, AZt) + _inner(WtW, ZZt) + reg_w * _trace(WtW) + reg_z * _trace(ZZt)
