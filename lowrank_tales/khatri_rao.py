@@ -68,6 +68,39 @@ def _rank_one_svd(X):
     r = s[:, :1].sqrt()
     return _fix_signs([U[:, :, 0] * r, Vh[:, 0, :] * r])
 
+# %% ../nbs/05_khatri_rao.ipynb #31ebed21
+def _rank_one_power(X, max_squarings: int = 10):
+    "Fast form of `_rank_one_svd`: leading pairs by repeated squaring of the Gram matrices; full SVD where that stalls."
+    flip = X.shape[1] > X.shape[2]
+    Y = (X.transpose(1, 2) if flip else X).contiguous()  # (N, p, q) with p ≤ q: the Gram matrix is the small side
+    G = Y @ Y.transpose(1, 2)
+    tiny, tol = torch.finfo(X.dtype).tiny, 1e3 * torch.finfo(X.dtype).eps
+    trace = lambda H: H.diagonal(dim1=1, dim2=2).sum(1)[:, None, None].clamp_min(tiny)
+    H = G / trace(G)  # eigenvalues μ₁ ≥ μ₂ ≥ ⋯ ≥ 0 with Σμᵢ = 1
+    Ha, act = H, torch.arange(X.shape[0], device=X.device)
+    for _ in range(max_squarings):  # H → G^(2^k) / trace, on the columns not yet converged
+        Hn = Ha @ Ha
+        t = trace(Hn)  # Σμᵢ², which is 1 exactly when H has rank one
+        Hn, done = Hn / t, 1 - t.flatten() <= tol
+        if bool(done.all()):
+            if len(act) == X.shape[0]: H = Hn
+            else: H[act] = Hn
+            act = act[:0]; break
+        if bool(done.any()): H[act[done]] = Hn[done]; act, Hn = act[~done], Hn[~done]
+        Ha = Hn
+    j = H.diagonal(dim1=1, dim2=2).argmax(1)  # H ≈ u₁u₁ᵀ: its largest diagonal entry marks its largest column
+    u = H.gather(2, j[:, None, None].expand(-1, H.shape[1], 1))
+    u = G @ u  # one polishing power step with G itself
+    u = u / (u * u).sum(1, keepdim=True).sqrt().clamp_min(tiny)
+    w = Y.transpose(1, 2) @ u  # σ₁ v₁ (N, q, 1)
+    r = (w * w).sum(1, keepdim=True).sqrt().sqrt()  # √σ₁
+    a, b = (u * r)[..., 0], (w / r.clamp_min(tiny))[..., 0]
+    if flip: a, b = b, a
+    if len(act):  # near-degenerate σ₁ ≈ σ₂: the exact SVD for those columns
+        a[act], b[act] = _rank_one_svd(X[act])
+    return _fix_signs([a, b])
+
+
 # %% ../nbs/05_khatri_rao.ipynb #b42dc670
 def _outer(ws: list, skip: int | None = None):
     "The batched outer product (N, d1, ..., dk) of the factor columns `ws[i]` (N, d_i), with a singleton axis at `skip`."
@@ -105,7 +138,7 @@ def _sequential_svd(X) -> list:
     "Rank-one factors of each tensor in the batch `X` (N, d1, ..., dk) by repeated two-factor SVD steps."
     ws, rest = [], X
     for d in X.shape[1:-1]:
-        u, v = _rank_one_svd(rest.reshape(X.shape[0], d, -1))
+        u, v = _rank_one_power(rest.reshape(X.shape[0], d, -1))
         ws.append(u); rest = v
     return _balance(ws + [rest])
 
