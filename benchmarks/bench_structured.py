@@ -12,7 +12,7 @@ Run: `.venv/bin/python benchmarks/bench_structured.py` (about two minutes on 2 C
 `benchmarks/results/structured.json`.
 """
 from __future__ import annotations
-import json, os, platform, time
+import os, sys, time
 from pathlib import Path
 
 # Single-threaded on both sides: the 2 cores are shared with other jobs, and oversubscribed BLAS threads make
@@ -21,6 +21,9 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"): os.en
 import numpy as np
 import torch
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved_times, machine, save  # noqa: E402
 
 from lowrank_tales.hadamard import hadamard_als
 from lowrank_tales.kronecker import kronecker_als, kron_sum
@@ -32,12 +35,7 @@ REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))
 
 def median_interleaved(fns: dict, repeats: int = REPEATS) -> dict:
     "Median wall time of each function, calling them in turn `repeats` times after one warm-up round."
-    times = {k: [] for k in fns}
-    for k, f in fns.items(): f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return interleaved_times(fns, repeats=repeats, warmup=1)
 
 
 # --- Hadamard: the reference algorithm, as its authors write it -------------------------------------------------
@@ -143,8 +141,7 @@ def main():
                                  small_start([(8, 1797), (8, 1797)]), khatri_rao))
     results.append(bench_vs_adam("khatri-rao pretrained-like 512x512 dims (16, 32)", W, lambda: khatri_rao_als(W, (16, 32)),
                                  small_start([(16, 512), (32, 512)]), khatri_rao))
-    info = dict(machine=platform.platform(), processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), blas_threads=os.environ['OPENBLAS_NUM_THREADS'], numpy=np.__version__, torch=torch.__version__, repeats=REPEATS)
+    info = dict(machine(), blas_threads=os.environ["OPENBLAS_NUM_THREADS"], repeats=REPEATS)
     print(" | ".join(f"{k}: {v}" for k, v in info.items()))
     print(f"{'case':66} {'ours':>10} {'reference':>10} {'speedup':>8}   errors (ours / reference)")
     for r in results:
@@ -154,10 +151,7 @@ def main():
         else:
             print(f"{r['case'] + ' (Adam)':66} {r['ours_s'] * 1e3:8.2f}ms {r['adam_s'] * 1e3:8.1f}ms {r['speedup']:7.1f}x"
                   f"   {r['ours_error']:.6f} / {r['adam_error']:.6f} ({r['adam_steps']} steps, lr {r['adam_lr']})")
-    out = Path(__file__).parent / "results" / "structured.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(info=info, results=results), indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {save('structured', dict(info=info, results=results))}")
 
 
 if __name__ == "__main__":
