@@ -1,4 +1,4 @@
-"""Adapters: one frozen Linear with LoRA/LoHA/LoKr/LoKH (ours) and PEFT's LoRA/LoHa/LoKr, against the base layer.
+"""Adapters: one frozen Linear with LoRA/LoHA/LoKr/LoKH (ours), PEFT's and LyCORIS's LoRA/LoHa/LoKr, against the base layer.
 
 Protocol of `shared/design/performance.md`: input requires grad, fixed upstream gradient, adapter weights non-zero.
 Per case: forward without grad and a training step (forward + backward) as ratios to the frozen base layer alone,
@@ -7,15 +7,23 @@ ratios after warm-up; memory the step keeps for backward beyond the base layer
 (CPU: bytes saved by autograd; GPU: peak allocated); trainable parameters; max difference of the output against a
 plainly formed update `F.linear(x, W0 + s·ΔW)` computed in float64.
 
-    python benchmarks/bench_adapters.py            # CPU: fp32, 1024×1024, 2,048 tokens, r = 16
+    python benchmarks/bench_adapters.py            # CPU: fp32, 1024×1024, 2,048 tokens, r = 16; torch's threads, then
+                                                   # one thread, then the step ratio against tokens at one thread
     python benchmarks/bench_adapters.py --gpu      # CUDA: bf16, 4096×4096, 16,384 tokens, r = 16 (if available)
-    python benchmarks/bench_adapters.py --threads 1   # CPU with one torch thread (section "cpu_1_threads")
+    python benchmarks/bench_adapters.py --threads 1   # only CPU with one torch thread (section "cpu_1_threads")
+    python benchmarks/bench_adapters.py --gpu --scaling   # CUDA, and the step ratio against tokens on it
+
+Peers, all around the same frozen `nn.Linear` (PEFT and LyCORIS wrap a deep copy, so that the base itself stays plain):
+PEFT 0.21 default (adapter weights kept in float32), PEFT with bf16 adapter weights (on a CPU without native bf16
+matmul -- AVX2 only -- the bf16 adapter matmuls are emulated and slow: that column measures the CPU, not the method),
+and LyCORIS 4.1.3's `LoConModule`/`LohaModule`/`LokrModule` (its default, non-bypass mode: the update is formed).
 
 Results go to benchmarks/results/adapters.json (one section per mode; a run keeps the other mode's section).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -29,10 +37,11 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-from common import RESULTS, machine, save, table  # noqa: E402
+from common import RESULTS, interleaved_times, machine, save, table  # noqa: E402
 
 from lowrank_tales.adapters import LoHA, LoKH, LoKr, LoRA  # noqa: E402
 
+SMOKE = False  # --smoke: tiny sizes, a check that every case runs (numbers meaningless; results not saved)
 TARGETS = {"cpu": {"LoRA": 1.2, "LoHA": 1.6, "LoKr": 1.3, "LoKH": 1.7},
            "gpu": {"LoRA": 1.25, "LoHA": 1.45, "LoKr": 1.4, "LoKH": 1.6}}
 
@@ -59,10 +68,36 @@ def peers(base: nn.Linear, r: int, adapter_dtype: torch.dtype | None = None) -> 
                "LoKr": peft.LoKrConfig(r=r, alpha=2 * r, target_modules=["0"], init_weights=False)}
     out = {}
     for name, cfg in configs.items():
-        model = peft.get_peft_model(nn.Sequential(base), cfg, autocast_adapter_dtype=adapter_dtype is None)
-        if adapter_dtype is not None: model.to(adapter_dtype)
+        model = peft.get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg, autocast_adapter_dtype=adapter_dtype is None)
+        if adapter_dtype is not None:  # only the adapter's own weights: the frozen base keeps its dtype
+            for n, p in model.named_parameters():
+                if p.requires_grad: p.data = p.data.to(adapter_dtype)
         out[name] = model.base_model.model[0]  # the adapted layer itself
     return out
+
+
+def lycoris_peers(base: nn.Linear, r: int) -> dict:
+    "LyCORIS's LoRA (LoCon), LoHa and LoKr modules around a copy of `base`, random non-zero factors, or {} without it."
+    try:
+        from lycoris.modules import LoConModule, LohaModule, LokrModule
+    except ImportError:
+        return {}
+    out, gen = {}, torch.Generator().manual_seed(1)
+    for name, cls in (("LoRA", LoConModule), ("LoHA", LohaModule), ("LoKr", LokrModule)):
+        m = cls(f"bench_{name}", copy.deepcopy(base), multiplier=1.0, lora_dim=r, alpha=2 * r)
+        m.apply_to()  # installs the wrapper on its own copy of the layer
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.requires_grad: p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        out[name] = m.to(base.weight.device)
+    return out
+
+
+def lycoris_delta(m) -> torch.Tensor:
+    "The update LyCORIS's own (non-bypass) forward adds to the weight (LoHa: `get_weight · scalar`; its `get_diff_weight` scales twice)."
+    with torch.no_grad():
+        if hasattr(m, "hada_w1_a"): return (m.get_weight(m.shape) * m.scalar * m.multiplier).reshape(m.shape)
+        return m.get_diff_weight(multiplier=m.multiplier)[0].reshape(m.shape)
 
 
 def peft_delta(layer) -> torch.Tensor:
@@ -139,11 +174,12 @@ def paired_ratios(fns: dict, base: str, repeats: int, warmup: int, device) -> di
     return out
 
 
-def run(mode: str, repeats: int, warmup: int) -> dict:
+def run(mode: str, repeats: int, warmup: int, slow_bf16: bool = True) -> dict:
     gpu = mode == "gpu"
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
     d, tokens, r = (4096, 16384, 16) if gpu else (1024, 2048, 16)
+    if SMOKE: d, tokens = 256, 256
     torch.manual_seed(0)
     base = nn.Linear(d, d).to(device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
@@ -153,56 +189,122 @@ def run(mode: str, repeats: int, warmup: int) -> dict:
     cases.update({f"ours {k}": v for k, v in ads.items()})
     peft_layers = peers(base, r)
     cases.update({f"PEFT {k}": v for k, v in peft_layers.items()})
-    if gpu: cases.update({f"PEFT {k} (bf16 weights)": v for k, v in peers(base, r, torch.bfloat16).items()})
+    bf16 = {f"PEFT {k} (bf16 weights)": v for k, v in peers(base, r, torch.bfloat16).items()}
+    # on a CPU without bf16 matmul units PEFT's bf16 LoHa/LoKr (full-size bf16 matmuls) take tens of seconds per step:
+    # timed apart, one paired step after one warm-up, instead of in every round
+    slow = {} if gpu else {k: bf16.pop(k) for k in list(bf16) if "LoRA" not in k}
+    if not slow_bf16: slow = {}  # skipped in the one-thread section: tens of seconds per step measure the CPU, not PEFT
+    cases.update(bf16)
+    lyco = lycoris_peers(base, r)
+    cases.update({f"LyCORIS {k}": v for k, v in lyco.items()})
 
     fwd = paired_ratios({k: (lambda m=m: forward(m, x)) for k, m in cases.items()}, "base", repeats, warmup, device)
     trn = paired_ratios({k: (lambda m=m: step(m, x, g)) for k, m in cases.items()}, "base", repeats, warmup, device)
+    if slow:
+        slow_trn = paired_ratios({k: (lambda m=m: step(m, x, g)) for k, m in {"base": base, **slow}.items()}, "base", 1, 1, device)
+        trn.update({k: v for k, v in slow_trn.items() if k != "base"}); fwd.update({k: None for k in slow})
+        cases.update(slow)
     base_mem = peak_bytes(lambda: step(base, x, g), device) if gpu else saved_bytes(base, x)
     rows = []
     for name, m in cases.items():
         method = name.split()[1] if name != "base" else None
         if name == "base": delta = torch.zeros(d, d, device=device)
         elif name.startswith("ours"): delta = m.delta_weight()
+        elif name.startswith("LyCORIS"): delta = lycoris_delta(m)
         else: delta = peft_delta(m)
         mem = peak_bytes(lambda: step(m, x, g), device) if gpu else saved_bytes(m, x)
         row = {"case": name, "forward_ratio": fwd[name], "step_ratio": trn[name],
                "extra_memory_MB": (mem - base_mem) / 2 ** 20,
                "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
+               "timed_rounds": 1 if name in slow else repeats,
                "max_rel_diff": max_diff(m, x, delta, base)}
         if name.startswith("ours"):
             row["path"] = m.choose_path(x)
             row["target"] = TARGETS[mode][method]
-            peer = cases.get(f"PEFT {method}")
             row["meets_target"] = row["step_ratio"] <= row["target"]
-            if peer is not None: row["faster_than_PEFT"] = trn[name] < trn[f"PEFT {method}"]
+            for peer in ("PEFT", "LyCORIS"):
+                if f"{peer} {method}" in cases:
+                    row[f"step_vs_{peer}"] = trn[name] / trn[f"{peer} {method}"]
+                    row[f"faster_than_{peer}"] = trn[name] < min(trn[k] for k in cases if k.startswith(f"{peer} {method}"))
         rows.append(row)
     return {"mode": mode, "dtype": str(dtype), "shape": [d, d], "tokens": tokens, "rank": r,
             "repeats": repeats, "warmup": warmup, "machine": machine(),
-            "peft": __import__("peft").__version__ if peft_layers else None, "rows": rows}
+            "peft": __import__("peft").__version__ if peft_layers else None,
+            "lycoris": __import__("importlib.metadata").metadata.version("lycoris-lora") if lyco else None,
+            "bf16_matmul_note": None if gpu else "bf16 on this CPU: " + bf16_note(), "rows": rows}
+
+
+def bf16_note() -> str:
+    "How fast a bf16 matmul runs on this CPU relative to float32 (PEFT's bf16-weights column depends on it)."
+    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+    ah, bh = a.bfloat16(), b.bfloat16()
+    t = interleaved_times({"fp32": lambda: a @ b, "bf16": lambda: ah @ bh}, repeats=3, warmup=1)
+    return f"a 512×1024×1024 matmul in bf16 takes {t['bf16'] / t['fp32']:.1f}× the float32 time"
+
+
+def scaling(mode: str, tokens_list=None, repeats: int = 9, warmup: int = 2) -> dict:
+    "Training-step ratio to the base layer against the number of tokens, ours and PEFT default."
+    d, r = (4096, 16) if mode == "gpu" else (1024, 16)
+    tokens_list = tokens_list or ((1024, 2048, 4096, 8192, 16384, 32768) if mode == "gpu" else (256, 512, 1024, 2048, 4096))
+    if SMOKE: d, tokens_list = 256, tokens_list[:2]
+    device, dtype = (torch.device("cuda"), torch.bfloat16) if mode == "gpu" else (torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    base = nn.Linear(d, d).to(device=device, dtype=dtype).requires_grad_(False)
+    cases = {"base": base, **{f"ours {k}": v for k, v in ours(base, r).items()}, **{f"PEFT {k}": v for k, v in peers(base, r).items()}}
+    rows = []
+    for T in tokens_list:
+        x = torch.randn(T, d, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(T, d, device=device, dtype=dtype)
+        times = interleaved_times({k: (lambda m=m: step(m, x, g)) for k, m in cases.items()}, repeats=repeats, warmup=warmup, device=device)
+        rows.append({"tokens": T, "base_step_s": times["base"], **{k: times[k] / times["base"] for k in cases if k != "base"},
+                     **{f"path {k}": cases[k].choose_path(x) for k in cases if k.startswith("ours")}})
+    return {"mode": mode, "shape": [d, d], "rank": r, "dtype": str(dtype), "repeats": repeats, "rows": rows}
+
+
+def report(result: dict) -> None:
+    "Print one section's table."
+    print(f"\n{result['mode']} ({result['machine']['torch_threads']} threads): {result['dtype']}, {result['shape'][0]}×{result['shape'][1]}, "
+          f"{result['tokens']} tokens, r = {result['rank']}, {result['repeats']} interleaved rounds; torch {torch.__version__}, "
+          f"PEFT {result['peft']}, LyCORIS {result['lycoris']}; {result['machine'].get('gpu', result['machine']['processor'])}")
+    print(table(result["rows"], ["case", "path", "forward_ratio", "step_ratio", "target", "meets_target", "faster_than_PEFT",
+                                 "faster_than_LyCORIS", "extra_memory_MB", "trainable_params", "max_rel_diff"]))
+    if result["bf16_matmul_note"]: print(result["bf16_matmul_note"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpu", action="store_true", help="CUDA mode: bf16, 4096×4096, 16,384 tokens")
-    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 41 on CPU, 25 on GPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 15 on CPU, 25 on GPU)")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); recorded in the section name")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="only this many torch CPU threads (section cpu_<n>_threads); default: torch's threads (section cpu), "
+                         "then one thread (section cpu_1_threads) and the scaling against tokens at one thread")
+    ap.add_argument("--scaling", action="store_true", help="with --threads or --gpu: also the step ratio against tokens")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, two rounds, nothing saved: a check that every case runs")
     args = ap.parse_args()
-    mode = "gpu" if args.gpu else "cpu"
-    if args.threads: torch.set_num_threads(args.threads)
-    section = mode if args.gpu or not args.threads else f"cpu_{args.threads}_threads"
+    global SMOKE
+    SMOKE = args.smoke
+    if SMOKE: args.repeats, args.warmup = 2, 1
     if args.gpu and not torch.cuda.is_available():
         print("--gpu: CUDA is not available on this machine; nothing measured"); return
-    result = run(mode, args.repeats or (25 if args.gpu else 41), args.warmup)
-    print(f"{mode}: {result['dtype']}, {result['shape'][0]}×{result['shape'][1]}, {result['tokens']} tokens, r = {result['rank']}, "
-          f"{result['repeats']} interleaved rounds; torch {torch.__version__}, PEFT {result['peft']}; {result['machine'].get('gpu', result['machine']['processor'])}")
-    print(table(result["rows"], ["case", "path", "forward_ratio", "step_ratio", "target", "meets_target", "faster_than_PEFT",
-                                 "extra_memory_MB", "trainable_params", "max_rel_diff"]))
+    mode, repeats = ("gpu", args.repeats or 25) if args.gpu else ("cpu", args.repeats or 15)
+    if args.gpu: plan = [("gpu", None, True, args.scaling)]
+    elif args.threads: plan = [(f"cpu_{args.threads}_threads", args.threads, True, args.scaling)]
+    else: plan = [("cpu", None, True, False), ("cpu_1_threads", 1, False, True)]  # what `make bench` runs
     path = RESULTS / "adapters.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     sections = {k: v for k, v in previous.items() if k not in ("machine", "when")}
-    sections[section] = result
-    print("wrote", save("adapters", sections))
+    default_threads = torch.get_num_threads()
+    for section, threads, slow_bf16, with_scaling in plan:
+        torch.set_num_threads(threads or default_threads)
+        sections[section] = result = run(mode, repeats, args.warmup, slow_bf16)
+        report(result)
+        if with_scaling:
+            sections[f"scaling_{section}"] = sc = scaling(mode)
+            sc["machine"] = machine()
+            print(f"\ntraining step / base step against tokens ({sc['dtype']}, {sc['shape']}, r = {sc['rank']})")
+            print(table(sc["rows"], ["tokens", "base_step_s", *[k for k in sc["rows"][0] if k.startswith(("ours", "PEFT"))]]))
+        if not SMOKE: print("wrote", save("adapters", sections))  # after every section: an interrupted run keeps what it measured
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    wake-ups than they gain) -- side by side with Spark's ALS
    (pyspark 4.3, local[2], rank 10, regParam 0.2, maxIter 10, coldStartStrategy "drop") on the same folds; both are
    scored on the held-out ratings whose film was seen in training. Targets: RMSE ≤ 0.92 / ≤ 0.885, ≥ 10× faster.
+   Also scikit-surprise 1.1.5 on the same folds: its SVD (rank 10, SGD) and its ALS baseline (biases only).
+3. Scaling (part of the default run): time per dense sweep against the size M (K = 64) and the rank K (M = 2000),
+   to be drawn on log-log axes with the slope of the flop count.
 
     python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
     python benchmarks/bench_als.py --dense      # only part 1
     python benchmarks/bench_als.py --completion # only part 2
+    python benchmarks/bench_als.py --scaling    # only the dense scaling: time per sweep against M and against K
     python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32) if available
 
 Results go to benchmarks/results/als.json (a run keeps the sections it did not redo).
@@ -109,6 +113,11 @@ def completion_part(rank: int = 10, n_iter: int = 10) -> dict:
     users, items, ratings, folds = movielens()
     M, N = users.max() + 1, items.max() + 1
     spark = _spark_session()
+    try:
+        import surprise  # noqa: F401
+        surprise_ok = True
+    except ImportError:
+        print("scikit-surprise not installed: skipping its comparison"); surprise_ok = False
     ours = {"ours (weighted λ=0.2)": (dict(reg=0.2, biases=False), None),
             "ours + biases (weighted λ=0.15)": (dict(reg=0.15, biases=True), None),
             "ours, 1 torch thread": (dict(reg=0.2, biases=False), 1),
@@ -131,14 +140,65 @@ def completion_part(rank: int = 10, n_iter: int = 10) -> dict:
         if spark:
             rmse, secs = _spark_fold(spark, users, items, ratings, tr, te, rank, n_iter, warm=(k == 0))
             res["spark (regParam=0.2)"]["rmse"].append(rmse); res["spark (regParam=0.2)"]["fit_s"].extend(secs)
+        for name, (algo, kw) in SURPRISE.items():
+            if not surprise_ok: break
+            rmse, secs = _surprise_fold(algo, kw, users, items, ratings, tr, te, seen, warm=(k == 0))
+            res.setdefault(name, {"rmse": [], "fit_s": []})
+            res[name]["rmse"].append(rmse); res[name]["fit_s"].extend(secs)
     if spark: spark.stop()
     out = {name: {"rmse_5fold": float(np.mean(r["rmse"])), "rmse_folds": r["rmse"], "fit_s_median": statistics.median(r["fit_s"])}
            for name, r in res.items()}
     if spark:
         t_spark = out["spark (regParam=0.2)"]["fit_s_median"]
         for name in ours: out[name]["speedup_vs_spark"] = t_spark / out[name]["fit_s_median"]
+    svd = next((k for k in out if k.startswith("surprise SVD")), None)
+    if svd:
+        for name in ours: out[name]["speedup_vs_surprise_svd"] = out[svd]["fit_s_median"] / out[name]["fit_s_median"]
     return {"rank": rank, "sweeps": n_iter, "folds": 5, "fold_seed": 0, "scored": "held-out ratings whose film was seen in training",
             "results": out, "targets": {"rmse_plain": 0.92, "rmse_biases": 0.885, "speedup": 10}}
+
+
+# scikit-surprise 1.1.5: its SVD (biased matrix factorisation by SGD, rank 10, 20 epochs) and its ALS baseline
+# (biases only, no factors) -- single-threaded Cython
+SURPRISE = {"surprise SVD (rank 10, SGD 20 epochs)": ("SVD", dict(n_factors=10, n_epochs=20, random_state=0)),
+            "surprise BaselineOnly (ALS biases)": ("BaselineOnly", dict(bsl_options={"method": "als", "n_epochs": 10}, verbose=False))}
+
+
+def _surprise_fold(algo, kw, users, items, ratings, tr, te, seen, warm):
+    "One surprise algorithm on one fold: RMSE on the held-out ratings whose film was seen, and the seconds of each timed fit."
+    import pandas as pd
+    import surprise
+    frame = pd.DataFrame({"u": users[tr], "i": items[tr], "r": ratings[tr]})
+    train = surprise.Dataset.load_from_df(frame, surprise.Reader(rating_scale=(0.5, 5.0))).build_full_trainset()
+    secs = []
+    for rep in range(3 if warm else 2):
+        model = getattr(surprise, algo)(**kw)
+        t = time.perf_counter()
+        model.fit(train)
+        if rep or not warm: secs.append(time.perf_counter() - t)
+    pred = np.array([model.predict(u, i, clip=False).est for u, i in zip(users[te][seen], items[te][seen])])
+    return float(np.sqrt(np.mean((pred - ratings[te][seen]) ** 2))), secs
+
+
+def scaling_part(sizes=(500, 1000, 2000, 4000), ranks=(8, 16, 32, 64, 128, 256), K0: int = 64, M0: int = 2000,
+                 repeats: int = 7) -> dict:
+    "Fastest of `repeats` seconds per dense ALS sweep (float64) against the size M (M×M, K = K0) and the rank K (M0×M0)."
+    rng = np.random.default_rng(0)
+    def timed(M, K):
+        A = rng.standard_normal((M, M)); W, Z = rng.standard_normal((M, K)), rng.standard_normal((K, M))
+        g, n2 = (W.T @ W, Z @ Z.T), float((A * A).sum())
+        als_sweep(A, W, Z, n2, 1e-6, g)  # warm-up
+        samples = []
+        for _ in range(repeats):
+            t = time.perf_counter(); als_sweep(A, W, Z, n2, 1e-6, g); samples.append(time.perf_counter() - t)
+        return min(samples)  # on a shared machine the fastest repeat is the least disturbed one
+    by_size = [{"M": M, "K": K0, "sweep_s": timed(M, K0), "flops": als_flops(M, M, K0)} for M in sizes]
+    by_rank = [{"M": M0, "K": K, "sweep_s": timed(M0, K), "flops": als_flops(M0, M0, K)} for K in ranks]
+    slope = lambda rows, key: float(np.polyfit(np.log([r[key] for r in rows]), np.log([r["sweep_s"] for r in rows]), 1)[0])
+    flop_slope = lambda rows, key: float(np.polyfit(np.log([r[key] for r in rows]), np.log([r["flops"] for r in rows]), 1)[0])
+    return {"dtype": "float64", "statistic": f"min of {repeats} repeats", "by_size": by_size, "by_rank": by_rank,
+            "slope_size": slope(by_size, "M"), "flop_slope_size": flop_slope(by_size, "M"),
+            "slope_rank": slope(by_rank, "K"), "flop_slope_rank": flop_slope(by_rank, "K")}
 
 
 def _spark_session():
@@ -180,6 +240,7 @@ def _spark_fold(spark, users, items, ratings, tr, te, rank, n_iter, warm):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense", action="store_true"); p.add_argument("--completion", action="store_true"); p.add_argument("--gpu", action="store_true")
+    p.add_argument("--scaling", action="store_true", help="only the dense scaling (time against size and rank)")
     args = p.parse_args()
     path = RESULTS / "als.json"
     results = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "when")} if path.exists() else {}
@@ -189,7 +250,12 @@ def main():
         for dt, r in g["by_dtype"].items():
             print(f"\nDense ALS on {g['device']}, {dt}, {g['shape']}: GEMM peak {r['peak_TFLOPs']:.1f} TFLOP/s")
             print(table(r["rows"], ["K", "sweep_s", "fraction_of_peak", "sweep/floor", "memory_floor_ratio"]))
-    both = not (args.dense or args.completion or args.gpu)
+    both = not (args.dense or args.completion or args.gpu or args.scaling)
+    if args.scaling or both:
+        results["scaling"] = sc = scaling_part()
+        print(f"\nDense ALS scaling, float64: slope against M {sc['slope_size']:.2f} (flops {sc['flop_slope_size']:.2f}), "
+              f"against K {sc['slope_rank']:.2f} (flops {sc['flop_slope_rank']:.2f})")
+        print(table(sc["by_size"] + sc["by_rank"], ["M", "K", "sweep_s"]))
     if args.dense or both:
         results["dense"] = d = dense_part()
         print(f"\nDense ALS, float64 {d['shape']}: DGEMM peak {d['peak_GFLOPs']:.1f} GFLOP/s (numpy, same run)")
@@ -198,7 +264,7 @@ def main():
         results["completion"] = c = completion_part()
         print(f"\nMovieLens-small, rank {c['rank']}, {c['sweeps']} sweeps, 5 folds")
         print(table([{"model": k, **{kk: vv for kk, vv in v.items() if kk != "rmse_folds"}} for k, v in c["results"].items()],
-                    ["model", "rmse_5fold", "fit_s_median", "speedup_vs_spark"]))
+                    ["model", "rmse_5fold", "fit_s_median", "speedup_vs_spark", "speedup_vs_surprise_svd"]))
     print(f"\nmachine: {machine()}")
     print(f"wrote {save('als', results)}")
 

@@ -23,7 +23,9 @@ def machine() -> dict:
     "The machine and library versions a measurement was taken with."
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__}
+            "numpy": np.__version__, "torch": torch.__version__,
+            "loadavg_1_5_15min": [round(v, 2) for v in os.getloadavg()],  # the machine is shared: how busy it was
+            "shared_machine": True}
     if torch.cuda.is_available(): info["gpu"] = torch.cuda.get_device_name()
     return info
 

@@ -51,14 +51,17 @@ def fold_weight(adapter, factors, dtype: torch.dtype) -> torch.Tensor:
     "`W0 + s·ΔW(factors)`: the folded (and merged) weight, rounded once to `dtype`."
     return fold(adapter, adapter.delta(*factors), dtype)
 
+def _scaled_outer(g, x, scale: float) -> torch.Tensor:
+    "`scale·gᵀx` in one matmul (the scale applied by the GEMM, not by another pass over the result)."
+    return torch.addmm(g.new_zeros(()), g.T, x, beta=0, alpha=scale)
+
 def folded_backward(adapter, factors, g, x, need_x: bool):
-    "`dX = g (W0 + s·ΔW)` and the factors' gradients (without the scale) from `G = gᵀx`, by autograd through `delta`."
+    "`dX = g (W0 + s·ΔW)` and the factors' gradients from `sG = s·gᵀx` (scaled inside the matmul), by autograd through `delta`."
     with torch.enable_grad():
         fs = [f.detach().requires_grad_() for f in factors]
         D = adapter.delta(*fs)
     dx = g @ fold(adapter, D.detach(), g.dtype) if need_x else None
-    G = (g.T @ x).to(D.dtype)
-    return dx, torch.autograd.grad(D, fs, G)
+    return dx, torch.autograd.grad(D, fs, _scaled_outer(g, x, adapter.scale).to(D.dtype))
 
 class FoldedLinear(torch.autograd.Function):
     "`F.linear(x, W0 + s·ΔW, b)`, saving only `x` and the factors; the backward turns `G = gᵀx` into factor gradients."
@@ -74,7 +77,7 @@ class FoldedLinear(torch.autograd.Function):
         ad, need = ctx.adapter, ctx.needs_input_grad
         dx, grads = ad.folded_backward(factors, g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]), need[0])
         dx = None if dx is None else dx.reshape(x.shape)
-        return (dx, None, *[gr.mul_(ad.scale) if n else None for gr, n in zip(grads, need[2:])])
+        return (dx, None, *[gr if n else None for gr, n in zip(grads, need[2:])])
 
 # %% ../nbs/06_adapters.ipynb #a037f274
 class Adapter(nn.Module):
@@ -86,6 +89,7 @@ class Adapter(nn.Module):
             names = ", ".join(f"nn.{k.__name__}" for k in self.kinds)
             raise TypeError(f"{type(self).__name__} cannot wrap base of type {type(base).__name__}; supported layer types: {names}")
         if path not in PATHS: raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if dtype is not None and not isinstance(dtype, torch.dtype): raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
         super().__init__()
         self.base, self.path, self.merged = base.requires_grad_(False), path, False
         self.d_out, self.d_in = layer_shape(base)
@@ -167,7 +171,7 @@ class LowRankLinear(torch.autograd.Function):
         y = F.linear(x2, W0, bias).addmm_(h, V.T, alpha=scale)
         ctx.save_for_backward(x2, h, W0, U, V)
         ctx.scale, ctx.shape = scale, x.shape
-        return y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
     def backward(ctx, g):
@@ -175,8 +179,8 @@ class LowRankLinear(torch.autograd.Function):
         g2, s, need = g.reshape(-1, g.shape[-1]), ctx.scale, ctx.needs_input_grad
         gV = g2 @ V
         dx = (g2 @ W0).addmm_(gV, U, alpha=s).reshape(ctx.shape) if need[0] else None
-        dU = (gV.T @ x2).mul_(s) if need[3] else None
-        dV = (g2.T @ h).mul_(s) if need[4] else None
+        dU = torch.addmm(U, gV.T, x2, beta=0, alpha=s) if need[3] else None  # s·gVᵀx: the scale inside the matmul
+        dV = torch.addmm(V, g2.T, h, beta=0, alpha=s) if need[4] else None
         return dx, None, None, dU, dV, None
 
 # %% ../nbs/06_adapters.ipynb #cef50fd7
@@ -257,11 +261,11 @@ def _loha_fold_weight(self, factors, dtype: torch.dtype) -> torch.Tensor:
     return _loha_fold(self, B1 @ A1, B2 @ A2, dtype)
 
 def _loha_folded_backward(self, factors, g, x, need_x: bool):
-    "`dX` and the gradients of `B1, A1, B2, A2` (without the scale) by the hand-written chain rule through `P1 ∘ P2`."
+    "`dX` and the gradients of `B1, A1, B2, A2` from `sG` by the hand-written chain rule through `P1 ∘ P2`."
     B1, A1, B2, A2 = factors
     P1, P2 = B1 @ A1, B2 @ A2
     dx = g @ _loha_fold(self, P1, P2, g.dtype) if need_x else None
-    G = (g.T @ x).to(P1.dtype)
+    G = _scaled_outer(g, x, self.scale).to(P1.dtype)
     M1, M2 = P2.mul_(G), P1.mul_(G)  # ∂/∂P1 = G ∘ P2 and ∂/∂P2 = G ∘ P1, in place
     return dx, (M1 @ A1.T, B1.T @ M1, M2 @ A2.T, B2.T @ M2)
 
@@ -288,7 +292,7 @@ class KronLinear(torch.autograd.Function):
         y.view(-1, a1, b1).baddbmm_(A.expand(len(X), a1, a2), Z, alpha=scale)
         ctx.save_for_backward(X, Z, W0, A, B)
         ctx.scale, ctx.shape = scale, x.shape
-        return y.reshape(*x.shape[:-1], -1)
+        return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
     def backward(ctx, g):
@@ -298,7 +302,7 @@ class KronLinear(torch.autograd.Function):
         dZ = torch.bmm(A.T.expand(len(X), a2, a1), g2.view(-1, a1, b1)).view(-1, b1)  # (T·a2, b1)
         dx = (g2 @ W0).view(-1, b2).addmm_(dZ, B, alpha=s).reshape(ctx.shape) if need[0] else None
         dA = torch.bmm(g2.view(-1, a1, b1), Z.transpose(1, 2)).sum(0).mul_(s) if need[3] else None
-        dB = (dZ.T @ X.reshape(-1, b2)).mul_(s) if need[4] else None
+        dB = torch.addmm(B, dZ.T, X.reshape(-1, b2), beta=0, alpha=s) if need[4] else None
         return dx, None, None, dA, dB, None
 
 # %% ../nbs/06_adapters.ipynb #fa40d04d
