@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_nonnegative, is_tensor,
+from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_nonnegative, is_tensor,
                                 iterations, like, namespace, random_normal, spd_solve, to_tensor)
 
 # %% auto #0
@@ -145,7 +145,7 @@ def _norm2(A) -> float:
 # %% ../nbs/01_als.ipynb #5bb15778
 def _check_dense(A, rank, reg):
     "Validate dense ALS arguments; return `A` as a float array, the rank and `(λ_w, λ_z)`."
-    A = as_float_array(A, "A")
+    A = check_solvable(as_float_array(A, "A"))
     check_finite(A, "A", "; pass mask= to mark missing entries")
     rank = check_int(rank, "rank", 1, min(A.shape), f" (min(M, N) for A of shape {tuple(A.shape)})")
     reg = tuple(check_nonnegative(r, "reg") for r in _reg_pair(reg))
@@ -168,6 +168,8 @@ def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), floa
              ) -> Factorization:  # factors (W, Z) in the kind, dtype and device of `A`
     "Alternating least squares for `A ≈ W Z` on a fully observed matrix."
     A, rank, reg = _check_dense(A, rank, reg)
+    e = unit_exponent(A) if reg == (0.0, 0.0) else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    A = scale_pow2(A, -e)
     if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
     max_iter = check_int(max_iter, "max_iter", 0)
     norm2 = _norm2(A)
@@ -181,8 +183,8 @@ def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), floa
     if not losses: losses = [als_loss(A, W, Z, reg)]
     fit = losses[-1] - reg[0] * float((W * W).sum()) - reg[1] * float((Z * Z).sum())
     if fit < 1e-8 * norm2: fit = _residual_norm2(A, W, Z)    # the trace identity cannot resolve a near-exact fit
-    return Factorization((W, Z), _matmul, losses=losses, rel_error=(max(fit, 0.0) / norm2) ** 0.5 if norm2 else 0.0,
-                         n_iter=len(losses) - 1, method="als")
+    return rescale_factorization(Factorization((W, Z), _matmul, losses=losses, rel_error=(max(fit, 0.0) / norm2) ** 0.5 if norm2 else 0.0,
+                                               n_iter=len(losses) - 1, method="als"), e, 2)
 
 def _matmul(W, Z):
     "W @ Z."

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_mask, check_nonnegative,
+from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, namespace, random_normal, spd_solve, to_numpy, to_tensor)
 from .products import face_split
 from .als import dense_als, randomized_svd
@@ -291,10 +291,12 @@ def als(A,  # data (M, N): numpy array or torch tensor (dense, with `mask`), or 
         M, N = A.shape
         return dense_als(A, rank, (reg * N, reg * M) if weighted_reg else reg, max_iter, tol, init, seed, progress)
     if not _is_sparse(A):
-        A = as_float_array(A, "A")
+        A = check_solvable(as_float_array(A, "A"))
         if mask is None: check_finite(A, "A", "; pass mask= to mark missing entries")
     obs = _observed(A, mask)
     if len(obs.vals) == 0: raise ValueError("A stores no entry: the stored entries of a sparse A are the observations, and there are none")
-    check_finite(obs.vals, "A", " at observed entries")
+    check_finite(check_solvable(obs.vals, "A"), "A", " at observed entries")
     rank = check_int(rank, "rank", 1, min(obs.shape), f" (min(M, N) for A of shape {obs.shape})")
-    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress)
+    e = unit_exponent(obs.vals) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    obs.vals = scale_pow2(obs.vals, -e)
+    return rescale_factorization(_masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress), e, 2)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d4ac5507
 from __future__ import annotations
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -12,9 +13,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'as_float_array', 'check_finite', 'check_int',
-           'check_nonnegative', 'check_mask', 'spd_solve', 'random_normal', 'iterations', 'n_elements', 'Factorization',
-           'relative_error']
+__all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'as_float_array', 'check_solvable', 'unit_exponent',
+           'scale_pow2', 'check_finite', 'check_int', 'check_nonnegative', 'check_mask', 'spd_solve', 'random_normal',
+           'iterations', 'n_elements', 'Factorization', 'relative_error', 'rescale_factorization']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -63,6 +64,31 @@ def as_float_array(x, name: str = "A", ndim: int | None = 2):
     if ndim is not None and x.ndim != ndim: raise ValueError(f"{name} must have {ndim} dimensions, got {_describe(x)}")
     return x
 
+# %% ../nbs/00_core.ipynb #b4fbbd9b
+def check_solvable(A, name: str = "A"):
+    "`A` unchanged when a decomposition can fit it (float32 or float64, at least one entry); `TypeError`/`ValueError` otherwise."
+    dtype = A.dtype
+    if dtype not in (np.float32, np.float64, torch.float32, torch.float64):
+        fix = f"{name}.float()" if is_tensor(A) else f"{name}.astype(np.float32)"
+        raise TypeError(f"{name} has dtype {dtype}, but the decompositions compute in float32 or float64: convert it first, e.g. {fix}")
+    if (A.numel() if is_tensor(A) else A.size) == 0: raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(A.shape)}")
+    return A
+
+# %% ../nbs/00_core.ipynb #64133db9
+def unit_exponent(A, limit: int = 16) -> int:
+    "`e` with the largest |entry| of `A·2⁻ᵉ` in [0.5, 1) when it lies outside `2^±limit`; else 0 (also for zero or non-finite data)."
+    m = float(A.abs().max()) if is_tensor(A) else float(np.abs(A).max())
+    if not 0 < m < float("inf"): return 0
+    e = int(np.frexp(m)[1])
+    return e if abs(e) > limit else 0
+
+def scale_pow2(x, e: float):
+    "`x·2ᵉ`, in steps of at most `2^±60` so that the multiplier itself never overflows (exact for integer `e` unless subnormal)."
+    while e != 0:
+        step = max(-60.0, min(60.0, e))
+        x, e = x * 2.0 ** step, e - step
+    return x
+
 # %% ../nbs/00_core.ipynb #dc0ff900
 def check_finite(x, name: str = "A", hint: str = "") -> None:
     "Raise `ValueError` when `x` holds NaN or infinite entries."
@@ -81,7 +107,8 @@ def check_int(value, name: str, low: int = 1, high: int | None = None, why: str 
 
 def check_nonnegative(value, name: str) -> float:
     "`value` as a finite `float` >= 0; `ValueError` naming `name` otherwise."
-    v = float(value)
+    try: v = float(value)
+    except (TypeError, ValueError): raise TypeError(f"{name} must be a number, got {value!r}") from None
     if not np.isfinite(v) or v < 0: raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return v
 
@@ -122,7 +149,9 @@ def spd_solve(G, B):
 # %% ../nbs/00_core.ipynb #d95a992d
 def random_normal(shape: tuple, ref, seed=None, scale: float = 1.0):
     "Standard normal samples of `shape` (times `scale`) with the kind, dtype and device of `ref`."
-    return like(np.random.default_rng(seed).standard_normal(shape) * scale, ref)
+    try: rng = np.random.default_rng(seed)
+    except (TypeError, ValueError): raise TypeError(f"seed must be None or a nonnegative integer, got {seed!r}") from None
+    return like(rng.standard_normal(shape) * scale, ref)
 
 # %% ../nbs/00_core.ipynb #e57008a5
 def iterations(n: int, progress: bool | None = None, desc: str = ""):
@@ -168,3 +197,15 @@ def relative_error(A, approx, mask=None) -> float:
     if mask is not None: R, A = R[mask], A[mask]
     num, den = float((R * R).sum()), float((A * A).sum())
     return (num / den) ** 0.5 if den > 0 else num ** 0.5
+
+# %% ../nbs/00_core.ipynb #67cab791
+def rescale_factorization(f: Factorization, e: int, degree: int) -> Factorization:
+    "Undo an input scaling `A·2⁻ᵉ` on the fit `f`: factors times `2^(e/degree)`, losses times `4ᵉ`, extra arrays and numbers times `2ᵉ`."
+    if e == 0: return f
+    def up(loss):
+        try: return math.ldexp(loss, 2 * e)
+        except OverflowError: return float("inf")  # the loss of data near the largest float is not representable
+    f.factors = tuple(scale_pow2(F, e / degree) for F in f.factors)
+    f.losses = [up(l) for l in f.losses]
+    for k, v in f.extras.items(): f.extras[k] = scale_pow2(v, e)  # in place: `combine` may close over this dict
+    return f

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_mask, check_nonnegative,
+from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, random_normal, relative_error, to_numpy, to_tensor)
 from .completion import solve_weighted_columns
 
@@ -107,7 +107,7 @@ def _check_ranks(ranks, shape) -> tuple:
 
 def _check_hadamard_inputs(A, ranks, reg, mask, method, init, max_iter, tol, momentum):
     "Validate `hadamard_als`'s arguments; return (A, mask, r1, r2, reg, max_iter, tol, momentum)."
-    A = as_float_array(A)
+    A = check_solvable(as_float_array(A))
     r1, r2 = _check_ranks(ranks, A.shape)
     if method not in ("als", "gd"): raise ValueError(f"method must be 'als' or 'gd', got {method!r}")
     if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
@@ -141,6 +141,8 @@ def hadamard_als(A,  # matrix (M, N), numpy array or torch tensor, float32/float
                 ) -> Factorization:  # factors (W1 (M, r1), Z1 (r1, N), W2 (M, r2), Z2 (r2, N)); approx() = (W1 Z1) ∘ (W2 Z2)
     "Hadamard decomposition `A ≈ (W1 Z1) ∘ (W2 Z2)` by exact block ALS (or block gradient descent), with optional mask."
     A, mask, r1, r2, reg, max_iter, tol, momentum = _check_hadamard_inputs(A, ranks, reg, mask, method, init, max_iter, tol, momentum)
+    e = unit_exponent(A) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    A = scale_pow2(A, -e)
     At = to_tensor(A)
     Om = None if mask is None else to_tensor(mask, At.device)
     sweep = _als_sweep if method == "als" else _gd_sweep
@@ -153,5 +155,5 @@ def hadamard_als(A,  # matrix (M, N), numpy array or torch tensor, float32/float
         stalled = stalled + 1 if losses[-2] - losses[-1] <= tol * losses[-2] else 0
         if stalled > 10: break
     factors = tuple(like(f, A) for f in F)
-    return Factorization(factors, _hadamard, losses=losses, rel_error=relative_error(A, _hadamard(*factors), mask),
-                         n_iter=len(losses) - 1, method=f"hadamard_{method}")
+    return rescale_factorization(Factorization(factors, _hadamard, losses=losses, rel_error=relative_error(A, _hadamard(*factors), mask),
+                                               n_iter=len(losses) - 1, method=f"hadamard_{method}"), e, 4)

@@ -10,7 +10,7 @@ import string
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_mask, check_nonnegative,
+from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, random_normal, relative_error, to_numpy, to_tensor)
 from .products import khatri_rao
 from .kronecker import batched_svd, nearest_kronecker
@@ -145,7 +145,7 @@ def _sequential_svd(X) -> list:
 # %% ../nbs/05_khatri_rao.ipynb #94527d57
 def _check_khatri_rao_inputs(A, dims, mask, method, max_iter, tol):
     "Validate `khatri_rao_als`'s arguments; return (A, dims, mask, max_iter, tol)."
-    A = as_float_array(A)
+    A = check_solvable(as_float_array(A))
     dims = _check_dims(A.shape, dims)
     if method not in ("svd", "als"): raise ValueError(f"method must be 'svd' or 'als', got {method!r}")
     if mask is None: check_finite(A, hint="; pass mask= to mark missing entries")
@@ -173,6 +173,8 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array or torch tensor, f
                   ) -> Factorization:  # factors (W1 (d1, N), ..., Wk (dk, N)); approx() = W1 ⊙ ⋯ ⊙ Wk
     "Nearest Khatri-Rao product `W1 ⊙ W2 ⊙ ⋯ ⊙ Wk` to `A`, column by column, optionally with missing entries."
     A, dims, mask, max_iter, tol = _check_khatri_rao_inputs(A, dims, mask, method, max_iter, tol)
+    e = unit_exponent(A)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    A = scale_pow2(A, -e)
     X = _column_tensors(to_tensor(A), dims)
     Om = None if mask is None else _column_tensors(to_tensor(mask, X.device), dims)
     if method == "als": ws = [random_normal((X.shape[0], d), X, None if seed is None else seed + i) for i, d in enumerate(dims)]
@@ -187,8 +189,8 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array or torch tensor, f
             if float(torch.linalg.vector_norm(approx - old)) <= tol * float(torch.linalg.vector_norm(approx)): break
         n_iter, ws = len(losses) - 1, _balance(ws)
     Ws = tuple(like(w.T, A) for w in ws)
-    return Factorization(Ws, khatri_rao, losses=losses, rel_error=relative_error(A, khatri_rao(*Ws), mask),
-                         n_iter=n_iter, method=f"khatri_rao_{method}")
+    return rescale_factorization(Factorization(Ws, khatri_rao, losses=losses, rel_error=relative_error(A, khatri_rao(*Ws), mask),
+                                               n_iter=n_iter, method=f"khatri_rao_{method}"), e, len(dims))
 
 # %% ../nbs/05_khatri_rao.ipynb #c68c71fa
 def nearest_partition_khatri_rao(A,  # matrix (p·q, Σ_r s_r·t_r), numpy array or torch tensor

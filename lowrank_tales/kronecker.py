@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_mask, check_nonnegative,
+from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
 from .als import randomized_svd
 from .completion import solve_weighted_columns
@@ -145,7 +145,7 @@ def _loss(R, Om, X, Bm, Cm, reg: float) -> float:
 # %% ../nbs/04_kronecker.ipynb #adc61a7e
 def _check_kronecker_inputs(A, shape, terms, mask, method, reg, max_iter, tol):
     "Validate `kronecker_als`'s arguments; return (A, mask, shape, c_shape, terms, reg, max_iter, tol)."
-    A = as_float_array(A)
+    A = check_solvable(as_float_array(A))
     shape, c_shape = _kronecker_shapes(A.shape, shape)
     _check_method(method, ("svd", "als", "randomized"))
     terms = _check_terms(terms, shape[0] * shape[1], c_shape[0] * c_shape[1])
@@ -172,6 +172,8 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor, fl
                  ) -> Factorization:  # factors (Bs (T, m1, n1), Cs (T, m2, n2)); approx() = Σ_r B_r ⊗ C_r
     "Nearest sum of `terms` Kronecker products `Σ_r B_r ⊗ C_r` to `A`, optionally with missing entries."
     A, mask, shape, c_shape, T, reg, max_iter, tol = _check_kronecker_inputs(A, shape, terms, mask, method, reg, max_iter, tol)
+    e = unit_exponent(A) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    A = scale_pow2(A, -e)
     R = rearrange(to_tensor(A), shape)
     Om = None if mask is None else rearrange(to_tensor(mask, R.device), shape)
     if method == "als": Bm, Cm = random_normal((R.shape[0], T), R, seed), random_normal((R.shape[1], T), R, seed if seed is None else seed + 1)
@@ -187,5 +189,5 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor, fl
         n_iter = len(losses) - 1
         Bm, Cm = _fix_signs(Bm, Cm)
     Bs, Cs = (like(F, A) for F in _stack(Bm, Cm, shape, c_shape))
-    return Factorization((Bs, Cs), kron_sum, losses=losses, rel_error=relative_error(A, kron_sum(Bs, Cs), mask),
-                         n_iter=n_iter, method=f"kronecker_{method}")
+    return rescale_factorization(Factorization((Bs, Cs), kron_sum, losses=losses, rel_error=relative_error(A, kron_sum(Bs, Cs), mask),
+                                               n_iter=n_iter, method=f"kronecker_{method}"), e, 2)

@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_models.ipynb #ee4aa7e8
 from __future__ import annotations
+import hashlib
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load, load_file, save_file
 from torch import nn
 
 from . import __version__
@@ -21,9 +22,10 @@ from .adapters import Adapter, LoHA, LoKH, LoKr, LoRA
 __all__ = ['METHODS', 'PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'target_matches', 'adapters', 'check_model',
            'shadow', 'make_adapter', 'check_targets', 'unmatched', 'plan_injection', 'replace_module', 'inject',
            'trainable_parameters', 'merge', 'unmerge', 'factor_tensors', 'jsonable', 'from_json', 'write_atomic',
-           'check_folder', 'save_adapter', 'check_tensors', 'shapes', 'exact_targets', 'prepare', 'fill', 'read_config',
-           'load_adapter', 'peft_name', 'peft_shape', 'peft_problem', 'peft_rank', 'peft_config', 'export_peft',
-           'check_peft_config', 'split_peft_key', 'import_peft']
+           'check_folder', 'file_digest', 'read_safetensors', 'save_adapter', 'check_tensors', 'shapes',
+           'exact_targets', 'prepare', 'fill', 'read_config', 'check_seal', 'load_adapter', 'peft_name', 'peft_shape',
+           'peft_problem', 'peft_rank', 'peft_config', 'export_peft', 'check_peft_config', 'split_peft_key',
+           'import_peft']
 
 # %% ../nbs/07_models.ipynb #02307b23
 METHODS = {"lora": LoRA, "loha": LoHA, "lokr": LoKr, "lokh": LoKH}
@@ -166,16 +168,39 @@ def check_folder(path) -> Path:
     if not isinstance(path, (str, os.PathLike)): raise TypeError(f"path must be a folder path (str or PathLike), got {type(path).__name__}")
     return Path(path)
 
+# %% ../nbs/07_models.ipynb #32b7857d
+def file_digest(data: bytes) -> str:
+    "The sha256 of `data`, in hex."
+    return hashlib.sha256(data).hexdigest()
+
+def read_safetensors(file: Path, what: str) -> tuple[dict, dict, str]:
+    "The tensors, metadata and sha256 of the safetensors `file`, checked (readable, floating point, finite); `ValueError` otherwise."
+    if not file.is_file(): raise ValueError(f"{what} has no {file.name}")
+    data = file.read_bytes()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = safetensors_load(data)
+    except Exception as e: raise ValueError(f"{what}: {file.name} cannot be read, the file is truncated or corrupt ({type(e).__name__}: {e})") from None
+    for k, t in tensors.items():
+        if not t.is_floating_point(): raise ValueError(f"{what}: tensor {k!r} has dtype {t.dtype}, but adapter factors are floating point")
+        if bad := int((~torch.isfinite(t)).sum()): raise ValueError(f"{what}: tensor {k!r} holds {bad} NaN or infinite entries (a corrupt file?)")
+    return tensors, meta, file_digest(data)
+
 # %% ../nbs/07_models.ipynb #03c348cd
 def save_adapter(model: nn.Module, path) -> Path:
     "Write `model`'s adapter weights (`adapter.safetensors`) and configuration (`adapter_config.json`) into folder `path`."
     ads, path = adapters(check_model(model)), check_folder(path)
     if not ads: raise ValueError("model has no adapters to save: inject() first")
     tensors = {k: p.detach().contiguous() for k, p in factor_tensors(model).items()}
+    if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
+        raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to save a diverged adapter")
     config = dict(jsonable(model.lowrank_config), library="lowrank_tales", version=__version__,
                   modules={n: {k: list(p.shape) for k, p in a.named_parameters() if not k.startswith("base.")} for n, a in ads.items()})
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / "adapter.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    meta = {"format": "pt", "lowrank_config": json.dumps(config, sort_keys=True)}  # the config, sealed by the checksum below
+    write_atomic(path / "adapter.safetensors", lambda f: save_file(tensors, f, metadata=meta))
+    config["sha256"] = file_digest((path / "adapter.safetensors").read_bytes())
     write_atomic(path / "adapter_config.json", lambda f: Path(f).write_text(json.dumps(config, indent=2)))
     return path
 
@@ -184,7 +209,7 @@ def check_tensors(expected: dict, found: dict, what: str) -> None:
     "`ValueError` naming the first tensor that is missing, unexpected or of the wrong shape."
     if missing := [k for k in expected if k not in found]: raise ValueError(f"{what} lacks tensors {missing[:4]} that the model's adapters need")
     if extra := [k for k in found if k not in expected]: raise ValueError(f"{what} has tensors {extra[:4]} for modules the model does not adapt")
-    for k, t in found.items():
+    for k, t in sorted(found.items()):  # in name order, whatever order the file stores them in
         if tuple(t.shape) != tuple(expected[k]): raise ValueError(f"{what}: tensor {k!r} has shape {tuple(t.shape)}, but the model expects {tuple(expected[k])}")
 
 def shapes(ads: dict[str, Adapter]) -> dict[str, tuple]:
@@ -222,17 +247,35 @@ def fill(model: nn.Module, config: dict, names: list[str], tensors: dict) -> nn.
 def read_config(path: Path, name: str) -> dict:
     "The JSON file `name` in folder `path`, or `ValueError` naming what is missing."
     if not (path / name).is_file(): raise ValueError(f"path {str(path)!r} has no {name}: not an adapter folder")
-    return json.loads((path / name).read_text())
+    try: config = json.loads((path / name).read_text())
+    except ValueError as e: raise ValueError(f"{name} in {str(path)!r} is not valid JSON, the file is truncated or corrupt ({e})") from None
+    if not isinstance(config, dict): raise ValueError(f"{name} in {str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+def check_seal(config: dict, meta: dict, digest: str, what: str) -> None:
+    "`ValueError` unless the tensor file matches the checksum in `config` and carries the same configuration (skipped for files without them)."
+    if "sha256" in config and config["sha256"] != digest:
+        raise ValueError(f"{what}: adapter.safetensors does not match the sha256 checksum in adapter_config.json: "
+                         "the file is corrupt, or the two files come from different saves")
+    if "lowrank_config" not in meta: return
+    try: sealed = json.loads(meta["lowrank_config"])
+    except ValueError: sealed = None
+    if sealed != {k: v for k, v in config.items() if k != "sha256"}:
+        raise ValueError(f"{what}: adapter_config.json differs from the configuration recorded inside adapter.safetensors (corrupted or edited)")
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     "Load an adapter saved by `save_adapter` into `model` (injecting it first into a plain model); returns `model`."
     path = check_folder(path)
     config, what = read_config(path, "adapter_config.json"), f"adapter {str(path)!r}"
     if config.get("library") != "lowrank_tales": raise ValueError(f"{what} was not written by save_adapter (for a PEFT folder use import_peft)")
+    if lacking := [k for k in ("method", "rank", "alpha", "options", "modules") if k not in config]:
+        raise ValueError(f"{what}: adapter_config.json lacks {lacking} (truncated or edited?)")
+    tensors, meta, digest = read_safetensors(path / "adapter.safetensors", what)
+    check_seal(config, meta, digest, what)
     config = dict(config, options=from_json(config["options"]))
-    tensors = load_file(path / "adapter.safetensors")
     names = list(config["modules"])
-    check_tensors(shapes(prepare(model, config, names, what)), tensors, what)
+    check_tensors({f"{n}.{k}": tuple(s) for n, fs in config["modules"].items() for k, s in fs.items()}, tensors, what)  # the file's own record
+    check_tensors(shapes(prepare(model, config, names, what)), tensors, what)  # and the model
     return fill(model, config, names, tensors)
 
 # %% ../nbs/07_models.ipynb #92ef935b
@@ -328,11 +371,13 @@ def import_peft(model: nn.Module, path) -> nn.Module:
     path = check_folder(path)
     config, what = read_config(path, "adapter_config.json"), f"PEFT adapter {str(path)!r}"
     method = check_peft_config(config, what)
-    tensors = load_file(path / "adapter_model.safetensors")
+    if lacking := [k for k in ("r", "lora_alpha" if method == "lora" else "alpha") if k not in config]:
+        raise ValueError(f"{what}: adapter_config.json lacks {lacking} (truncated or edited?)")
+    tensors = read_safetensors(path / "adapter_model.safetensors", what)[0]
     keys = {k: split_peft_key(k, method, what) for k in tensors}
     names = list(dict.fromkeys(n for n, _ in keys.values()))
     alpha = config["lora_alpha"] if method == "lora" else config["alpha"]
-    ours = dict(method=method, rank=config["r"], alpha=alpha, options={"factor": config["decompose_factor"]} if method == "lokr" else {})
+    ours = dict(method=method, rank=config["r"], alpha=alpha, options={"factor": config.get("decompose_factor", -1)} if method == "lokr" else {})
     ads = prepare(model, ours, names, what)
     expected = {f"{PEFT_PREFIX}{n}.{peft_name(method, a, k)}": peft_shape(method, a, k) for n, a in ads.items() for k, _ in a.named_parameters() if not k.startswith("base.")}
     check_tensors(expected, tensors, what)
