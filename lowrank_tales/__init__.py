@@ -16,6 +16,12 @@ from .khatri_rao import khatri_rao_als, nearest_partition_khatri_rao
 from .adapters import Adapter, LoRA, LoHA, LoKr, LoKH
 from .models import (inject, merge, unmerge, save_adapter, load_adapter, export_peft, import_peft,
                                   trainable_parameters)
+from .compress import (Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter,
+                                    FactoredLinear, KroneckerSumLinear, KhatriRaoLinear)
+from .distributed import (launch, adapter_ddp, shard_batch, shard_loader, distributed_als, spark_als,
+                                       from_spark, as_triplets)
 # Last, because the chapter module `lowrank_tales.khatri_rao` (imported above) would otherwise shadow the product:
 from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
                                     khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
+from .compress import compress  # likewise: the function, not the chapter module `lowrank_tales.compress`
+

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import bisect
 import inspect
+from typing import Callable  # resolves the `combine: Callable` annotation Extraction inherits (show_doc evaluates it here)
 from dataclasses import dataclass, field
 
 import torch
