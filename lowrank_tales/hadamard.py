@@ -9,17 +9,27 @@ import numpy as np
 import torch
 
 from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
-                                is_tensor, iterations, like, random_normal, relative_error, to_numpy, to_tensor)
-from .completion import solve_weighted_columns
+                                is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
 
 # %% auto #0
 __all__ = ['hadamard_als']
 
 # %% ../nbs/03_hadamard.ipynb #6789fce9
+def _dense_grams(W, weights):
+    "All per-column weighted Gram matrices Σ_m weights[m, n] w_m w_mᵀ, (N, K, K), as one product weightsᵀ (W • W) (dense tensors)."
+    M, K = W.shape
+    return (weights.T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)
+
+def _cholesky_solve_batch(G, B):
+    "Solve every G[n] X_n = B[n] by one batched Cholesky; only if a factorisation fails, `spd_solve` (with jitter)."
+    L, info = torch.linalg.cholesky_ex(G)
+    return spd_solve(G, B) if bool(info.any()) else torch.cholesky_solve(B, L)
+
 def _update_right(A, Om, W, H, reg: float):
     "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖², all columns at once (A is zero where Ω is false)."
-    weights = H * H if Om is None else Om * H * H
-    return solve_weighted_columns(W, weights, W.T @ (A * H), reg)
+    G = _dense_grams(W, H * H if Om is None else Om * H * H)
+    if reg: G.diagonal(dim1=-2, dim2=-1).add_(reg)
+    return _cholesky_solve_batch(G, (W.T @ (A * H)).T[:, :, None])[:, :, 0].T
 
 def _update_left(A, Om, Z, H, reg: float):
     "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²: the column problem on the transposes."
@@ -29,21 +39,22 @@ def _update_left(A, Om, Z, H, reg: float):
 def _als_sweep(A, Om, F: list, reg: float = 0.0, beta: float = 0.0) -> tuple:
     "One exact block-ALS sweep; with `beta` > 0, each block is extrapolated by `beta` right after its update."
     W1, Z1, W2, Z2 = F
-    exact = [None] * 4
+    step = (lambda new, old: new + beta * (new - old)) if beta else (lambda new, old: new)
     H = W1 @ Z1
-    exact[3] = _update_right(A, Om, W2, H, reg); Z2 = exact[3] + beta * (exact[3] - Z2)
-    exact[2] = _update_left(A, Om, Z2, H, reg); W2 = exact[2] + beta * (exact[2] - W2)
+    z2 = _update_right(A, Om, W2, H, reg); Z2 = step(z2, Z2)
+    w2 = _update_left(A, Om, Z2, H, reg); W2 = step(w2, W2)
     H = W2 @ Z2
-    exact[1] = _update_right(A, Om, W1, H, reg); Z1 = exact[1] + beta * (exact[1] - Z1)
-    exact[0] = _update_left(A, Om, Z1, H, reg); W1 = exact[0] + beta * (exact[0] - W1)
-    return [W1, Z1, W2, Z2], exact
+    z1 = _update_right(A, Om, W1, H, reg); Z1 = step(z1, Z1)
+    w1 = _update_left(A, Om, Z1, H, reg); W1 = step(w1, W1)
+    return [W1, Z1, W2, Z2], [w1, z1, w2, z2]
 
 def _loss(A, Om, F: list, reg: float) -> float:
     "‖Ω ∘ (A − (W1 Z1) ∘ (W2 Z2))‖² + reg Σ‖F‖²."
     W1, Z1, W2, Z2 = F
     E = A - (W1 @ Z1) * (W2 @ Z2)
     if Om is not None: E = E * Om
-    return float((E * E).sum()) + reg * sum(float((f * f).sum()) for f in F)
+    loss = float((E * E).sum())
+    return loss + reg * sum(float((f * f).sum()) for f in F) if reg else loss
 
 # %% ../nbs/03_hadamard.ipynb #969d5865
 def _gd_right(A, Om, W, Z, H, reg: float):
