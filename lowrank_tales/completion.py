@@ -51,7 +51,9 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
                    weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse (a mask is the 0/1 case)
                   ):  # (N, K, K) with `G[n] = Σ_m weights[m, n] w_m w_mᵀ`, the kind, dtype and device of `W`
     "All per-column weighted Gram matrices at once, as one product `weightsᵀ (W • W)` over the distinct (upper) pairs."
-    K = W.shape[1]
+    M, K = W.shape
+    if K <= 16 and is_tensor(W) and is_tensor(weights) and weights.layout == torch.strided:  # small K, dense: all K² pairs in
+        return (weights.to(W).T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)  # one product beat the scatter
     upper, lower = _upper_pairs(K)
     F = face_split(W, W)[:, upper]
     if _is_scipy_sparse(weights): H = like(weights.T.astype(F.dtype) @ to_numpy(F), W)

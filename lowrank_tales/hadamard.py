@@ -10,16 +10,13 @@ import torch
 
 from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
                                 is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
+from .completion import weighted_grams
+
 
 # %% auto #0
 __all__ = ['hadamard_als']
 
 # %% ../nbs/03_hadamard.ipynb #6789fce9
-def _dense_grams(W, weights):
-    "All per-column weighted Gram matrices Σ_m weights[m, n] w_m w_mᵀ, (N, K, K), as one product weightsᵀ (W • W) (dense tensors)."
-    M, K = W.shape
-    return (weights.T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)
-
 def _cholesky_solve_batch(G, B):
     "Solve every G[n] X_n = B[n] by one batched Cholesky; only if a factorisation fails, `spd_solve` (with jitter)."
     L, info = torch.linalg.cholesky_ex(G)
@@ -27,7 +24,7 @@ def _cholesky_solve_batch(G, B):
 
 def _update_right(A, Om, W, H, reg: float):
     "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖², all columns at once (A is zero where Ω is false)."
-    G = _dense_grams(W, H * H if Om is None else Om * H * H)
+    G = weighted_grams(W, H * H if Om is None else Om * H * H)  # the shared kernel (its dense small-K form here)
     if reg: G.diagonal(dim1=-2, dim2=-1).add_(reg)
     return _cholesky_solve_batch(G, (W.T @ (A * H)).T[:, :, None])[:, :, 0].T
 
