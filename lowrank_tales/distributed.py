@@ -27,14 +27,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .core import (Factorization, as_float_array, check_finite, check_int, check_nonnegative, is_tensor,
                                 iterations, like, random_normal, spd_solve, to_numpy)
 from .als import randomized_svd
-from .completion import weighted_grams
+from .completion import weighted_grams, _ridge_solve as solve_ridge  # the completion chapter's batched ridge solve
 from .models import adapters, check_model
 
 # %% auto #0
 __all__ = ['world', 'require_process_group', 'free_port', 'launch', 'shard_batch', 'shard_loader', 'check_same_across_ranks',
-           'adapter_factors', 'adapter_ddp', 'as_triplets', 'RatingShard', 'all_reduce_sum', 'solve_ridge',
-           'distributed_sweep', 'distributed_loss', 'distributed_als', 'local_spark', 'spark_factor_matrix',
-           'from_spark', 'spark_als']
+           'adapter_factors', 'adapter_ddp', 'as_triplets', 'RatingShard', 'all_reduce_sum', 'distributed_sweep',
+           'distributed_loss', 'distributed_als', 'local_spark', 'spark_factor_matrix', 'from_spark', 'spark_als']
 
 # %% ../nbs/12_distributed.ipynb #40eb4f8b
 def world() -> tuple[int, int]:
@@ -291,11 +290,6 @@ def all_reduce_sum(*arrays) -> list:
         dist.all_reduce(t)
         out.append(like(t, x))
     return out
-
-def solve_ridge(G, rhs, reg):
-    "`x_n = (G[n] + reg[n] I)⁻¹ rhs[:, n]` for every n by batched Cholesky; returns X (K, n)."
-    K = G.shape[-1]
-    return spd_solve(G + np.asarray(reg, dtype=G.dtype)[:, None, None] * np.eye(K, dtype=G.dtype), rhs.T[:, :, None])[:, :, 0].T
 
 # %% ../nbs/12_distributed.ipynb #95dc9ac4
 def distributed_sweep(shard: RatingShard,  # this rank's observations
