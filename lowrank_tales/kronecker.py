@@ -14,7 +14,7 @@ from .als import randomized_svd
 from .completion import solve_weighted_columns
 
 # %% auto #0
-__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'batched_svd', 'nearest_kronecker', 'kronecker_als']
+__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'batched_svd', 'truncated_svd', 'nearest_kronecker', 'kronecker_als']
 
 # %% ../nbs/04_kronecker.ipynb #ed07da83
 def _divisors(n: int) -> list:
@@ -93,13 +93,35 @@ def batched_svd(X):  # a matrix (P, Q) or a batch (..., P, Q), torch tensor
     if X.device.type != "cpu": return torch.linalg.svd(X, full_matrices=False)
     return tuple(torch.from_numpy(F) for F in np.linalg.svd(X.detach().numpy(), full_matrices=False))
 
+# %% ../nbs/04_kronecker.ipynb #eb70d3e7
+def truncated_svd(X,  # matrix (P, Q), torch tensor (or numpy array)
+                  K: int,  # number of leading singular triplets, 1 ≤ K ≤ min(P, Q)
+                 ):  # U (P, K), s (K,), Vh (K, Q), the dtype and device of X
+    "The `K` leading singular triplets of `X`, exact: on the CPU for small `K`, from the smaller Gram's top eigenvectors and one Rayleigh–Ritz step."
+    X = to_tensor(X)
+    if X.ndim != 2: raise ValueError(f"X must be a matrix (2-D), got shape {tuple(X.shape)}")
+    (P, Q), n = X.shape, min(X.shape)
+    K = check_int(K, "K", 1, n, f" for a {P}×{Q} matrix")
+    if X.device.type == "cpu" and 4 * K <= n:
+        from scipy.linalg import eigh
+        M = X.detach().numpy().astype(np.float64, copy=False)
+        M = M if P >= Q else M.T  # tall: (max(P, Q), n)
+        lam, V = eigh(M.T @ M, subset_by_index=(n - K, n - 1), check_finite=False)
+        if lam[0] > 1e-8 * lam[-1]:  # σ_K ≥ 10⁻⁴ σ_1: the Gram resolved the basis
+            Qb = np.linalg.qr(M @ V)[0]
+            Ub, s, Vh = np.linalg.svd(Qb.T @ M, full_matrices=False)
+            U = Qb @ Ub
+            if P < Q: U, Vh = Vh.T, U.T
+            return tuple(torch.from_numpy(np.ascontiguousarray(F)).to(X.dtype) for F in (U, s, Vh))
+    U, s, Vh = batched_svd(X)
+    return U[:, :K], s[:K], Vh[:K]
+
+
 # %% ../nbs/04_kronecker.ipynb #4b26096f
 def _svd_factors(R, terms: int, reg: float, method: str, seed=None):
     "Flattened factors (P, T), (Q, T) of the best ridge-regularised rank-`terms` approximation of `R`."
     if method == "randomized": U, s, Vh = randomized_svd(R, terms, n_power=4, seed=seed)
-    else:
-        U, s, Vh = batched_svd(R)
-        U, s, Vh = U[:, :terms], s[:terms], Vh[:terms]
+    else: U, s, Vh = truncated_svd(R, terms)
     return _factors_from_svd(U, s, Vh, reg)
 
 def _stack(Bm, Cm, shape, c_shape):
