@@ -22,27 +22,39 @@ def _cholesky_solve_batch(G, B):
     L, info = torch.linalg.cholesky_ex(G)
     return spd_solve(G, B) if bool(info.any()) else torch.cholesky_solve(B, L)
 
-def _update_right(A, Om, W, H, reg: float):
-    "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖², all columns at once (A is zero where Ω is false)."
-    G = weighted_grams(W, H * H if Om is None else Om * H * H)  # the shared kernel (its dense small-K form here)
+def _block_terms(A, Om, H) -> tuple:
+    "The weights `Ω ∘ H ∘ H` and the data `A ∘ H` of the problems with `H` fixed (A is zero where Ω is false)."
+    return (H * H if Om is None else Om * H * H), A * H
+
+def _solve_right(W, weights, AH, reg: float):
+    "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖², all columns at once, from the block terms."
+    G = weighted_grams(W, weights)  # the shared kernel (its dense small-K form here)
     if reg: G.diagonal(dim1=-2, dim2=-1).add_(reg)
-    return _cholesky_solve_batch(G, (W.T @ (A * H)).T[:, :, None])[:, :, 0].T
+    return _cholesky_solve_batch(G, (W.T @ AH).T[:, :, None])[:, :, 0].T
+
+def _solve_left(Z, weights, AH, reg: float):
+    "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²: the column problem on the transposes."
+    return _solve_right(Z.T, weights.T, AH.T, reg).T
+
+def _update_right(A, Om, W, H, reg: float):
+    "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖² (A is zero where Ω is false)."
+    return _solve_right(W, *_block_terms(A, Om, H), reg)
 
 def _update_left(A, Om, Z, H, reg: float):
-    "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²: the column problem on the transposes."
-    return _update_right(A.T, None if Om is None else Om.T, Z.T, H.T, reg).T
+    "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²."
+    return _solve_left(Z, *_block_terms(A, Om, H), reg)
 
 # %% ../nbs/03_hadamard.ipynb #054876aa
 def _als_sweep(A, Om, F: list, reg: float = 0.0, beta: float = 0.0) -> tuple:
     "One exact block-ALS sweep; with `beta` > 0, each block is extrapolated by `beta` right after its update."
     W1, Z1, W2, Z2 = F
     step = (lambda new, old: new + beta * (new - old)) if beta else (lambda new, old: new)
-    H = W1 @ Z1
-    z2 = _update_right(A, Om, W2, H, reg); Z2 = step(z2, Z2)
-    w2 = _update_left(A, Om, Z2, H, reg); W2 = step(w2, W2)
-    H = W2 @ Z2
-    z1 = _update_right(A, Om, W1, H, reg); Z1 = step(z1, Z1)
-    w1 = _update_left(A, Om, Z1, H, reg); W1 = step(w1, W1)
+    terms = _block_terms(A, Om, W1 @ Z1)  # formed once, used by both updates of the pair
+    z2 = _solve_right(W2, *terms, reg); Z2 = step(z2, Z2)
+    w2 = _solve_left(Z2, *terms, reg); W2 = step(w2, W2)
+    terms = _block_terms(A, Om, W2 @ Z2)
+    z1 = _solve_right(W1, *terms, reg); Z1 = step(z1, Z1)
+    w1 = _solve_left(Z1, *terms, reg); W1 = step(w1, W1)
     return [W1, Z1, W2, Z2], [w1, z1, w2, z2]
 
 def _loss(A, Om, F: list, reg: float) -> float:
