@@ -6,8 +6,8 @@
 2. Kronecker and Khatri-Rao: the closed forms (`kronecker_als`, `khatri_rao_als`, method="svd") against fitting the
    same structure by Adam in torch (learning rate picked from a grid), until Adam's error is within 0.1% of ours.
 
-Timings are interleaved (ours, reference, ours, ...) and the medians of the repeats after a warm-up are reported;
-both sides run single-threaded (OMP_NUM_THREADS=1 unless set) because the machine's 2 cores are shared.
+Timings are interleaved (each round calls every function once, in a fresh random order) and the medians of the repeats
+after a warm-up are reported; both sides run single-threaded (OMP_NUM_THREADS=1 unless set) because the machine's 2 cores are shared.
 Run: `.venv/bin/python benchmarks/bench_structured.py` (about two minutes on 2 CPU cores). Writes
 `benchmarks/results/structured.json`.
 """
@@ -67,7 +67,7 @@ def ref_hadamard(X, F0, sweeps):
         err = np.linalg.norm(X - (W1 @ Z1) * (W2 @ Z2)) / nX
     return err
 
-def bench_hadamard(name, X, r, sweeps=5):
+def bench_hadamard(name, X, r, sweeps=10):
     start = hadamard_als(X, r, max_iter=0)  # the SVD start, shared by both
     F0 = start.factors
     ours = lambda: hadamard_als(X, r, max_iter=sweeps, momentum=0.0, tol=0, progress=False)

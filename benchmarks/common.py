@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -35,13 +36,16 @@ def _sync(device) -> None:
 
 
 def interleaved_times(fns: dict[str, Callable], repeats: int = 7, warmup: int = 2, device=None) -> dict[str, float]:
-    "Median seconds per call of each function, calls interleaved round by round so that machine noise hits all alike."
+    """Median seconds per call of each function, calls interleaved round by round so that machine noise hits all alike.
+    Each round visits the functions in a fresh (seeded) random order, so that none always runs right after the same
+    other one -- whose leftovers in the caches would otherwise favour or penalise it every time."""
     for _ in range(warmup):
         for fn in fns.values(): fn()
     _sync(device)
-    samples = {name: [] for name in fns}
+    samples, order = {name: [] for name in fns}, random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name in order.sample(list(fns), len(fns)):
+            fn = fns[name]
             _sync(device); start = time.perf_counter()
             fn()
             _sync(device); samples[name].append(time.perf_counter() - start)
