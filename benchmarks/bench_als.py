@@ -15,12 +15,16 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    Also scikit-surprise 1.1.5 on the same folds: its SVD (rank 10, SGD) and its ALS baseline (biases only).
 3. Scaling (part of the default run): time per dense sweep against the size M (K = 64) and the rank K (M = 2000),
    to be drawn on log-log axes with the slope of the flop count.
+4. Completion at scale (`--scale`): seconds per iteration of `als` on synthetic MovieLens-20M-like ratings (power-law
+   users and films, half stars), rank 64, float32, torch sparse input -- on the CPU at a tenth of the size (13,849 users,
+   2,674 films, 2 M ratings), with `--gpu` at full size on CUDA (138,493 × 26,744, 20 M ratings; target ≤ 0.16 s).
 
     python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
     python benchmarks/bench_als.py --dense      # only part 1
     python benchmarks/bench_als.py --completion # only part 2
     python benchmarks/bench_als.py --scaling    # only the dense scaling: time per sweep against M and against K
-    python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32) if available
+    python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32), and part 4 at full size
+    python benchmarks/bench_als.py --scale      # part 4 on the CPU (a tenth of the size)
 
 Results go to benchmarks/results/als.json (a run keeps the sections it did not redo).
 """
@@ -95,6 +99,41 @@ def gpu_part(M: int = 20000, ranks=(64, 128), repeats: int = 7) -> dict:
         out["by_dtype"][str(dtype).replace("torch.", "")] = {"peak_TFLOPs": peak / 1e12, "rows": rows}
         del A, S
     return out
+
+
+def synthetic_ratings(n_users: int, n_items: int, n_ratings: int, seed: int = 0):
+    """MovieLens-20M-like ratings without MovieLens-20M (nothing is downloaded): user activity from a Pareto law,
+    film popularity from a Zipf law, each (user, film) pair at most once, and half-star values in [0.5, 5] from a planted
+    rank-10 model plus noise. Returns user indices, film indices and values (float32)."""
+    rng = np.random.default_rng(seed)
+    p_user = rng.pareto(1.2, n_users) + 1.0
+    p_item = np.arange(1, n_items + 1, dtype=np.float64) ** -0.9
+    keys = np.zeros(0, np.int64)
+    while len(keys) < n_ratings:  # popular pairs repeat: draw until enough distinct ones
+        draws = 2 * (n_ratings - len(keys))
+        new = rng.choice(n_users, draws, p=p_user / p_user.sum()).astype(np.int64) * n_items + rng.choice(n_items, draws, p=p_item / p_item.sum())
+        keys = np.unique(np.concatenate([keys, new]))
+    keys = rng.choice(keys, n_ratings, replace=False)
+    users, items = keys // n_items, keys % n_items
+    U, V = rng.standard_normal((n_users, 10)), rng.standard_normal((n_items, 10))
+    vals = 3.5 + 0.3 * np.einsum("ij,ij->i", U[users], V[items]) + 0.5 * rng.standard_normal(len(keys))
+    return users, items, (np.clip(np.round(vals * 2) / 2, 0.5, 5.0)).astype(np.float32)
+
+
+def completion_scale_part(device: str, n_users: int, n_items: int, n_ratings: int, rank: int = 64, sweeps: int = 3,
+                          repeats: int = 3) -> dict:
+    """Seconds per iteration of `als` (weighted-λ, float32, torch sparse input on `device`) at scale: the time of a fit
+    with 1 + `sweeps` iterations minus the time of a fit with 1, over `sweeps`, medians of `repeats`."""
+    users, items, vals = synthetic_ratings(n_users, n_items, n_ratings)
+    S = torch.sparse_coo_tensor(torch.from_numpy(np.stack([users, items])), torch.from_numpy(vals), (n_users, n_items),
+                                device=device, check_invariants=False).coalesce()
+    fit = lambda n: als(S, rank, reg=0.05, weighted_reg=True, max_iter=n, tol=0.0, seed=0, progress=False)
+    times = interleaved_times({"one": lambda: fit(1), "more": lambda: fit(1 + sweeps)}, repeats=repeats, warmup=1, device=device)
+    f = fit(1 + sweeps)
+    return {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
+            "users": n_users, "items": n_items, "ratings": int(len(vals)), "rank": rank, "dtype": "float32",
+            "s_per_iter": (times["more"] - times["one"]) / sweeps, "fit_1_iter_s": times["one"],
+            "train_rmse": float(f.rel_error * np.sqrt((vals.astype(np.float64) ** 2).mean()))}
 
 
 def movielens():
@@ -241,6 +280,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dense", action="store_true"); p.add_argument("--completion", action="store_true"); p.add_argument("--gpu", action="store_true")
     p.add_argument("--scaling", action="store_true", help="only the dense scaling (time against size and rank)")
+    p.add_argument("--scale", action="store_true", help="only completion at scale on the CPU (a tenth of MovieLens-20M's size)")
     args = p.parse_args()
     path = RESULTS / "als.json"
     results = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("machine", "when")} if path.exists() else {}
@@ -250,7 +290,13 @@ def main():
         for dt, r in g["by_dtype"].items():
             print(f"\nDense ALS on {g['device']}, {dt}, {g['shape']}: GEMM peak {r['peak_TFLOPs']:.1f} TFLOP/s")
             print(table(r["rows"], ["K", "sweep_s", "fraction_of_peak", "sweep/floor", "memory_floor_ratio"]))
-    both = not (args.dense or args.completion or args.gpu or args.scaling)
+        results["completion_gpu"] = c = completion_scale_part("cuda", 138_493, 26_744, 20_000_263)
+        print(f"\ncompletion at scale on {c['device']}: {c['ratings']:,} ratings, rank {c['rank']}: {c['s_per_iter']:.3f} s per iteration")
+    both = not (args.dense or args.completion or args.gpu or args.scaling or args.scale)
+    if args.scale:
+        results["completion_scale_cpu"] = c = completion_scale_part("cpu", 13_849, 2_674, 2_000_026)
+        print(f"\ncompletion at scale on the CPU ({c['threads']} threads): {c['ratings']:,} ratings, {c['users']:,} × {c['items']:,}, "
+              f"rank {c['rank']}: {c['s_per_iter']:.2f} s per iteration (one-iteration fit {c['fit_1_iter_s']:.2f} s)")
     if args.scaling or both:
         results["scaling"] = sc = scaling_part()
         print(f"\nDense ALS scaling, float64: slope against M {sc['slope_size']:.2f} (flops {sc['flop_slope_size']:.2f}), "
