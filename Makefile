@@ -45,6 +45,7 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,peers,bench]"
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	$(PY) benchmarks/bench_als.py --scale  # completion at scale (CPU, a tenth of MovieLens-20M's size)
 
 export: $(STAMP)
 	$(VENV)/bin/nbdev_export
