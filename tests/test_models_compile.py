@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lowrank_tales.models import adapters, inject, merge
+from tolerance import assert_close
 
 
 def model(method, **kw):
@@ -23,12 +24,12 @@ def test_compile_matches_eager(method, kw):
     eager, x = model(method, **kw), torch.randn(5, 16)
     compiled = torch.compile(model(method, **kw), backend="aot_eager", fullgraph=False)
     y_e, y_c = eager(x), compiled(x)
-    torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+    assert_close(y_c, y_e)
     y_e.square().sum().backward()
     y_c.square().sum().backward()
     for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert (p.grad is None) == (q.grad is None), n
-        if p.grad is not None: torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6)
+        if p.grad is not None: assert_close(q.grad, p.grad)
 
 
 def test_compile_after_merge():
@@ -36,4 +37,4 @@ def test_compile_after_merge():
     m, x = model("lora", rank=4, alpha=8), torch.randn(5, 16)
     y = m(x).detach()
     merge(m)
-    torch.testing.assert_close(torch.compile(m, backend="aot_eager")(x), y, rtol=1e-6, atol=1e-6)
+    assert_close(torch.compile(m, backend="aot_eager")(x), y)

@@ -9,6 +9,7 @@ from torch import nn
 peft = pytest.importorskip("peft")
 
 from lowrank_tales.models import adapters, export_peft, import_peft, inject  # noqa: E402
+from tolerance import assert_close  # noqa: E402
 
 
 class Net(nn.Module):
@@ -36,7 +37,6 @@ CASES = [("lora", ["emb", "conv1", "conv3", "0", "2"], dict(rank=4, alpha=11), p
          ("loha", ["conv1", "conv3", "0", "2"], dict(rank=4, alpha=10), peft.LoHaConfig, dict(alpha=10)),
          ("lokr", ["conv1", "conv3", "0", "2"], dict(rank=2, alpha=5), peft.LoKrConfig, dict(alpha=5)),
          ("lokr", ["conv3", "0", "2"], dict(rank=16, alpha=5, factor=4), peft.LoKrConfig, dict(alpha=5, decompose_factor=4))]
-TOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 def randomize(params, seed=1):
@@ -54,7 +54,7 @@ def test_ours_to_peft(tmp_path, dtype, method, targets, kw, config, peft_kw):
     theirs = peft.PeftModel.from_pretrained(base(dtype), tmp_path)
     n_peft = sum(p.numel() for n, p in theirs.named_parameters() if any(s in n for s in ("lora_", "hada_", "lokr_")))
     assert n_peft == sum(a.n_params for a in adapters(ours).values())
-    with torch.no_grad(): torch.testing.assert_close(theirs(IDS), ours(IDS), rtol=TOL[dtype], atol=TOL[dtype])
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -65,7 +65,7 @@ def test_peft_to_ours(tmp_path, dtype, method, targets, kw, config, peft_kw):
     theirs.save_pretrained(tmp_path)
     ours = import_peft(base(dtype), tmp_path)
     assert sorted(adapters(ours)) == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "base_layer"))
-    with torch.no_grad(): torch.testing.assert_close(ours(IDS), theirs(IDS), rtol=TOL[dtype], atol=TOL[dtype])
+    with torch.no_grad(): assert_close(ours(IDS), theirs(IDS))
 
 
 def test_peft_suffix_targets_and_merge(tmp_path):
@@ -79,5 +79,5 @@ def test_peft_suffix_targets_and_merge(tmp_path):
     with torch.no_grad():
         y = ours(IDS)
         merge(ours)
-        torch.testing.assert_close(ours(IDS), y, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(y, theirs(IDS), rtol=1e-12, atol=1e-12)
+        assert_close(ours(IDS), y)
+        assert_close(y, theirs(IDS))
