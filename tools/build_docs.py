@@ -7,7 +7,11 @@ Quarto project to HTML; this script fills the gaps between the two (see ../share
 2. KaTeX is served from the site itself (from the npm package, cached in `.cache/`), so maths renders offline;
 3. `show_doc` source links point at highlighted copies of the library's source inside the site;
 4. README.md is regenerated from `index.ipynb`;
-5. every local link and anchor of the finished site is checked.
+5. every local link and anchor of the finished site is checked, and no page or stylesheet loads from another host;
+6. `show_doc` shows a compact signature and a parameter table (docments) instead of comments inside the code;
+7. chapters are numbered in the sidebar's order, figures with a `fig-cap` are numbered per chapter, and the code of
+   a cell whose only output is a figure is folded;
+8. the theme's web font is dropped (system fonts instead) and the search index carries no TeX.
 
 Usage: `python tools/build_docs.py [--out _docs]`. Exits non-zero on any broken link.
 """
@@ -36,8 +40,93 @@ def process_notebooks() -> None:
     import nbdev.quarto as quarto
 
     quarto._ensure_quarto = lambda: None  # Quarto cannot be installed here; smalldocs renders instead
+    compact_show_doc()
     shutil.rmtree(PROC, ignore_errors=True)
     quarto._pre_docs(n_workers=0)
+
+
+def _anno(a) -> str:
+    "An annotation as a reader writes it: `Module`, not `torch.nn.modules.module.Module`; `int | None`."
+    import inspect
+    if isinstance(a, str): return a
+    if isinstance(a, type) and not getattr(a, "__args__", None): return a.__qualname__
+    return re.sub(r"\b(?:[a-z_][\w]*\.)+([A-Z]\w*)", r"\1", inspect.formatannotation(a)).replace("typing.", "")
+
+
+def _param(p) -> str:
+    "One parameter: `*args`, `name:type=default`."
+    stars = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "")
+    out = stars + p.name + ("" if p.annotation is p.empty else f":{_anno(p.annotation)}")
+    if p.default is not p.empty:
+        d = p.default
+        out += "=" + (d.__name__ if callable(d) and hasattr(d, "__name__") else repr(d))
+    return out
+
+
+def _signature(sym, name: str) -> str | None:
+    "`def name(a:int, *, b=1)->T`, wrapped at 78 columns, keyword-only and positional-only markers kept; None if none."
+    import inspect
+    try: sig = inspect.signature(sym)  # annotations as the source writes them (`nn.Module`), not evaluated
+    except (ValueError, TypeError): return None
+    parts, kinds = [], [p.kind for p in sig.parameters.values()]
+    for i, p in enumerate(sig.parameters.values()):
+        if p.name == "self" and i == 0: continue
+        if p.kind is p.KEYWORD_ONLY and inspect.Parameter.VAR_POSITIONAL not in kinds and "*" not in parts: parts.append("*")
+        parts.append(_param(p))
+        if p.kind is p.POSITIONAL_ONLY and (i + 1 == len(kinds) or kinds[i + 1] is not p.POSITIONAL_ONLY): parts.append("/")
+    ret = "" if sig.return_annotation is inspect.Signature.empty else f" -> {_anno(sig.return_annotation)}"
+    prefix = "class" if inspect.isclass(sym) else "async def" if inspect.iscoroutinefunction(sym) else "def"
+    lines, line = [], f"{prefix} {name}("
+    for j, part in enumerate(parts):
+        piece = part + (", " if j + 1 < len(parts) else "")
+        if len(line) + len(piece.rstrip()) > 78 and line.strip(): lines.append(line.rstrip()); line = "    "
+        line += piece
+    return "\n".join(lines + [line + ")" + ret])
+
+
+def _cell(text) -> str:
+    "Text for a Markdown table cell: one line, pipes escaped."
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _parameter_table(sym) -> str:
+    "A Markdown table of the documented parameters of `sym` (its docments): name, type, default, details; '' if none."
+    import inspect
+    from fastcore.docments import docments
+    try: dm = docments(sym, full=True)
+    except Exception: return ""
+    dm.pop("self", None)
+    if not any(v.get("docment") for v in dm.values()): return ""
+    empty = inspect.Parameter.empty
+    code = lambda v: f"`{_cell(v)}`" if v not in ("", None) else ""
+    rows = ["| parameter | type | default | details |", "|---|---|---|---|"]
+    for name, v in dm.items():
+        anno = "" if v.get("anno", empty) is empty else _anno(v["anno"])
+        default = "" if v.get("default", empty) is empty else repr(v["default"])
+        if name == "return": name = "**returns**"
+        else: name = f"`{name}`"
+        rows.append(f"| {name} | {code(anno)} | {code(default)} | {_cell(v.get('docment') or '')} |")
+    return "\n".join(rows)
+
+
+def compact_show_doc() -> None:
+    "Make `show_doc` write a signature without comments and a parameter table, so no Markdown is left inside code."
+    import nbdev.showdoc as sd
+    from fastcore.docments import _ital_first
+
+    def _repr_markdown_(self):
+        doc = "---\n\n"
+        src = sd.NbdevLookup().code(self.fn)
+        if src: doc += sd._ext_link(src, "source", 'style="float:right; font-size:smaller"') + "\n\n"
+        doc += f"{'#' * self.title_level} {self.nm}\n\n"
+        sig = _signature(self.sym, self.nm) if callable(self.sym) else None
+        if sig is None: return doc + sd.MarkdownRenderer._repr_markdown_(self)
+        doc += f"```python\n{sig}\n```"
+        if self.docs: doc += "\n\n" + _ital_first(self.docs)
+        table = _parameter_table(self.sym)
+        return doc + (f"\n\n{table}" if table else "")
+
+    sd.BasicMarkdownRenderer._repr_markdown_ = _repr_markdown_
 
 
 def front_matter(nb: dict) -> dict:
@@ -84,6 +173,86 @@ def rewrite_notebook_links(renames: dict[str, str]) -> None:
             src = "".join(cell["source"])
             cell["source"] = pattern.sub(lambda m: Path(renames[m.group(1)]).stem + ".html", src)
         path.write_text(json.dumps(nb, indent=1))
+
+
+NESTED_LINK = re.compile(r"\[\[(`[^`\]]+`)\]\([^)\s]*\)\]\(([^)\s]+)\)")  # nbdev links a name that is a link already
+PRIVATE_LINK = re.compile(r"\[(`[^`\]]+`)\]\([^)\s#]*#_[^)\s]*\)")  # a private name has no documentation to link to
+IMAGE_MIMES = ("image/png", "image/svg+xml", "image/jpeg", "image/gif")
+
+
+def sidebar_order() -> list[str]:
+    "The processed notebooks in the order of the sidebar (the reading order), `index.ipynb` first."
+    def walk(items):
+        for item in items:
+            if isinstance(item, str): yield item
+            elif isinstance(item, dict):
+                if "href" in item or "file" in item: yield item.get("href") or item.get("file")
+                yield from walk(item.get("contents", []))
+    side = yaml.safe_load((PROC / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    return [Path(f).name for f in walk(side)]
+
+
+def _set_front_matter(nb: dict, fm: dict) -> None:
+    nb["cells"][0]["source"] = "---\n" + yaml.safe_dump(fm, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+
+
+def _is_figure_only(cell: dict) -> bool:
+    "Whether every output of a code cell is a picture (the cell draws a figure and shows nothing else)."
+    outs = cell.get("outputs") or []
+    return bool(outs) and all(any(m in (o.get("data") or {}) for m in IMAGE_MIMES) for o in outs)
+
+
+def _with_options(src: str, opts: dict) -> str:
+    "`src` with its `#|` options replaced by `opts` (one JSON value per line, which YAML reads as it is)."
+    from smalldocs.notebook import cell_options
+    _, code = cell_options(src)
+    return "".join(f"#| {k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in opts.items()) + code
+
+
+def _repair_links(md: str) -> str:
+    "Undo nbdev's link around a name that is a link already, and its links to private names (never documented)."
+    return PRIVATE_LINK.sub(r"\1", NESTED_LINK.sub(r"[\1](\2)", md))
+
+
+def polish_notebooks() -> dict[str, int]:
+    "Number the chapters and their captioned figures, fold the code of figure-only cells, repair nested doc links."
+    from smalldocs.notebook import cell_options
+    order = [n for n in sidebar_order() if n != "index.ipynb"]
+    numbers = {name: i + 1 for i, name in enumerate(order)}
+    for path in PROC.glob("*.ipynb"):
+        nb = json.loads(path.read_text())
+        num, figures = numbers.get(path.name), 0
+        fm = front_matter(nb)
+        if num and fm.get("title"):
+            fm["title"] = f"{num}. {fm['title']}"
+            _set_front_matter(nb, fm)
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "markdown":
+                cell["source"] = _repair_links("".join(cell["source"]))
+                continue
+            if cell["cell_type"] != "code": continue
+            for out in cell.get("outputs", []):
+                md = (out.get("data") or {}).get("text/markdown")
+                if md: out["data"]["text/markdown"] = _repair_links("".join(md))
+            src = "".join(cell["source"])
+            opts, code = cell_options(src)
+            changed = False
+            caps = opts.get("fig-cap")
+            if caps and num:
+                many = isinstance(caps, list)
+                numbered = []
+                for cap in (caps if many else [caps]):
+                    figures += 1
+                    numbered.append(f"Figure {num}.{figures}: {cap}")
+                if "fig-alt" not in opts: opts["fig-alt"] = str(caps[0] if many else caps)
+                opts["fig-cap"] = numbered if many else numbered[0]
+                changed = True
+            if _is_figure_only(cell) and "code-fold" not in opts and opts.get("echo", True) is not False and code.strip():
+                opts.update({"code-fold": True, "code-summary": "Show the code of the figure"})
+                changed = True
+            if changed: cell["source"] = _with_options(src, opts)
+        path.write_text(json.dumps(nb, indent=1))
+    return numbers
 
 
 def html_only_quarto_yml() -> None:
@@ -148,6 +317,66 @@ def source_pages(site: Path, repo_blob: str) -> None:
         page.write_text(link.sub(lambda m: f"source/{m.group(1)}.html#L-{m.group(2)}", page.read_text()))
 
 
+WEB_FONT = re.compile(r"@import\s+url\((['\"]?)https?://[^)]*\1\)\s*;?")
+
+
+def system_fonts(site: Path) -> None:
+    "Drop the theme's `@import` of a web font (fonts.googleapis.com): the font stacks fall back to the system's fonts."
+    for css in site.rglob("*.css"): css.write_text(WEB_FONT.sub("", css.read_text()))
+
+
+TEX_WORDS = {"times": "×", "in": "∈", "le": "≤", "leq": "≤", "ge": "≥", "geq": "≥", "circ": "∘", "odot": "⊙",
+             "otimes": "⊗", "oplus": "⊕", "cdot": "·", "cdots": "⋯", "ldots": "…", "dots": "…", "sum": "Σ", "prod": "Π",
+             "sqrt": "√", "top": "ᵀ", "bullet": "•", "approx": "≈", "neq": "≠", "ne": "≠", "to": "→", "infty": "∞",
+             "mid": "|", "star": "⋆", "ast": "∗", "pm": "±", "min": "min", "max": "max", "log": "log", "exp": "exp",
+             "nabla": "∇", "partial": "∂", "|": "‖", "lVert": "‖", "rVert": "‖", "Vert": "‖", "langle": "⟨", "rangle": "⟩",
+             "alpha": "α", "beta": "β", "gamma": "γ", "delta": "δ", "epsilon": "ε", "varepsilon": "ε", "eta": "η",
+             "theta": "θ", "lambda": "λ", "mu": "μ", "nu": "ν", "pi": "π", "rho": "ρ", "sigma": "σ", "tau": "τ",
+             "phi": "φ", "varphi": "φ", "omega": "ω", "Delta": "Δ", "Sigma": "Σ", "Omega": "Ω", "Lambda": "Λ",
+             "Gamma": "Γ", "Theta": "Θ", "Phi": "Φ", "Pi": "Π", "kappa": "κ", "xi": "ξ", "zeta": "ζ", "chi": "χ", "psi": "ψ"}
+TEX_BB = {"R": "ℝ", "N": "ℕ", "Z": "ℤ", "C": "ℂ", "E": "𝔼", "Q": "ℚ"}
+
+
+def tex_to_text(text: str) -> str:
+    "TeX as a reader can scan it in plain text: `\\mathbb{R}^{m \\times n}` -> `ℝ^(m × n)`, `\\text{out}` -> `out`."
+    t = re.sub(r"\\mathbb\{?([A-Z])\}?", lambda m: TEX_BB.get(m.group(1), m.group(1)), text)
+    t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", t)
+    for _ in range(3):  # innermost groups first
+        t = re.sub(r"\\(?:text|mathrm|mathbf|mathit|mathcal|operatorname|textstyle|displaystyle|boldsymbol|tfrac|left|right"
+                   r"|big|Big|bigg|Bigg)\b\*?", "", t)
+        t = re.sub(r"([_^])\{([^{}]*)\}", lambda m: m.group(1) + (m.group(2) if len(m.group(2)) == 1 else f"({m.group(2)})"), t)
+        t = re.sub(r"\{([^{}]*)\}", r"\1", t) if "\\" in text else t
+    t = re.sub(r"\\([A-Za-z]+|\|)", lambda m: TEX_WORDS.get(m.group(1), m.group(1)), t)
+    t = re.sub(r"\\[,;:! ]|\\quad|\\qquad|~", " ", t)
+    return re.sub(r"[ \t]{2,}", " ", t.replace("$", ""))
+
+
+def readable_search_index(site: Path) -> None:
+    "Rewrite the TeX in `search.json` (titles, sections, snippets) as plain text."
+    path = site / "search.json"
+    entries = json.loads(path.read_text())
+    for e in entries:
+        for key in ("title", "section", "text"):
+            if isinstance(e.get(key), str) and "\\" in e[key]: e[key] = tex_to_text(e[key])
+    path.write_text(json.dumps(entries, ensure_ascii=False))
+
+
+def external_resources(site: Path) -> list[str]:
+    "Every resource a page or stylesheet of the site would load from another host (scripts, styles, images, fonts)."
+    found = []
+    for page in sorted(site.rglob("*.html")):
+        text = page.read_text()
+        tags = re.findall(r"<(?:script|img|iframe|source|audio|video)\b[^>]*\bsrc=\"((?:https?:)?//[^\"]+)\"", text)
+        tags += [h for tag in re.findall(r"<link\b[^>]*>", text) if not re.search(r"rel=\"(?:canonical|license)\"", tag)
+                 for h in re.findall(r"href=\"((?:https?:)?//[^\"]+)\"", tag)]
+        found += [f"{page.relative_to(site)}: loads {url}" for url in tags]
+    for css in sorted(site.rglob("*.css")):
+        text = re.sub(r"/\*.*?\*/", "", css.read_text(), flags=re.S)
+        urls = re.findall(r"url\(\s*['\"]?((?:https?:)?//[^'\")]+)", text) + re.findall(r"@import\s+['\"]((?:https?:)?//[^'\"]+)", text)
+        found += [f"{css.relative_to(site)}: loads {url}" for url in urls]
+    return found
+
+
 def broken_links(site: Path) -> list[str]:
     "Every local `href`/`src` of the site whose file or `#anchor` does not exist."
     ids: dict[Path, set[str]] = {}
@@ -195,6 +424,7 @@ def build(out: Path, check_readme: bool = False) -> int:
     process_notebooks()
     renames = rename_after_output_file()
     rewrite_notebook_links(renames)
+    polish_notebooks()
     html_only_quarto_yml()
     smalldocs("check")
     smalldocs("render")
@@ -202,11 +432,13 @@ def build(out: Path, check_readme: bool = False) -> int:
     shutil.rmtree(out, ignore_errors=True)
     shutil.move(str(built), str(out))
     serve_katex_locally(out)
+    system_fonts(out)
+    readable_search_index(out)
     settings = yaml.safe_load((PROC / "nbdev.yml").read_text())["website"]
     source_pages(out, f"{settings['repo-url']}/blob/{settings['repo-branch']}")
     relative_doc_links(out, settings["site-url"])
     changed = write_readme(renames, settings["site-url"], check_only=check_readme)
-    problems = broken_links(out)
+    problems = broken_links(out) + external_resources(out)
     if changed and check_readme: problems.append("README.md is not what index.ipynb renders to: run `make site` and commit it")
     for p in problems: print("problem:", p)
     print(f"built {len(list(out.glob('*.html')))} pages into {out}; README.md {'updated' if changed else 'unchanged'}; "
