@@ -7,6 +7,8 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/99_api.ipynb #23544bda
+# The public API is this list of imports: to publish a name, add it to its chapter's line. `__all__` and the
+# table below are made from it.
 from .core import Factorization
 from .als import dense_als, randomized_svd
 from .completion import als, predict, weighted_grams, solve_weighted_columns
@@ -25,3 +27,5 @@ from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_
                                     khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
 from .compress import compress  # likewise: the function, not the chapter module `lowrank_tales.compress`
 
+from types import ModuleType as _Module
+__all__ = [_n for _n, _v in dict(globals()).items() if not _n.startswith('_') and not isinstance(_v, _Module)]
