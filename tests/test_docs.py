@@ -1,7 +1,9 @@
 """The documentation site builds without Quarto and reads well in a real browser: maths rendered by the site's own
-KaTeX, a sidebar with every chapter, doc links and source links that resolve. Saves a screenshot to artifacts/."""
+KaTeX, a sidebar with every chapter, doc links and source links that resolve. Saves screenshots to artifacts/.
+Set LOWRANK_TALES_SITE=_docs to check a site built already (`make site`) instead of building one."""
 import functools
 import http.server
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ def page_name(nb: Path) -> str:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
+    if os.environ.get("LOWRANK_TALES_SITE"): return Path(os.environ["LOWRANK_TALES_SITE"]).resolve()  # a site built already
     out = tmp_path_factory.mktemp("site") / "_docs"
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "build_docs.py"), "--out", str(out), "--check-readme"],
                          cwd=ROOT, capture_output=True, text=True)
@@ -102,3 +105,155 @@ def artifact(name: str) -> Path:
     path = ROOT / "artifacts" / name
     path.parent.mkdir(exist_ok=True)
     return path
+
+
+# ---------------------------------------------------------------- as a reader sees every page
+
+def pages(site: Path) -> list[str]:
+    return sorted(p.name for p in site.glob("*.html"))
+
+
+READER_TEXT = """() => {
+    const main = document.querySelector('main').cloneNode(true);
+    main.querySelectorAll('pre, code, script, style, .katex, .katex-display, .sourceCode').forEach(e => e.remove());
+    return main.innerText;
+}"""
+
+
+def test_no_raw_markdown_or_tex_in_rendered_text(browser, server, site):
+    "Prose, tables and doc entries show no Markdown link syntax and no TeX delimiter (code blocks and maths excluded)."
+    page, found = browser.new_page(), {}
+    for name in pages(site):
+        page.goto(f"{server}/{name}", wait_until="load")
+        page.wait_for_timeout(200)
+        text = page.evaluate(READER_TEXT)
+        bad = [m.group(0) for m in re.finditer(r".{0,40}(?:\]\(|\$|\\\(|\\\[).{0,40}", text)]
+        if bad: found[name] = bad[:5]
+    assert not found, f"raw Markdown or TeX in rendered text: {found}"
+
+
+def test_pages_request_no_other_host(browser, server, site):
+    "Every page, its stylesheets, scripts and fonts come from the site itself (Playwright's request log)."
+    page, foreign = browser.new_page(), set()
+    page.on("request", lambda r: foreign.add(r.url) if not r.url.startswith((server, "data:", "blob:")) else None)
+    page.route(re.compile(r"^(?!http://127\.0\.0\.1).*"), lambda route: route.abort())
+    for name in pages(site):
+        page.goto(f"{server}/{name}", wait_until="load")
+        page.wait_for_timeout(200)
+    assert not foreign, f"requests to other hosts: {sorted(foreign)}"
+
+
+def test_previous_next_and_footer_on_every_page(browser, server, site):
+    page = browser.new_page()
+    missing = {}
+    for name in pages(site):
+        page.goto(f"{server}/{name}")
+        links = page.eval_on_selector_all("nav.page-navigation a", "els => els.map(e => e.getAttribute('href'))")
+        problems = [] if links else ["no previous/next link"]
+        if not page.locator("footer.footer").count(): problems.append("no footer")
+        if problems: missing[name] = problems
+    assert not missing, missing
+
+
+def test_contents_lists_stay_short(site):
+    "The 'On this page' list holds the chapter's sections, not every documented function."
+    long = {}
+    for name in pages(site):
+        toc = re.search(r'<nav id="TOC".*?</nav>', (site / name).read_text(), re.S)
+        n = len(re.findall(r"<li\b", toc.group(0))) if toc else 0
+        if n > 20: long[name] = n
+    assert not long, f"contents lists longer than 20 entries: {long}"
+
+
+def test_parameter_tables_fit_the_column(browser, server, site):
+    """Documented arguments show as a table, and no table or signature runs past the right edge of the text column (a
+    long printed output may scroll)."""
+    name = "compress.html"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server}/{name}")
+    assert page.locator("main table th:text-is('parameter')").count() > 0, "no parameter table on compress.html"
+    over = page.evaluate("""() => {
+        const main = document.querySelector('main').getBoundingClientRect();
+        return [...document.querySelectorAll('main table, .cell-output-markdown pre')].filter(e => e.scrollWidth > e.clientWidth + 2 ||
+            e.getBoundingClientRect().right > main.right + 2).map(e => e.innerText.slice(0, 60));
+    }""")
+    assert not over, f"cut off on {name}: {over[:5]}"
+
+
+def test_code_cells_have_copy_buttons(site):
+    for name in pages(site):
+        text = (site / name).read_text()
+        if "cell-code" in text: assert "code-copy-button" in text, f"{name}: no copy button on code cells"
+
+
+def test_figure_code_is_folded(site):
+    "A cell whose only output is a figure shows the figure and folds its plotting code."
+    text = (site / "performance.html").read_text()
+    assert re.search(r'<details class="code-fold">', text), "no folded figure code on performance.html"
+
+
+def contrast(fg: str, bg: str) -> float:
+    "WCAG contrast ratio of two CSS `rgb(...)`/`rgba(...)` colours."
+    def lum(c):
+        r, g, b = (float(v) / 255 for v in re.findall(r"[\d.]+", c)[:3])
+        f = lambda v: v / 12.92 if v <= 0.03928 else ((v + 0.055) / 1.055) ** 2.4
+        return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b)
+    hi, lo = sorted((lum(fg), lum(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_search_results_are_readable(browser, server):
+    "Search finds a chapter, its snippets carry no TeX, and their text contrasts with the panel (WCAG AA, 4.5:1)."
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{server}/index.html", wait_until="load")
+    box = page.locator("input[type=search]").first
+    box.click()
+    box.fill("kronecker")
+    page.wait_for_selector(".search-result", timeout=10000)
+    page.screenshot(path=str(artifact("docs-search.png")))
+    texts = page.locator(".search-result").all_inner_texts()
+    assert texts and not [t for t in texts if "\\" in t or "$" in t], f"TeX in search snippets: {texts[:3]}"
+    colours = page.evaluate("""() => {
+        const bg = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+                          if (c && !c.startsWith('rgba(0, 0, 0, 0)') && c !== 'transparent') return c; } return 'rgb(255, 255, 255)'; };
+        return ['.search-result-title', '.search-result-section', '.search-result-text'].map(s => {
+            const e = document.querySelector(s); return [s, getComputedStyle(e).color, bg(e)]; });
+    }""")
+    low = [(s, fg, bg, round(contrast(fg, bg), 2)) for s, fg, bg in colours if contrast(fg, bg) < 4.5]
+    assert not low, f"search results below 4.5:1 contrast: {low}"
+
+
+def notebook_figures() -> list[str]:
+    "Every figure in the saved outputs of the chapters that lacks a caption (`#| fig-cap:`) or alt text (`#| fig-alt:`)."
+    import json
+    import yaml
+    missing = []
+    for nb in CHAPTERS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "code": continue
+            pics = sum(any(m.startswith("image/") for m in o.get("data", {})) for o in cell.get("outputs", []))
+            if not pics: continue
+            head = [line[3:] for line in "".join(cell["source"]).splitlines() if line.startswith("#| ")]
+            try: opts = yaml.safe_load("\n".join(head)) or {}
+            except yaml.YAMLError: opts = {}
+            opts = opts if isinstance(opts, dict) else {}
+            if opts.get("output") is False or opts.get("include") is False: continue
+            lacks = [k for k in ("fig-cap", "fig-alt") if not opts.get(k)]
+            if lacks: missing.append(f"{nb.name} cell {cell.get('id')}: no {' and no '.join(lacks)}")
+    return missing
+
+
+def test_every_figure_has_a_caption_and_alt_text():
+    "Every figure the book shows carries a numbered caption and an alt text (`#| fig-cap:` and `#| fig-alt:` in its cell)."
+    missing = notebook_figures()
+    assert not missing, f"{len(missing)} figure(s) without caption/alt text:\n" + "\n".join(missing)
+
+
+def test_captions_are_numbered_and_alt_text_set(site):
+    "The build numbers every caption per chapter (`Figure 3.1: ...`) and writes its alt text."
+    for name in pages(site):
+        text = (site / name).read_text()
+        for fig in re.findall(r"<figure\b.*?</figure>", text, re.S):
+            if "<img" not in fig: continue
+            assert re.search(r'<img[^>]*\balt="[^"]+"', fig), f"{name}: a figure without alt text"
+            assert re.search(r"<figcaption>Figure \d+\.\d+: ", fig), f"{name}: a figure caption without its number"
