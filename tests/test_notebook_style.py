@@ -40,3 +40,13 @@ def test_imports_stay_in_their_own_cells(nb):
 def test_chapter_opens_with_title_and_subtitle(nb):
     first = cells(nb, "markdown")[0].splitlines()
     assert first[0].startswith("# ") and any(line.startswith("> ") for line in first[1:4]), f"{nb.name}: {first[:3]}"
+
+
+MAX_LINE = 120
+
+
+def test_exported_lines_fit_120_characters():
+    "Every line of the library (what `nbdev_export` writes, `_modidx.py` excepted) is at most 120 characters long."
+    long = [f"{py.name}:{i}: {len(line)} chars" for py in sorted((ROOT / "lowrank_tales").glob("*.py")) if py.name != "_modidx.py"
+            for i, line in enumerate(py.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    assert not long, f"{len(long)} exported line(s) longer than {MAX_LINE} characters:\n" + "\n".join(long[:60])
