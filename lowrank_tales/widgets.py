@@ -6,12 +6,11 @@
 from __future__ import annotations
 import contextlib
 import functools
+import importlib
 import math
 from typing import NamedTuple
 
 import numpy as np
-import matplotlib.pyplot as plt
-import ipywidgets as widgets
 from IPython.display import display
 import torch
 from torch import nn
@@ -29,6 +28,22 @@ __all__ = ['METHODS', 'ADAPTER_CONFIGS', 'one_thread', 'camera_image', 'Approxim
            'ApproximationExplorer', 'hadamard_spectrum', 'plot_hadamard_spectrum', 'HadamardRankExplorer',
            'completion_problem', 'completion_rmse', 'plot_completion', 'CompletionExplorer', 'update_rank',
            'adapter_budget', 'budget_table', 'AdapterBudgetExplorer']
+
+# %% ../nbs/10_explore.ipynb #f1a2b3c4
+def _optional(module: str):
+    "Import `module`, which only the explorers need, or raise an ImportError that names the extra installing it."
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"lowrank_tales.widgets needs {module.split('.')[0]} ({e}): it comes with the `widgets` extra, "
+                          "pip install 'lowrank_tales[widgets]'") from e
+
+def _plt():
+    "matplotlib's pyplot, imported when a figure is first drawn."
+    return _optional("matplotlib.pyplot")
+
+def _widgets():
+    "ipywidgets, imported when an explorer is first built."
+    return _optional("ipywidgets")
 
 # %% ../nbs/10_explore.ipynb #0dc90b7b
 @contextlib.contextmanager
@@ -99,7 +114,7 @@ def approximate(method: str,  # one of `METHODS`
 # %% ../nbs/10_explore.ipynb #0a6fc41c
 def plot_approximation(A, result: Approximation, title: str = "", axes=None):
     "Original and reconstruction side by side, with the relative error and parameter count in the title."
-    if axes is None: axes = plt.subplots(1, 2, figsize=(6, 3))[1]
+    if axes is None: axes = _plt().subplots(1, 2, figsize=(6, 3))[1]
     for ax, img, name in zip(axes, (A, result.approx), ("original", f"{title} approximation")):
         ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
         ax.set_title(name, fontsize=9); ax.set_axis_off()
@@ -111,15 +126,15 @@ class ApproximationExplorer:
     "Method dropdown and knob slider → reconstruction, relative error and parameter count of the camera image."
     def __init__(self, size: int = 128, method: str = "truncated SVD", draw: bool = True):
         self.size, self.draw, self.A = size, draw, camera_image(size)
-        self.method = widgets.Dropdown(options=list(METHODS), value=method, description="method")
-        self.k = widgets.IntSlider(description="rank", continuous_update=False)
+        self.method = _widgets().Dropdown(options=list(METHODS), value=method, description="method")
+        self.k = _widgets().IntSlider(description="rank", continuous_update=False)
         self.k.add_class("lrt-approx-k")
-        self.label, self.out = widgets.HTML(), widgets.Output()
+        self.label, self.out = _widgets().HTML(), _widgets().Output()
         self.label.add_class("lrt-approx-result")
         self._set_range(method)
         self.method.observe(lambda change: self._set_range(change["new"]), "value")
         self.k.observe(lambda change: self.update(), "value")
-        self.widget = widgets.VBox([widgets.HBox([self.method, self.k]), self.label, self.out])
+        self.widget = _widgets().VBox([_widgets().HBox([self.method, self.k]), self.label, self.out])
         self.update()
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
@@ -144,7 +159,7 @@ def _update(self):
     with self.out:
         self.out.clear_output(wait=True)
         plot_approximation(self.A, self.result, self.method.value)
-        plt.show()
+        _plt().show()
 
 ApproximationExplorer._set_range, ApproximationExplorer.update = _set_range, _update
 
@@ -166,7 +181,7 @@ def hadamard_spectrum(r1: int,  # rank of W1 Z1
 # %% ../nbs/10_explore.ipynb #c6659c83
 def plot_hadamard_spectrum(r1: int, r2: int, n: int = 32, ax=None):
     "Singular values of `(W1 Z1) ∘ (W2 Z2)` on a log scale, with the bound `r1·r2` marked."
-    if ax is None: ax = plt.subplots(figsize=(5, 3))[1]
+    if ax is None: ax = _plt().subplots(figsize=(5, 3))[1]
     rank, s = hadamard_spectrum(r1, r2, n)
     ax.semilogy(np.arange(1, len(s) + 1), np.maximum(s, 1e-18), "o-", ms=3, label=f"r1={r1}, r2={r2}: rank {rank}")
     ax.axvline(r1 * r2 + 0.5, color="gray", ls=":", lw=1)
@@ -179,12 +194,12 @@ class HadamardRankExplorer:
     "Two rank sliders → rank and singular values of `(W1 Z1) ∘ (W2 Z2)` for random factors."
     def __init__(self, n: int = 32, r1: int = 2, r2: int = 3, draw: bool = True):
         self.n, self.draw = n, draw
-        self.r1 = widgets.IntSlider(value=r1, min=1, max=min(n, 12), description="r1", continuous_update=False)
-        self.r2 = widgets.IntSlider(value=r2, min=1, max=min(n, 12), description="r2", continuous_update=False)
-        self.label, self.out = widgets.HTML(), widgets.Output()
+        self.r1 = _widgets().IntSlider(value=r1, min=1, max=min(n, 12), description="r1", continuous_update=False)
+        self.r2 = _widgets().IntSlider(value=r2, min=1, max=min(n, 12), description="r2", continuous_update=False)
+        self.label, self.out = _widgets().HTML(), _widgets().Output()
         self.label.add_class("lrt-hadamard-result")
         for s in (self.r1, self.r2): s.observe(lambda change: self.update(), "value")
-        self.widget = widgets.VBox([widgets.HBox([self.r1, self.r2]), self.label, self.out])
+        self.widget = _widgets().VBox([_widgets().HBox([self.r1, self.r2]), self.label, self.out])
         self.update()
 
     def update(self):
@@ -195,7 +210,7 @@ class HadamardRankExplorer:
         with self.out:
             self.out.clear_output(wait=True)
             plot_hadamard_spectrum(self.r1.value, self.r2.value, self.n)
-            plt.show()
+            _plt().show()
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
@@ -225,7 +240,7 @@ def completion_rmse(hidden: float,  # fraction of entries hidden (0.05 … 0.9)
 # %% ../nbs/10_explore.ipynb #9b731660
 def plot_completion(hidden: float, ridge: float, ranks=range(1, 11), rank: int | None = None, ax=None):
     "Train and test RMSE against the ALS rank for a hidden fraction and a ridge; `rank` is marked."
-    if ax is None: ax = plt.subplots(figsize=(5, 3))[1]
+    if ax is None: ax = _plt().subplots(figsize=(5, 3))[1]
     errs = np.array([completion_rmse(hidden, k, ridge) for k in ranks])
     ax.plot(list(ranks), errs[:, 0], "o-", ms=3, label="train (observed)")
     ax.plot(list(ranks), errs[:, 1], "s-", ms=3, label="test (hidden)")
@@ -239,13 +254,13 @@ class CompletionExplorer:
     "Hidden fraction, rank and ridge sliders → train and test RMSE of masked ALS."
     def __init__(self, hidden: float = 0.3, rank: int = 4, ridge: float = 0.1, draw: bool = True):
         self.draw = draw
-        self.hidden = widgets.FloatSlider(value=hidden, min=0.1, max=0.9, step=0.1, description="hidden", continuous_update=False)
-        self.rank = widgets.IntSlider(value=rank, min=1, max=12, description="rank", continuous_update=False)
-        self.ridge = widgets.FloatLogSlider(value=ridge, base=10, min=-3, max=1, description="ridge", continuous_update=False)
-        self.label, self.out = widgets.HTML(), widgets.Output()
+        self.hidden = _widgets().FloatSlider(value=hidden, min=0.1, max=0.9, step=0.1, description="hidden", continuous_update=False)
+        self.rank = _widgets().IntSlider(value=rank, min=1, max=12, description="rank", continuous_update=False)
+        self.ridge = _widgets().FloatLogSlider(value=ridge, base=10, min=-3, max=1, description="ridge", continuous_update=False)
+        self.label, self.out = _widgets().HTML(), _widgets().Output()
         self.label.add_class("lrt-completion-result")
         for s in (self.hidden, self.rank, self.ridge): s.observe(lambda change: self.update(), "value")
-        self.widget = widgets.VBox([widgets.HBox([self.hidden, self.rank, self.ridge]), self.label, self.out])
+        self.widget = _widgets().VBox([_widgets().HBox([self.hidden, self.rank, self.ridge]), self.label, self.out])
         self.update()
 
     def update(self):
@@ -257,7 +272,7 @@ class CompletionExplorer:
         with self.out:
             self.out.clear_output(wait=True)
             plot_completion(hidden, ridge, range(1, self.rank.value + 1), self.rank.value)
-            plt.show()
+            _plt().show()
 
     def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
 
@@ -331,13 +346,13 @@ def budget_table(rows: list) -> str:
 class AdapterBudgetExplorer:
     "Layer shape and parameter budget → each adapter's best fitting configuration, rank, memory and cost."
     def __init__(self, d_out: int = 768, d_in: int = 768, budget: int = 20_000):
-        self.d_out = widgets.BoundedIntText(value=d_out, min=2, max=8192, description="d_out")
-        self.d_in = widgets.BoundedIntText(value=d_in, min=2, max=8192, description="d_in")
-        self.budget = widgets.IntSlider(value=budget, min=1_000, max=200_000, step=1_000, description="budget", continuous_update=False)
-        self.label, self.table = widgets.HTML(), widgets.HTML()
+        self.d_out = _widgets().BoundedIntText(value=d_out, min=2, max=8192, description="d_out")
+        self.d_in = _widgets().BoundedIntText(value=d_in, min=2, max=8192, description="d_in")
+        self.budget = _widgets().IntSlider(value=budget, min=1_000, max=200_000, step=1_000, description="budget", continuous_update=False)
+        self.label, self.table = _widgets().HTML(), _widgets().HTML()
         self.label.add_class("lrt-budget-result")
         for s in (self.d_out, self.d_in, self.budget): s.observe(lambda change: self.update(), "value")
-        self.widget = widgets.VBox([widgets.HBox([self.d_out, self.d_in, self.budget]), self.label, self.table])
+        self.widget = _widgets().VBox([_widgets().HBox([self.d_out, self.d_in, self.budget]), self.label, self.table])
         self.update()
 
     def update(self):
