@@ -5,6 +5,9 @@
 #   make lab     open the notebooks in JupyterLab
 #   make bench   run the benchmarks (they print tables and write benchmarks/results/*.json)
 #   make export  regenerate lowrank_tales/ from nbs/;  make clean-nbs  strip notebooks as nbdev_clean does
+#   make slow    run the notebooks that have `#| slow` cells with those cells included (`make test` skips them)
+#   make slow-save  re-execute those notebooks, every cell, and save their outputs (then commit them)
+#   make cuda    run the `#| slow` and `#| cuda` cells too (needs a CUDA GPU)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +16,7 @@ PORT ?= 8000
 STAMP := $(VENV)/.installed
 export LOWRANK_TALES_PROGRESS ?= 0
 
-.PHONY: docs site test lab bench export clean-nbs venv browser clean
+.PHONY: docs site test lab bench export clean-nbs venv browser clean slow slow-save cuda
 
 venv: $(STAMP)
 
@@ -46,6 +49,19 @@ bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,peers,bench]"
 	for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 	$(PY) benchmarks/bench_als.py --scale  # completion at scale (CPU, a tenth of MovieLens-20M's size)
+
+SLOW_NBS = $(shell grep -l '#| slow' nbs/*.ipynb)
+CUDA_NBS = $(shell grep -l '#| cuda' nbs/*.ipynb)
+
+slow: $(STAMP)
+	for nb in $(SLOW_NBS); do echo "== $$nb"; $(VENV)/bin/nbdev_test --flags slow --path $$nb || exit 1; done
+
+slow-save: $(STAMP)
+	for nb in $(SLOW_NBS); do echo "== $$nb"; $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $$nb \
+	  && $(VENV)/bin/nbdev_clean --fname $$nb || exit 1; done
+
+cuda: $(STAMP)
+	for nb in $(sort $(SLOW_NBS) $(CUDA_NBS)); do echo "== $$nb"; $(VENV)/bin/nbdev_test --flags "slow cuda" --path $$nb || exit 1; done
 
 export: $(STAMP)
 	$(VENV)/bin/nbdev_export
