@@ -67,3 +67,17 @@ def test_settings_and_pyproject_agree(field):
     assert "version" in p.get("dynamic", []) or field != "version", "pyproject.toml states a version of its own"
     left, right = ours[field]
     assert left == right, f"{field}: settings.ini says {left!r}, pyproject.toml says {right!r}"
+
+
+def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
+    "`nbdev_clean` (run by `make clean-nbs` and checked by CI) leaves the kernelspec a notebook carries as it is."
+    import shutil
+    import subprocess
+    import sys
+    nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    nb["metadata"]["kernelspec"] = dict(KERNELSPEC)
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    shutil.copy(ROOT / "settings.ini", tmp_path / "settings.ini")
+    subprocess.run([str(Path(sys.executable).with_name("nbdev_clean")), "--fname", str(path)], cwd=tmp_path, check=True)
+    assert json.loads(path.read_text())["metadata"]["kernelspec"] == KERNELSPEC
