@@ -18,7 +18,7 @@ from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_
 from .alternating import dense_als
 
 # %% auto #0
-__all__ = ['DEFAULT_REG', 'add_observation', 'masked_sweep', 'predict', 'als']
+__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'add_observation', 'masked_sweep', 'predict', 'als']
 
 # %% ../nbs/02_completion.ipynb #350cd633
 def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
@@ -133,6 +133,40 @@ def _half_step(F, weights, T, t2, reg):
     XtGX = float((X * rhs).sum() - (reg * (X * X).sum(0)).sum())  # x_nᵀ G_n x_n = x_nᵀ r_n − λ_n‖x_n‖², as (G_n + λ_n I) x_n = r_n
     return X, t2 - 2 * float((X * rhs).sum()) + XtGX
 
+# %% ../nbs/02_completion.ipynb #7cf54bc8
+def _sampled(obs, L, R):
+    "`(L R)[m, n]` at every observation (row-major order) for L (M, k), R (k, N), without forming L R."
+    if is_tensor(L): return torch.sparse.sampled_addmm(obs.mask_r.to(L.dtype), L, R, beta=0.0).values()
+    out = np.empty(len(obs.rows), np.result_type(L, R))
+    for a in range(0, len(out), 1 << 16):
+        sl = slice(a, a + (1 << 16))
+        out[sl] = np.einsum("ij,ji->i", L[obs.rows[sl]], R[:, obs.cols[sl]])
+    return out
+
+def _cg(apply, rhs, X):
+    "Conjugate-gradient steps (as many as `apply` allows) on every column system `apply(X) = rhs`, from X."
+    R = rhs - apply(X); P = R; rr = (R * R).sum(0)
+    for _ in range(apply.steps):
+        AP = apply(P)
+        pap = (P * AP).sum(0)
+        alpha = rr / (pap + (pap == 0))  # a converged column (P = 0) stays where it is
+        X, R = X + alpha * P, R - alpha * AP
+        rr_new = (R * R).sum(0)
+        P, rr = R + (rr_new / (rr + (rr == 0))) * P, rr_new
+    return X
+
+def _cg_columns(obs, F, T, reg, X0, steps):
+    "The Z-step by `steps` CG steps: `(G_n + λ_n I) x_n = Σ_m a_mn f_m` from X0 (k, N), G_n never formed."
+    def apply(V): return (obs.by_col(_sampled(obs, F, V)) @ F).T + reg * V  # G_n v_n = Σ_m (f_m·v_n) f_m
+    apply.steps = steps
+    return _cg(apply, (T @ F).T, X0)
+
+def _cg_rows(obs, F, T, reg, Y0, steps):
+    "The W-step by `steps` CG steps, on the rows: `(G_m + λ_m I) y_m = Σ_n a_mn f_n` from Y0 (k, M)."
+    def apply(V): return (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T + reg * V
+    apply.steps = steps
+    return _cg(apply, (T @ F).T, Y0)
+
 # %% ../nbs/02_completion.ipynb #eb808681
 def masked_sweep(obs,  # the observations (internal `_Observed`)
                  W,  # left factor (M, K)
@@ -142,15 +176,21 @@ def masked_sweep(obs,  # the observations (internal `_Observed`)
                  mean=0.0,  # global mean μ (0 without biases)
                  b=None,  # row biases (M,), or None for no biases
                  c=None,  # column biases (N,), or None
+                 cg_steps: int = 0,  # 0: exact solves (batched Cholesky); k > 0: k conjugate-gradient steps from the iterate
                 ):  # W, Z, b, c, loss after the sweep
     "One ALS sweep over the observed entries: all columns of (Z, c), then all rows of (W, b)."
     biases = b is not None
     t = obs.vals - mean - (b[obs.rows] if biases else 0)
-    X, _ = _half_step(_with_ones(W) if biases else W, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols)
+    F, X0 = (_with_ones(W), namespace(Z).vstack([Z, c[None]])) if biases else (W, Z)
+    if cg_steps: X = _cg_columns(obs, F, obs.by_col(t), reg_cols, X0, cg_steps)
+    else: X, _ = _half_step(F, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols)
     Z, c = (X[:-1], X[-1]) if biases else (X, None)
     t = obs.vals - mean - (c[obs.cols] if biases else 0)
-    Y, fit = _half_step(_with_ones(Z.T) if biases else Z.T, _transpose(obs.mask_r), obs.by_row(t), float((t * t).sum()), reg_rows)
+    F, Y0 = (_with_ones(Z.T), namespace(W).hstack([W, b[:, None]]).T) if biases else (Z.T, W.T)
+    if cg_steps: Y = _cg_rows(obs, F, obs.by_row(t), reg_rows, Y0, cg_steps)
+    else: Y, fit = _half_step(F, _transpose(obs.mask_r), obs.by_row(t), float((t * t).sum()), reg_rows)
     W, b = (Y[:-1].T, Y[-1]) if biases else (Y.T, None)
+    if cg_steps: return W, Z, b, c, _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
     Wb, Zc = (Y.T, X) if biases else (W, Z)
     return W, Z, b, c, fit + _penalty(reg_rows, reg_cols, Wb, Zc)
 
@@ -182,8 +222,7 @@ def _check_index(idx, name: str, n: int):
 
 def _masked_loss(obs, W, Z, reg_rows, reg_cols, mean=0.0, b=None, c=None) -> float:
     "The masked loss computed directly over the observed entries (accumulated in float64)."
-    f = Factorization((W, Z), None, extras={} if b is None else {"mean": mean, "row_bias": b, "col_bias": c})
-    r = obs.vals - _predict(f, obs.rows, obs.cols)
+    r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     Wb, Zc = (W, Z) if b is None else (namespace(W).hstack([W, b[:, None]]), namespace(Z).vstack([Z, c[None]]))
     return _sum_squares(r) + _penalty(reg_rows, reg_cols, Wb, Zc)
 
@@ -205,7 +244,7 @@ def _masked_start(obs, rank, mean, init, rng):
     return random_normal((M, rank), obs.vals, rng, scale), random_normal((rank, N), obs.vals, rng, scale)
 
 # %% ../nbs/02_completion.ipynb #13079b2c
-def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0) -> Factorization:
+def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0, cg_steps=0) -> Factorization:
     "ALS over the observed entries `obs`; the factors come back in the caller's kind, dtype and device."
     M, N = obs.shape
     n_rows, n_cols = (like(to_numpy(_bincount(x, n)), obs.vals) for x, n in ((obs.rows, M), (obs.cols, N)))
@@ -216,20 +255,19 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
     state = [W, Z, b, c]
     def sweep():  # the loss from the residual over the observations: |Ω|K, against the sweep's |Ω|K²
-        state[:] = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])[:4]
+        state[:] = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)[:4]
         return _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
     eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
     amax = float(abs(obs.vals).max())
     precision = lambda loss: 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
     losses = fit_loop(sweep, _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c), max_iter, tol, progress, "als", precision)
     W, Z, b, c = state
-    r = obs.vals - _predict(Factorization((W, Z), None, extras={} if b is None else {"mean": mean, "row_bias": b, "col_bias": c}),
-                           obs.rows, obs.cols)
+    r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     norm2 = _sum_squares(obs.vals)
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}
     return fit_result((like(W, obs.ref), like(Z, obs.ref)), _biased_product(extras), losses,
                       (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
-                      "als (masked, biases)" if biases else "als (masked)", e, 2, extras)
+                      ("als (masked, biases)" if biases else "als (masked)") + (", cg" if cg_steps else ""), e, 2, extras)
 
 def _biased_product(extras):
     "`combine(W, Z)`: W Z plus the mean and the row and column biases stored in `extras` (when there are any)."
@@ -239,6 +277,7 @@ def _biased_product(extras):
     return combine
 
 # %% ../nbs/02_completion.ipynb #62b0e268
+CG_RANK, CG_OBSERVATIONS = 32, 10 ** 5  # method="auto" takes CG from this rank on (and this many observations)
 DEFAULT_REG = 0.05  # `reg=None` with missing entries: the weighted ridge λ = 0.05 · rms of the observed values
 
 def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask`), or scipy.sparse / torch sparse
@@ -250,14 +289,14 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         max_iter: int = 100,  # maximum number of sweeps
         tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter sweeps
         seed=None,  # random seed for the initialisation: None, an integer or a numpy Generator
-        method: str = "cholesky",  # how the K×K systems are solved: batched Cholesky
+        method: str = "auto",  # K×K systems: "cholesky" (exact), "cg" (3 CG steps per sweep), "auto" (CG from K ≥ 32)
         progress=None,  # progress bar: True, False, or None (automatic)
         biases: bool = False,  # fit a global mean, row biases and column biases too
         weighted_reg=None,  # scale each row's and column's ridge by its number of observations; None: when reg is None
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optionally with biases."
     init, tol, max_iter = check_choice(init, "init", ("svd", "random")), check_tol(tol), check_int(max_iter, "max_iter", 0)
-    check_choice(method, "method", ("cholesky",))
+    method = check_choice(method, "method", ("auto", "cholesky", "cg"))
     if not isinstance(biases, (bool, np.bool_)): raise TypeError(f"biases must be True or False, got {biases!r}")
     if weighted_reg is not None and not isinstance(weighted_reg, (bool, np.bool_)):
         raise TypeError(f"weighted_reg must be True, False or None, got {weighted_reg!r}")
@@ -266,6 +305,7 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         A = as_float_array(A, "A")
         M, N = A.shape
         reg = (reg * N, reg * M) if weighted_reg else reg
+        if method == "cg": raise ValueError("method='cg' solves the systems of missing entries; dense A is solved by Cholesky")
         return dense_als(A, rank, reg=reg, init=init, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
     obs = _observed(A, mask)
     if len(obs.vals) == 0: raise ValueError("A stores no entry: the stored entries of a sparse A are the observations, and there are none")
@@ -275,4 +315,5 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
     weighted_reg = auto_reg and missing if weighted_reg is None else bool(weighted_reg)
     obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
     if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
-    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e)
+    cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
+    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e, 3 if cg else 0)

@@ -99,8 +99,16 @@ def truncated_svd(X,  # matrix (P, Q), torch tensor (or numpy array)
 
 # %% ../nbs/00a_kernels.ipynb #93296f5d
 def _orthonormal(Y):
-    "An orthonormal basis of the columns of the tall `Y` (QR by torch: numpy's threaded QR of skinny matrices is slow)."
-    return like(torch.linalg.qr(to_tensor(Y))[0], Y)
+    "An orthonormal basis of the columns of the tall `Y`: CholeskyQR2, Householder QR where that is not accurate."
+    Yt = to_tensor(Y)
+    Q, eye = Yt, torch.eye(Yt.shape[1], dtype=Yt.dtype, device=Yt.device)
+    for _ in range(2):  # two passes of Q ← Q L⁻ᵀ with L Lᵀ = QᵀQ: orthonormal to working precision when cond(Y) ≪ 1/√eps
+        L, info = torch.linalg.cholesky_ex(Q.T @ Q)
+        if bool(info): break
+        Q = torch.linalg.solve_triangular(L, Q.T, upper=False).T
+    if bool(info) or float(torch.linalg.matrix_norm(Q.T @ Q - eye)) > 1e3 * torch.finfo(Yt.dtype).eps * Yt.shape[1]:
+        Q = torch.linalg.qr(Yt)[0]  # ill-conditioned: Householder (numpy's and torch's are slow on skinny matrices)
+    return like(Q, Y)
 
 # %% ../nbs/00a_kernels.ipynb #53f69f61
 def randomized_svd(A,  # matrix (M, N): numpy, torch, or anything with `@`, `.T` and `.shape` (e.g. scipy.sparse)
@@ -116,7 +124,8 @@ def randomized_svd(A,  # matrix (M, N): numpy, torch, or anything with `@`, `.T`
     for _ in range(n_power):
         Y = A @ _orthonormal(A.T @ _orthonormal(Y))
     Q = _orthonormal(Y)
-    Q2, R2 = torch.linalg.qr(to_tensor(A.T @ Q))          # Qᵀ A = R2ᵀ Q2ᵀ, and R2 is small
+    AtQ = to_tensor(A.T @ Q)
+    Q2 = to_tensor(_orthonormal(AtQ)); R2 = Q2.T @ AtQ  # Qᵀ A = R2ᵀ Q2ᵀ, and R2 is small
     U2, s, V2t = torch.linalg.svd(R2.T)
     return (Q @ like(U2, ref))[:, :K], like(s, ref)[:K], like(V2t @ Q2.T, ref)[:K]
 
