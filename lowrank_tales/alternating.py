@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative, check_tol,
-                                fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem, _sum_squares)
+                                fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem,
+                                _sum_squares)
 from .kernels import balanced_factors, gram_solve, randomized_svd
 
 # %% auto #0
@@ -105,7 +106,8 @@ def _norm2(A) -> float:
 def _check_dense(A, rank, reg):
     "Validate dense ALS arguments; return `A` as a float array, the rank and `(λ_w, λ_z)`."
     A, mask = observed_data(A)
-    if mask is not None: raise ValueError("A is a masked array: dense_als fits every entry; use als(A, rank) for missing entries")
+    if mask is not None:
+        raise ValueError("A is a masked array: dense_als fits every entry; use als(A, rank) for missing entries")
     rank = check_int(rank, "rank", 1, min(A.shape), f" (min(M, N) for A of shape {tuple(A.shape)})")
     reg = tuple(check_nonnegative(r, "reg") for r in _reg_pair(reg))
     return A, rank, reg

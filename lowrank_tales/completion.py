@@ -155,15 +155,22 @@ def _cg(apply, rhs, X):
         P, rr = R + (rr_new / (rr + (rr == 0))) * P, rr_new
     return X
 
+def _sampled_gram(mask, F, V):
+    "`G_n v_n = Σ_m (f_m·v_n) f_m` for every system n, with `mask` the CSR pattern (systems × rows of F), on torch."
+    S = torch.sparse.sampled_addmm(mask.to(F.dtype), V.T.contiguous(), F.T.contiguous(), beta=0.0)
+    return (S @ F).T
+
 def _cg_columns(obs, F, T, reg, X0, steps):
     "The Z-step by `steps` CG steps: `(G_n + λ_n I) x_n = Σ_m a_mn f_m` from X0 (k, N), G_n never formed."
-    def apply(V): return (obs.by_col(_sampled(obs, F, V)) @ F).T + reg * V  # G_n v_n = Σ_m (f_m·v_n) f_m
+    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_c, F, V) + reg * V
+    else: apply = lambda V: (obs.by_col(_sampled(obs, F, V)) @ F).T + reg * V  # G_n v_n = Σ_m (f_m·v_n) f_m
     apply.steps = steps
     return _cg(apply, (T @ F).T, X0)
 
 def _cg_rows(obs, F, T, reg, Y0, steps):
     "The W-step by `steps` CG steps, on the rows: `(G_m + λ_m I) y_m = Σ_n a_mn f_n` from Y0 (k, M)."
-    def apply(V): return (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T + reg * V
+    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_r, F, V) + reg * V
+    else: apply = lambda V: (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T + reg * V
     apply.steps = steps
     return _cg(apply, (T @ F).T, Y0)
 
@@ -176,7 +183,7 @@ def masked_sweep(obs,  # the observations (internal `_Observed`)
                  mean=0.0,  # global mean μ (0 without biases)
                  b=None,  # row biases (M,), or None for no biases
                  c=None,  # column biases (N,), or None
-                 cg_steps: int = 0,  # 0: exact solves (batched Cholesky); k > 0: k conjugate-gradient steps from the iterate
+                 cg_steps: int = 0,  # 0: exact solves (batched Cholesky); k > 0: k CG steps from the iterate
                 ):  # W, Z, b, c, loss after the sweep
     "One ALS sweep over the observed entries: all columns of (Z, c), then all rows of (W, b)."
     biases = b is not None
@@ -239,12 +246,14 @@ def _masked_start(obs, rank, mean, init, rng):
     M, N = obs.shape
     if init == "svd":
         v = (obs.vals - mean) * (M * N / len(obs.vals))
-        return balanced_factors(*randomized_svd(_SparseOperator(obs.by_row(v), obs.by_col(v)), rank, seed=rng, ref=obs.vals))
+        S = _SparseOperator(obs.by_row(v), obs.by_col(v))
+        return balanced_factors(*randomized_svd(S, rank, seed=rng, ref=obs.vals))
     scale = (float(((obs.vals - mean) ** 2).mean()) / rank) ** 0.25 or 1.0
     return random_normal((M, rank), obs.vals, rng, scale), random_normal((rank, N), obs.vals, rng, scale)
 
 # %% ../nbs/02_completion.ipynb #13079b2c
-def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0, cg_steps=0) -> Factorization:
+def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0,
+                cg_steps=0) -> Factorization:
     "ALS over the observed entries `obs`; the factors come back in the caller's kind, dtype and device."
     M, N = obs.shape
     n_rows, n_cols = (like(to_numpy(_bincount(x, n)), obs.vals) for x, n in ((obs.rows, M), (obs.cols, N)))
@@ -260,14 +269,15 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
     amax = float(abs(obs.vals).max())
     precision = lambda loss: 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
-    losses = fit_loop(sweep, _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c), max_iter, tol, progress, "als", precision)
+    loss0 = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
+    losses = fit_loop(sweep, loss0, max_iter, tol, progress, "als", precision)
     W, Z, b, c = state
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     norm2 = _sum_squares(obs.vals)
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}
     return fit_result((like(W, obs.ref), like(Z, obs.ref)), _biased_product(extras), losses,
                       (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
-                      ("als (masked, biases)" if biases else "als (masked)") + (", cg" if cg_steps else ""), e, 2, extras)
+                      f"als (masked{', biases' if biases else ''})" + (", cg" if cg_steps else ""), e, 2, extras)
 
 def _biased_product(extras):
     "`combine(W, Z)`: W Z plus the mean and the row and column biases stored in `extras` (when there are any)."
@@ -295,7 +305,8 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         weighted_reg=None,  # scale each row's and column's ridge by its number of observations; None: when reg is None
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optionally with biases."
-    init, tol, max_iter = check_choice(init, "init", ("svd", "random")), check_tol(tol), check_int(max_iter, "max_iter", 0)
+    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
+    max_iter = check_int(max_iter, "max_iter", 0)
     method = check_choice(method, "method", ("auto", "cholesky", "cg"))
     if not isinstance(biases, (bool, np.bool_)): raise TypeError(f"biases must be True or False, got {biases!r}")
     if weighted_reg is not None and not isinstance(weighted_reg, (bool, np.bool_)):
@@ -305,7 +316,8 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         A = as_float_array(A, "A")
         M, N = A.shape
         reg = (reg * N, reg * M) if weighted_reg else reg
-        if method == "cg": raise ValueError("method='cg' solves the systems of missing entries; dense A is solved by Cholesky")
+        if method == "cg":
+            raise ValueError("method='cg' solves the systems of missing entries; dense A is solved by Cholesky")
         return dense_als(A, rank, reg=reg, init=init, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
     obs = _observed(A, mask)
     if len(obs.vals) == 0: raise ValueError("A stores no entry: the stored entries of a sparse A are the observations, and there are none")
@@ -313,7 +325,8 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
     rank = check_int(rank, "rank", 1, min(obs.shape), f" (min(M, N) for A of shape {obs.shape})")
     missing = len(obs.vals) < obs.shape[0] * obs.shape[1]  # some entry unobserved: the default ridge applies
     weighted_reg = auto_reg and missing if weighted_reg is None else bool(weighted_reg)
-    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny, scale back at the end
     if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
     cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
-    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e, 3 if cg else 0)
+    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
+                       3 if cg else 0)

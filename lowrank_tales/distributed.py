@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
-                                check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal, to_numpy)
+                                check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
+                                to_numpy)
 from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
 from .models import adapters, check_model
 
@@ -363,7 +364,7 @@ def distributed_als(ratings,  # THIS rank's observed entries: (n, 3) array, (row
                     reg: float = 0.0,  # ridge λ ≥ 0
                     weighted_reg: bool = False,  # scale each row's and column's ridge by its (global) number of observations
                     max_iter: int = 100,  # maximum number of sweeps
-                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter sweeps
+                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
                     init: str = "svd",  # "svd" (randomized SVD of the summed data) or "random"
                     seed=None,  # random seed (None: drawn on rank 0 and shared)
                     progress=None,  # progress bar on rank 0: True, False or None (automatic)

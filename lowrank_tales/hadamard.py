@@ -178,4 +178,5 @@ def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor,
                           max_iter, tol, progress) for k in range(restarts)]
     F, losses = min(runs, key=lambda run: run[1][-1])
     factors = tuple(like(f, A) for f in F)
-    return fit_result(factors, _hadamard, losses, relative_error(A, _hadamard(*factors), mask), f"hadamard_{method}", e, 4)
+    rel = relative_error(A, _hadamard(*factors), mask)
+    return fit_result(factors, _hadamard, losses, rel, f"hadamard_{method}", e, 4)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative,
-                                check_tol, fit_loop, fit_result, is_tensor, like, observed_data, random_normal, relative_error,
-                                scale_problem, to_tensor, _sum_squares)
+                                check_tol, fit_loop, fit_result, is_tensor, like, observed_data, random_normal,
+                                relative_error, scale_problem, to_tensor, _sum_squares)
 from .products import khatri_rao, partition_khatri_rao
 from .kernels import balanced_split, batched_svd, fix_signs
 from .kronecker import kronecker_als, nearest_kronecker
@@ -120,6 +120,7 @@ def _balance(ws: list) -> list:
 def _hosvd_start(X) -> list:
     "Rank-one factors of each tensor in the batch `X` (N, d1, ..., dk): truncated HOSVD (leading vector per mode)."
     N, k, tiny = X.shape[0], X.ndim - 1, torch.finfo(X.dtype).tiny
+    if k == 2: return _balance(_rank_one_power(X))  # two modes: the HOSVD is the SVD, one batched call
     us = []
     for i in range(k):
         a = _rank_one_power(X.movedim(i + 1, 1).reshape(N, X.shape[i + 1], -1))[0]
@@ -140,7 +141,8 @@ def _ridge_mode_update(X, Om, ws: list, i: int, reg: float):
     if not reg: return _mode_update(X, Om, ws, i)
     P = _outer(ws, skip=i)
     axes = tuple(j + 1 for j in range(len(ws)) if j != i)
-    num, den = ((X * P).sum(axes), (P * P).sum(axes)) if Om is None else ((Om * X * P).sum(axes), (Om * P * P).sum(axes))
+    if Om is None: num, den = (X * P).sum(axes), (P * P).sum(axes)
+    else: num, den = (Om * X * P).sum(axes), (Om * P * P).sum(axes)
     return num / (den + reg)
 
 def _khatri_rao_loss(X, Om, ws, reg) -> float:
@@ -153,7 +155,8 @@ def _partition_product(R: int, *factors):
 
 def _check_widths(widths, n_cols: int) -> list:
     "`widths` as a list of (s_r, t_r) pairs whose Σ s_r·t_r is A's column count."
-    if not isinstance(widths, (list, tuple)) or not widths or any(not isinstance(w, (list, tuple)) or len(w) != 2 for w in widths):
+    pair = lambda w: isinstance(w, (list, tuple)) and len(w) == 2
+    if not isinstance(widths, (list, tuple)) or not widths or not all(pair(w) for w in widths):
         raise TypeError(f"widths must be a list of column-count pairs [(s_1, t_1), ...], got {widths!r}")
     pairs = [(check_int(s, "widths entries"), check_int(t, "widths entries")) for s, t in widths]
     if sum(s * t for s, t in pairs) != n_cols:
@@ -173,7 +176,8 @@ def _partition_fit(A, mask, dims, widths, **options) -> Factorization:
     factors = tuple(f.factors[0][0] for f in fits) + tuple(f.factors[1][0] for f in fits)
     combine = functools.partial(_partition_product, len(fits))
     rel = relative_error(A, combine(*factors), mask)
-    return Factorization(factors, combine, losses=losses, rel_error=rel, n_iter=n - 1, method="khatri_rao (partition-wise)")
+    return Factorization(factors, combine, losses=losses, rel_error=rel, n_iter=n - 1,
+                         method="khatri_rao (partition-wise)")
 
 # %% ../nbs/05_khatri_rao.ipynb #3d5467d0
 def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or torch tensor, float32/float64
@@ -218,7 +222,8 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
         ws = _balance(state)
     else: losses = [_khatri_rao_loss(X, Om, ws, reg)]
     Ws = tuple(like(w.T, A) for w in ws)
-    return fit_result(Ws, khatri_rao, losses, relative_error(A, khatri_rao(*Ws), mask), f"khatri_rao_{method}", e, len(dims))
+    rel = relative_error(A, khatri_rao(*Ws), mask)
+    return fit_result(Ws, khatri_rao, losses, rel, f"khatri_rao_{method}", e, len(dims))
 
 # %% ../nbs/05_khatri_rao.ipynb #c68c71fa
 def nearest_partition_khatri_rao(A,  # matrix (p·q, Σ_r s_r·t_r), numpy array or torch tensor

@@ -158,7 +158,8 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or to
     A, reg, e = scale_problem(A, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
     R, rng = rearrange(to_tensor(A), shape), as_generator(seed)
     Om = None if mask is None else rearrange(to_tensor(mask, R.device), shape)
-    if runs_als and init == "random": Bm, Cm = random_normal((R.shape[0], T), R, rng), random_normal((R.shape[1], T), R, rng)
+    if runs_als and init == "random":
+        Bm, Cm = random_normal((R.shape[0], T), R, rng), random_normal((R.shape[1], T), R, rng)
     else: Bm, Cm = _svd_factors(R, T, reg, "randomized" if method == "randomized" else "svd", rng)
     if runs_als: Bm, Cm, losses = _kronecker_loop(R, Om, Bm, Cm, reg, max_iter, tol, progress)
     else: losses = [_loss(R, Om, Bm @ Cm.T, Bm, Cm, reg)]

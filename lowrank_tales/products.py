@@ -110,7 +110,7 @@ def matrix_rank(A, tol: float | None = None) -> int:
 
 # %% ../nbs/00_products.ipynb #58879349
 def kruskal_rank(M,  # matrix (I, N), numpy array or torch tensor
-                 tol: float | None = None,  # singular values above `tol` count (default: σ_max·max(I, k)·eps of M's dtype)
+                 tol: float | None = None,  # singular values above `tol` count (default: σ_max·max(I, k)·eps)
                  max_subsets: int = 10 ** 5,  # most column subsets of one size to check before refusing
                 ) -> int:  # the largest k such that every k columns of M are linearly independent
     "Kruskal rank by brute force over column subsets; `ValueError` when one size has more than `max_subsets` of them."
@@ -122,8 +122,8 @@ def kruskal_rank(M,  # matrix (I, N), numpy array or torch tensor
     for k in range(2, min(M.shape) + 1):
         if math.comb(n, k) > max_subsets:
             raise ValueError(f"kruskal_rank checks every {k} of the {n} columns of M (shape {tuple(M.shape)}): "
-                             f"{math.comb(n, k):,} subsets, more than max_subsets={max_subsets:,}: the Kruskal rank of M "
-                             f"is at least {k - 1}; pass a larger max_subsets to go on (the problem is NP-hard in general)")
+                             f"{math.comb(n, k):,} subsets, more than max_subsets={max_subsets:,}: the Kruskal rank "
+                             f"of M is at least {k - 1}; pass a larger max_subsets to go on (NP-hard in general)")
         for subsets in _chunks(itertools.combinations(range(n), k), 4096):
             if (_ranks(M[:, subsets].transpose(1, 0, 2), tol, eps) < k).any(): return k - 1
     return min(M.shape)
