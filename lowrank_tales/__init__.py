@@ -10,11 +10,17 @@ __all__ = []
 # The public API is this list of imports: to publish a name, add it to its chapter's line. `__all__` and the
 # table below are made from it.
 from .core import Factorization
-from .als import dense_als, randomized_svd
-from .completion import als, predict, weighted_grams, solve_weighted_columns
+from .kernels import randomized_svd, weighted_grams, solve_weighted_columns
+from .alternating import dense_als
+from .completion import als, predict
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
-from .khatri_rao import khatri_rao_als, nearest_partition_khatri_rao
+from .khatri_rao_decomposition import khatri_rao_als, nearest_partition_khatri_rao
+import sys as _sys
+from . import khatri_rao_decomposition as _khatri_rao_decomposition
+# transitional: the chapter module's old name `lowrank_tales.khatri_rao` (the product's name) for existing imports,
+# registered without becoming an attribute, so `lt.khatri_rao` stays the product
+_sys.modules.setdefault("lowrank_tales.khatri_rao", _khatri_rao_decomposition)
 from .adapters import Adapter, LoRA, LoHA, LoKr, LoKH
 from .models import (inject, merge, unmerge, save_adapter, load_adapter, export_peft, import_peft,
                                   trainable_parameters)

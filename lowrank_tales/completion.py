@@ -4,20 +4,21 @@
 
 # %% ../nbs/02_completion.ipynb #89d2ed39
 from __future__ import annotations
-import sys
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
-                                is_tensor, iterations, like, namespace, random_normal, spd_solve, to_numpy, to_tensor)
-from .products import face_split
-from .als import dense_als, randomized_svd
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
+                                check_nonnegative, check_solvable, check_tol, fit_loop, fit_result, is_tensor, like,
+                                namespace, observed_data, random_normal, scale_problem, to_numpy, _sum_squares)
+from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
+                                   weighted_grams)
+from .alternating import dense_als
 
 # %% auto #0
-__all__ = ['add_observation', 'weighted_grams', 'solve_weighted_columns', 'masked_sweep', 'predict', 'als']
+__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'add_observation', 'masked_sweep', 'predict', 'als']
 
 # %% ../nbs/02_completion.ipynb #350cd633
 def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
@@ -31,57 +32,9 @@ def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
     return P - g[:, None] * Pw[None, :], z + g * (a - w @ z)
 
 # %% ../nbs/02_completion.ipynb #62fa64e2
-def _is_scipy_sparse(x) -> bool:
-    "Whether `x` is a scipy.sparse matrix or array (without importing scipy when it was never loaded)."
-    sp = sys.modules.get("scipy.sparse")
-    return sp is not None and sp.issparse(x)
-
 def _is_sparse(x) -> bool:
     "Whether `x` is a scipy.sparse matrix or a sparse torch tensor."
     return _is_scipy_sparse(x) or (is_tensor(x) and x.layout != torch.strided)
-
-# %% ../nbs/02_completion.ipynb #e272dd98
-def _upper_pairs(K: int):
-    "Flat indices (into K×K) of the upper triangle k ≤ l, and of the mirrored positions (l, k)."
-    k, l = np.triu_indices(K)
-    return k * K + l, l * K + k
-
-# %% ../nbs/02_completion.ipynb #d6b137d5
-def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
-                   weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse (a mask is the 0/1 case)
-                  ):  # (N, K, K) with `G[n] = Σ_m weights[m, n] w_m w_mᵀ`, the kind, dtype and device of `W`
-    "All per-column weighted Gram matrices at once, as one product `weightsᵀ (W • W)` over the distinct (upper) pairs."
-    M, K = W.shape
-    if K <= 16 and is_tensor(W) and is_tensor(weights) and weights.layout == torch.strided:  # small K, dense: all K² pairs in
-        return (weights.to(W).T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)  # one product beat the scatter
-    upper, lower = _upper_pairs(K)
-    F = face_split(W, W)[:, upper]
-    if _is_scipy_sparse(weights): H = like(weights.T.astype(F.dtype) @ to_numpy(F), W)
-    elif is_tensor(weights) and weights.layout != torch.strided:
-        Ft = to_tensor(F)
-        H = like(weights.t().to(Ft) @ Ft, W)
-    else: H = like(weights, F).T @ F
-    G = namespace(H).zeros((H.shape[0], K * K), dtype=H.dtype, **({"device": H.device} if is_tensor(H) else {}))
-    G[:, lower] = H
-    G[:, upper] = H
-    return G.reshape(-1, K, K)
-
-# %% ../nbs/02_completion.ipynb #1b3d7030
-def _ridge_solve(G, rhs, reg):
-    "Solve `(G[n] + reg[n] I) x_n = rhs[:, n]` for every n by batched Cholesky; `G` is left unchanged."
-    N, K = G.shape[0], G.shape[-1]
-    reg = like(np.broadcast_to(to_numpy(reg), (N,)).astype(np.float64), G)
-    G = G + reg[:, None, None] * like(np.eye(K), G)
-    return spd_solve(G, rhs.T[:, :, None])[:, :, 0].T
-
-# %% ../nbs/02_completion.ipynb #e656db79
-def solve_weighted_columns(W,  # factor (M, K)
-                           weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse
-                           rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
-                           reg=0.0,  # ridge: a number, or one per column (N,)
-                          ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
-    "Solve every column's weighted, ridge-regularised normal equations by batched Cholesky."
-    return _ridge_solve(weighted_grams(W, weights), rhs, reg)
 
 # %% ../nbs/02_completion.ipynb #5233bbce
 def _scipy_sparse_module():
@@ -151,7 +104,7 @@ def _observed(A, mask) -> _Observed:
     "The observed entries of `A`: its stored entries when sparse, else the entries where `mask` is true."
     if _is_scipy_sparse(A):
         if mask is not None: raise ValueError("mask must be None when A is sparse: the stored entries of a sparse A are the observations")
-        coo = A.tocoo(); coo.sum_duplicates()
+        coo = A.tocoo(copy=True); coo.sum_duplicates()  # a copy: never sum the caller's duplicates in place
         vals = as_float_array(coo.data, "A", ndim=1)
         return _from_coo(coo.row, coo.col, vals, A.shape, vals[:0])
     if is_tensor(A) and A.layout != torch.strided:
@@ -159,10 +112,8 @@ def _observed(A, mask) -> _Observed:
         coo = A.to_sparse_coo().coalesce()
         vals = as_float_array(coo.values(), "A", ndim=1)
         return _from_coo(coo.indices()[0], coo.indices()[1], vals, tuple(A.shape), vals[:0])
-    A = as_float_array(A, "A")
-    if mask is None: mask = np.ones(A.shape, bool)  # fully observed (used for biases on dense data)
-    mask = check_mask(mask, tuple(A.shape))
-    if is_tensor(A): mask = to_tensor(mask, device=A.device)
+    A, mask = observed_data(A, mask)
+    if mask is None: mask = (A == A)  # fully observed (used for biases on dense data)
     rows, cols = mask.nonzero(as_tuple=True) if is_tensor(mask) else np.nonzero(mask)
     return _from_coo(rows, cols, A[rows, cols], tuple(A.shape), A.reshape(-1)[:0])
 
@@ -182,6 +133,47 @@ def _half_step(F, weights, T, t2, reg):
     XtGX = float((X * rhs).sum() - (reg * (X * X).sum(0)).sum())  # x_nᵀ G_n x_n = x_nᵀ r_n − λ_n‖x_n‖², as (G_n + λ_n I) x_n = r_n
     return X, t2 - 2 * float((X * rhs).sum()) + XtGX
 
+# %% ../nbs/02_completion.ipynb #7cf54bc8
+def _sampled(obs, L, R):
+    "`(L R)[m, n]` at every observation (row-major order) for L (M, k), R (k, N), without forming L R."
+    if is_tensor(L): return torch.sparse.sampled_addmm(obs.mask_r.to(L.dtype), L, R, beta=0.0).values()
+    out = np.empty(len(obs.rows), np.result_type(L, R))
+    for a in range(0, len(out), 1 << 16):
+        sl = slice(a, a + (1 << 16))
+        out[sl] = np.einsum("ij,ji->i", L[obs.rows[sl]], R[:, obs.cols[sl]])
+    return out
+
+def _cg(apply, rhs, X):
+    "Conjugate-gradient steps (as many as `apply` allows) on every column system `apply(X) = rhs`, from X."
+    R = rhs - apply(X); P = R; rr = (R * R).sum(0)
+    for _ in range(apply.steps):
+        AP = apply(P)
+        pap = (P * AP).sum(0)
+        alpha = rr / (pap + (pap == 0))  # a converged column (P = 0) stays where it is
+        X, R = X + alpha * P, R - alpha * AP
+        rr_new = (R * R).sum(0)
+        P, rr = R + (rr_new / (rr + (rr == 0))) * P, rr_new
+    return X
+
+def _sampled_gram(mask, F, V):
+    "`G_n v_n = Σ_m (f_m·v_n) f_m` for every system n, with `mask` the CSR pattern (systems × rows of F), on torch."
+    S = torch.sparse.sampled_addmm(mask.to(F.dtype), V.T.contiguous(), F.T.contiguous(), beta=0.0)
+    return (S @ F).T
+
+def _cg_columns(obs, F, T, reg, X0, steps):
+    "The Z-step by `steps` CG steps: `(G_n + λ_n I) x_n = Σ_m a_mn f_m` from X0 (k, N), G_n never formed."
+    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_c, F, V) + reg * V
+    else: apply = lambda V: (obs.by_col(_sampled(obs, F, V)) @ F).T + reg * V  # G_n v_n = Σ_m (f_m·v_n) f_m
+    apply.steps = steps
+    return _cg(apply, (T @ F).T, X0)
+
+def _cg_rows(obs, F, T, reg, Y0, steps):
+    "The W-step by `steps` CG steps, on the rows: `(G_m + λ_m I) y_m = Σ_n a_mn f_n` from Y0 (k, M)."
+    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_r, F, V) + reg * V
+    else: apply = lambda V: (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T + reg * V
+    apply.steps = steps
+    return _cg(apply, (T @ F).T, Y0)
+
 # %% ../nbs/02_completion.ipynb #eb808681
 def masked_sweep(obs,  # the observations (internal `_Observed`)
                  W,  # left factor (M, K)
@@ -191,35 +183,55 @@ def masked_sweep(obs,  # the observations (internal `_Observed`)
                  mean=0.0,  # global mean μ (0 without biases)
                  b=None,  # row biases (M,), or None for no biases
                  c=None,  # column biases (N,), or None
+                 cg_steps: int = 0,  # 0: exact solves (batched Cholesky); k > 0: k CG steps from the iterate
                 ):  # W, Z, b, c, loss after the sweep
     "One ALS sweep over the observed entries: all columns of (Z, c), then all rows of (W, b)."
     biases = b is not None
     t = obs.vals - mean - (b[obs.rows] if biases else 0)
-    X, _ = _half_step(_with_ones(W) if biases else W, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols)
+    F, X0 = (_with_ones(W), namespace(Z).vstack([Z, c[None]])) if biases else (W, Z)
+    if cg_steps: X = _cg_columns(obs, F, obs.by_col(t), reg_cols, X0, cg_steps)
+    else: X, _ = _half_step(F, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols)
     Z, c = (X[:-1], X[-1]) if biases else (X, None)
     t = obs.vals - mean - (c[obs.cols] if biases else 0)
-    Y, fit = _half_step(_with_ones(Z.T) if biases else Z.T, _transpose(obs.mask_r), obs.by_row(t), float((t * t).sum()), reg_rows)
+    F, Y0 = (_with_ones(Z.T), namespace(W).hstack([W, b[:, None]]).T) if biases else (Z.T, W.T)
+    if cg_steps: Y = _cg_rows(obs, F, obs.by_row(t), reg_rows, Y0, cg_steps)
+    else: Y, fit = _half_step(F, _transpose(obs.mask_r), obs.by_row(t), float((t * t).sum()), reg_rows)
     W, b = (Y[:-1].T, Y[-1]) if biases else (Y.T, None)
+    if cg_steps: return W, Z, b, c, _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
     Wb, Zc = (Y.T, X) if biases else (W, Z)
     return W, Z, b, c, fit + _penalty(reg_rows, reg_cols, Wb, Zc)
 
 # %% ../nbs/02_completion.ipynb #69a1f6aa
 def predict(f: Factorization,  # a fitted ALS model
-            rows,  # row indices of the entries to predict
-            cols,  # column indices (same length)
+            rows,  # row indices of the entries to predict, 0 ≤ row < M
+            cols,  # column indices (same length), 0 ≤ col < N
            ):  # the predictions Â[rows, cols]
     "Predictions of a fitted ALS model at given entries, without forming the full matrix."
+    W, Z = f.factors
+    return _predict(f, _check_index(rows, "rows", W.shape[0]), _check_index(cols, "cols", Z.shape[1]))
+
+def _predict(f, rows, cols):
+    "`predict` for indices known to be valid."
     W, Z = f.factors
     p = (W[rows] * Z.T[cols]).sum(1)
     if f.extras: p = p + f.extras["mean"] + f.extras["row_bias"][rows] + f.extras["col_bias"][cols]
     return p
 
+def _check_index(idx, name: str, n: int):
+    "`idx` as integer indices in [0, n); `TypeError`/`IndexError` naming `name` otherwise."
+    if not is_tensor(idx): idx = np.asarray(idx)
+    bad = (idx.dtype.is_floating_point or idx.dtype == torch.bool) if is_tensor(idx) else idx.dtype.kind not in "iu"
+    if bad: raise TypeError(f"{name} must hold integer indices, got dtype {idx.dtype}")
+    if (idx.numel() if is_tensor(idx) else idx.size) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"{name} must lie in [0, {n}) (negative indices are not wrapped), "
+                         f"got values from {int(idx.min())} to {int(idx.max())}")
+    return idx
+
 def _masked_loss(obs, W, Z, reg_rows, reg_cols, mean=0.0, b=None, c=None) -> float:
-    "The masked loss computed directly over the observed entries."
-    f = Factorization((W, Z), None, extras={} if b is None else {"mean": mean, "row_bias": b, "col_bias": c})
-    r = obs.vals - predict(f, obs.rows, obs.cols)
+    "The masked loss computed directly over the observed entries (accumulated in float64)."
+    r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     Wb, Zc = (W, Z) if b is None else (namespace(W).hstack([W, b[:, None]]), namespace(Z).vstack([Z, c[None]]))
-    return float((r * r).sum()) + _penalty(reg_rows, reg_cols, Wb, Zc)
+    return _sum_squares(r) + _penalty(reg_rows, reg_cols, Wb, Zc)
 
 # %% ../nbs/02_completion.ipynb #f84e763f
 class _SparseOperator:
@@ -229,39 +241,43 @@ class _SparseOperator:
     @property
     def T(self): return _SparseOperator(self.St, self.S)
 
-def _masked_start(obs, rank, mean, init, seed):
+def _masked_start(obs, rank, mean, init, rng):
     "Initial (W, Z) for masked ALS: randomized SVD of the scaled, centred, zero-filled data, or random."
     M, N = obs.shape
     if init == "svd":
         v = (obs.vals - mean) * (M * N / len(obs.vals))
-        U, s, Vt = randomized_svd(_SparseOperator(obs.by_row(v), obs.by_col(v)), rank, seed=seed, ref=obs.vals)
-        r = s ** 0.5
-        return U * r, r[:, None] * Vt
+        S = _SparseOperator(obs.by_row(v), obs.by_col(v))
+        return balanced_factors(*randomized_svd(S, rank, seed=rng, ref=obs.vals))
     scale = (float(((obs.vals - mean) ** 2).mean()) / rank) ** 0.25 or 1.0
-    return random_normal((M, rank), obs.vals, seed, scale), random_normal((rank, N), obs.vals, None if seed is None else seed + 1, scale)
+    return random_normal((M, rank), obs.vals, rng, scale), random_normal((rank, N), obs.vals, rng, scale)
 
 # %% ../nbs/02_completion.ipynb #13079b2c
-def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress) -> Factorization:
+def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0,
+                cg_steps=0) -> Factorization:
     "ALS over the observed entries `obs`; the factors come back in the caller's kind, dtype and device."
     M, N = obs.shape
     n_rows, n_cols = (like(to_numpy(_bincount(x, n)), obs.vals) for x, n in ((obs.rows, M), (obs.cols, N)))
     reg_rows = reg * (n_rows.clip(1) if weighted_reg else n_rows * 0 + 1)
     reg_cols = reg * (n_cols.clip(1) if weighted_reg else n_cols * 0 + 1)
     mean = float(obs.vals.mean()) if biases else 0.0
-    W, Z = _masked_start(obs, rank, mean, init, seed)
+    W, Z = _masked_start(obs, rank, mean, init, as_generator(seed))
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
-    losses = [_masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)]
-    for _ in iterations(max_iter, progress, desc="als"):
-        W, Z, b, c, loss = masked_sweep(obs, W, Z, reg_rows, reg_cols, mean, b, c)
-        losses.append(loss)
-        if losses[-2] - losses[-1] <= tol * losses[-2]: break
-    fit = losses[-1] - _penalty(reg_rows, reg_cols, W if b is None else namespace(W).hstack([W, b[:, None]]),
-                                Z if c is None else namespace(Z).vstack([Z, c[None]]))
-    norm2 = float((obs.vals ** 2).sum())
+    state = [W, Z, b, c]
+    def sweep():  # the loss from the residual over the observations: |Ω|K, against the sweep's |Ω|K²
+        state[:] = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)[:4]
+        return _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
+    eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
+    amax = float(abs(obs.vals).max())
+    precision = lambda loss: 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
+    loss0 = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
+    losses = fit_loop(sweep, loss0, max_iter, tol, progress, "als", precision)
+    W, Z, b, c = state
+    r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
+    norm2 = _sum_squares(obs.vals)
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}
-    return Factorization((like(W, obs.ref), like(Z, obs.ref)), _biased_product(extras), losses=losses,
-                         rel_error=(max(fit, 0.0) / norm2) ** 0.5 if norm2 else 0.0, n_iter=len(losses) - 1,
-                         method="als (masked, biases)" if biases else "als (masked)", extras=extras)
+    return fit_result((like(W, obs.ref), like(Z, obs.ref)), _biased_product(extras), losses,
+                      (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
+                      f"als (masked{', biases' if biases else ''})" + (", cg" if cg_steps else ""), e, 2, extras)
 
 def _biased_product(extras):
     "`combine(W, Z)`: W Z plus the mean and the row and column biases stored in `extras` (when there are any)."
@@ -271,34 +287,46 @@ def _biased_product(extras):
     return combine
 
 # %% ../nbs/02_completion.ipynb #62b0e268
-def als(A,  # data (M, N): numpy array or torch tensor (dense, with `mask`), or scipy.sparse / torch sparse (stored entries = observations)
+CG_RANK, CG_OBSERVATIONS = 32, 10 ** 5  # method="auto" takes CG from this rank on (and this many observations)
+DEFAULT_REG = 0.05  # `reg=None` with missing entries: the weighted ridge λ = 0.05 · rms of the observed values
+
+def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask`), or scipy.sparse / torch sparse
         rank: int,  # K, the number of columns of W (1 ≤ K ≤ min(M, N))
         *,
-        reg: float = 0.0,  # ridge λ ≥ 0 on both factors (and biases)
         mask=None,  # boolean (M, N): True where A is observed; None = every entry (dense A) or the stored ones (sparse A)
-        biases: bool = False,  # fit a global mean, row biases and column biases too
-        weighted_reg: bool = False,  # scale each row's and column's ridge by its number of observations (Spark's regParam)
-        max_iter: int = 100,  # maximum number of sweeps
-        tol: float = 1e-10,  # stop when the loss decreases by less than `tol` times itself
+        reg=None,  # ridge λ ≥ 0 on both factors (and biases); None: 0 dense, weighted 0.05·rms(A) with missing entries
         init: str = "svd",  # "svd" (randomized SVD) or "random"
-        seed=None,  # random seed for the initialisation
+        max_iter: int = 100,  # maximum number of sweeps
+        tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter sweeps
+        seed=None,  # random seed for the initialisation: None, an integer or a numpy Generator
+        method: str = "auto",  # K×K systems: "cholesky" (exact), "cg" (3 CG steps per sweep), "auto" (CG from K ≥ 32)
         progress=None,  # progress bar: True, False, or None (automatic)
+        biases: bool = False,  # fit a global mean, row biases and column biases too
+        weighted_reg=None,  # scale each row's and column's ridge by its number of observations; None: when reg is None
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optionally with biases."
-    if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
-    reg, max_iter = check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", 0)
+    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
+    max_iter = check_int(max_iter, "max_iter", 0)
+    method = check_choice(method, "method", ("auto", "cholesky", "cg"))
     if not isinstance(biases, (bool, np.bool_)): raise TypeError(f"biases must be True or False, got {biases!r}")
-    if mask is None and not biases and not _is_sparse(A):
+    if weighted_reg is not None and not isinstance(weighted_reg, (bool, np.bool_)):
+        raise TypeError(f"weighted_reg must be True, False or None, got {weighted_reg!r}")
+    auto_reg, reg = reg is None, check_nonnegative(0.0 if reg is None else reg, "reg")
+    if mask is None and not biases and not _is_sparse(A) and not isinstance(A, np.ma.MaskedArray):
         A = as_float_array(A, "A")
         M, N = A.shape
-        return dense_als(A, rank, (reg * N, reg * M) if weighted_reg else reg, max_iter, tol, init, seed, progress)
-    if not _is_sparse(A):
-        A = check_solvable(as_float_array(A, "A"))
-        if mask is None: check_finite(A, "A", "; pass mask= to mark missing entries")
+        reg = (reg * N, reg * M) if weighted_reg else reg
+        if method == "cg":
+            raise ValueError("method='cg' solves the systems of missing entries; dense A is solved by Cholesky")
+        return dense_als(A, rank, reg=reg, init=init, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
     obs = _observed(A, mask)
     if len(obs.vals) == 0: raise ValueError("A stores no entry: the stored entries of a sparse A are the observations, and there are none")
     check_finite(check_solvable(obs.vals, "A"), "A", " at observed entries")
     rank = check_int(rank, "rank", 1, min(obs.shape), f" (min(M, N) for A of shape {obs.shape})")
-    e = unit_exponent(obs.vals) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    obs.vals = scale_pow2(obs.vals, -e)
-    return rescale_factorization(_masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress), e, 2)
+    missing = len(obs.vals) < obs.shape[0] * obs.shape[1]  # some entry unobserved: the default ridge applies
+    weighted_reg = auto_reg and missing if weighted_reg is None else bool(weighted_reg)
+    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny, scale back at the end
+    if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
+    cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
+    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
+                       3 if cg else 0)

@@ -24,10 +24,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core import (Factorization, as_float_array, check_finite, check_int, check_nonnegative, is_tensor,
-                                iterations, like, random_normal, spd_solve, to_numpy)
-from .als import randomized_svd
-from .completion import weighted_grams, _ridge_solve as solve_ridge  # the completion chapter's batched ridge solve
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
+                                check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
+                                to_numpy)
+from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
 from .models import adapters, check_model
 
 # %% auto #0
@@ -299,8 +299,8 @@ def distributed_sweep(shard: RatingShard,  # this rank's observations
                       reg_cols,  # ridge per column (N,)
                      ):  # W, Z after the sweep, and the loss (identical on every rank)
     "One ALS sweep with the observations spread over ranks: local statistics, all-reduce, the same batched solve everywhere."
-    Z = solve_ridge(*all_reduce_sum(*shard.statistics(W)), reg_cols)
-    W = solve_ridge(*all_reduce_sum(*shard.statistics_t(np.ascontiguousarray(Z.T))), reg_rows).T
+    Z = ridge_solve(*all_reduce_sum(*shard.statistics(W)), reg_cols)
+    W = ridge_solve(*all_reduce_sum(*shard.statistics_t(np.ascontiguousarray(Z.T))), reg_rows).T
     return W, Z, distributed_loss(shard, W, Z, reg_rows, reg_cols)
 
 def distributed_loss(shard, W, Z, reg_rows, reg_cols) -> float:
@@ -320,14 +320,12 @@ class _SummedOperator:
 def _start(shard, rank, init, seed, n_obs, sum_sq, dtype):
     "Initial (W, Z), the same on every rank and the same as `als` would use: randomized SVD of the scaled data, or random."
     M, N = shard.shape
-    ref = np.zeros(0, dtype)
+    ref, rng = np.zeros(0, dtype), as_generator(seed)
     if init == "svd":
         c = M * N / n_obs
-        U, s, Vt = randomized_svd(_SummedOperator(shard.S * c, shard.St * c), rank, seed=seed, ref=ref)
-        r = s ** 0.5
-        return U * r, r[:, None] * Vt
+        return balanced_factors(*randomized_svd(_SummedOperator(shard.S * c, shard.St * c), rank, seed=rng, ref=ref))
     scale = (sum_sq / n_obs / rank) ** 0.25 or 1.0
-    return random_normal((M, rank), ref, seed, scale), random_normal((rank, N), ref, None if seed is None else seed + 1, scale)
+    return random_normal((M, rank), ref, rng, scale), random_normal((rank, N), ref, rng, scale)
 
 # %% ../nbs/12_distributed.ipynb #5550311e
 def _global_shape(rows, cols, shape, across_ranks=True):
@@ -366,14 +364,14 @@ def distributed_als(ratings,  # THIS rank's observed entries: (n, 3) array, (row
                     reg: float = 0.0,  # ridge λ ≥ 0
                     weighted_reg: bool = False,  # scale each row's and column's ridge by its (global) number of observations
                     max_iter: int = 100,  # maximum number of sweeps
-                    tol: float = 1e-10,  # stop when the loss decreases by less than `tol` times itself
+                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
                     init: str = "svd",  # "svd" (randomized SVD of the summed data) or "random"
                     seed=None,  # random seed (None: drawn on rank 0 and shared)
                     progress=None,  # progress bar on rank 0: True, False or None (automatic)
                    ) -> Factorization:  # the same factors (W, Z) on every rank
     "ALS with missing entries when every rank holds a shard of the ratings; one process (no group) is the case P = 1."
     rows, cols, vals = as_triplets(ratings)
-    if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
     reg, max_iter = check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", 0)
     M, N = _global_shape(rows, cols, shape)
     rank = check_int(rank, "rank", 1, min(M, N), f" (min(M, N) for shape {(M, N)})")
@@ -387,11 +385,13 @@ def distributed_als(ratings,  # THIS rank's observed entries: (n, 3) array, (row
     reg_rows = reg * (n_rows.clip(1) if weighted_reg else np.ones(M, vals.dtype))
     reg_cols = reg * (n_cols.clip(1) if weighted_reg else np.ones(N, vals.dtype))
     W, Z = _start(shard, rank, init, _shared_seed(seed), stats[0], stats[1], vals.dtype)
-    losses = [distributed_loss(shard, W, Z, reg_rows, reg_cols)]
-    for _ in iterations(max_iter, progress if world()[0] == 0 else False, desc="distributed als"):
-        W, Z, loss = distributed_sweep(shard, W, Z, reg_rows, reg_cols)
-        losses.append(loss)
-        if losses[-2] - losses[-1] <= tol * losses[-2]: break
+    state = [W, Z]
+    def sweep():
+        *state[:], loss = distributed_sweep(shard, *state, reg_rows, reg_cols)
+        return loss
+    losses = fit_loop(sweep, distributed_loss(shard, W, Z, reg_rows, reg_cols), max_iter, tol,
+                      progress if world()[0] == 0 else False, "distributed als")
+    W, Z = state
     fit = losses[-1] - float((reg_rows * (W * W).sum(1)).sum() + (reg_cols * (Z * Z).sum(0)).sum())
     out = _result_kind(ratings, vals.dtype)
     return Factorization((like(W, out), like(Z, out)), matrix_product, losses=losses,

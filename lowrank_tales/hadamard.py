@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
-                                is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
-from .completion import weighted_grams
-
+from .core import (Factorization, as_generator, check_choice, check_int, check_nonnegative, check_tol,
+                                fit_loop, fit_result, is_tensor, like, observed_data, random_normal, relative_error,
+                                scale_problem, to_tensor)
+from .kernels import balanced_factors, batched_svd, spd_solve, weighted_grams
 
 # %% auto #0
 __all__ = ['hadamard_als']
@@ -86,9 +86,8 @@ def _gd_sweep(A, Om, F: list, reg: float = 0.0, beta: float = 0.0) -> tuple:
 # %% ../nbs/03_hadamard.ipynb #169652af
 def _tsvd_factors(X, r: int):
     "Balanced rank-r truncated-SVD factors U√S (M, r) and √S Vᵀ (r, N)."
-    U, s, Vh = torch.linalg.svd(X, full_matrices=False)
-    q = s[:r].sqrt()
-    return U[:, :r] * q, q[:, None] * Vh[:r]
+    U, s, Vh = batched_svd(X)
+    return balanced_factors(U[:, :r], s[:r], Vh[:r])
 
 def _rescale(A, Om, F: list) -> list:
     "Multiply the start by the best scalar α, spreading |α|^(1/4) over the four factors and the sign onto W1."
@@ -99,14 +98,14 @@ def _rescale(A, Om, F: list) -> list:
     a = abs(alpha) ** 0.25 if alpha != 0 else 1.0
     return [F[0] * (a if alpha >= 0 else -a)] + [f * a for f in F[1:]]
 
-def _init(A, Om, r1: int, r2: int, init: str, seed) -> list:
+def _init(A, Om, r1: int, r2: int, init: str, rng) -> list:
     "Starting factors [W1, Z1, W2, Z2]: SVD of the magnitude/sign split of A, or Gaussian; best-scaled."
     if init == "svd":
         S = A.abs().sqrt()
         F = [*_tsvd_factors(S, r1), *_tsvd_factors(S * torch.sign(A), r2)]
     else:
         M, N = A.shape
-        F = [random_normal(shape, A, None if seed is None else seed + i) for i, shape in enumerate(((M, r1), (r1, N), (M, r2), (r2, N)))]
+        F = [random_normal(shape, A, rng) for shape in ((M, r1), (r1, N), (M, r2), (r2, N))]
     return _rescale(A, Om, F)
 
 # %% ../nbs/03_hadamard.ipynb #38f053b9
@@ -125,55 +124,59 @@ def _check_ranks(ranks, shape) -> tuple:
     high = min(shape)
     return tuple(check_int(r, "ranks", high=high, why=f" (min(M, N) for A of shape {tuple(shape)})") for r in pair)
 
-def _check_hadamard_inputs(A, ranks, reg, mask, method, init, max_iter, tol, momentum):
-    "Validate `hadamard_als`'s arguments; return (A, mask, r1, r2, reg, max_iter, tol, momentum)."
-    A = check_solvable(as_float_array(A))
-    r1, r2 = _check_ranks(ranks, A.shape)
-    if method not in ("als", "gd"): raise ValueError(f"method must be 'als' or 'gd', got {method!r}")
-    if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+def _check_momentum(momentum) -> float:
+    "`momentum` as a float in [0, 1)."
     momentum = check_nonnegative(momentum, "momentum")
     if momentum >= 1: raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if mask is None: check_finite(A, hint="; pass mask= to mark missing entries")
-    else:
-        mask = check_mask(mask, A.shape)
-        A = torch.where(to_tensor(mask, A.device), A, 0.0) if is_tensor(A) else np.where(to_numpy(mask), A, 0.0).astype(A.dtype)
-        check_finite(A, hint=" at observed entries")
-    return (A, mask, r1, r2, check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", low=0),
-            check_nonnegative(tol, "tol"), momentum)
+    return momentum
 
 def _hadamard(W1, Z1, W2, Z2):
     "(W1 Z1) ∘ (W2 Z2)."
     return (W1 @ Z1) * (W2 @ Z2)
 
 # %% ../nbs/03_hadamard.ipynb #4f3f7dab
-def hadamard_als(A,  # matrix (M, N), numpy array or torch tensor, float32/float64
+def _hadamard_run(At, Om, F, sweep, reg, momentum, max_iter, tol, progress) -> tuple:
+    "One fit from the start `F`: exact block sweeps (accelerated when `momentum` > 0); the factors and losses."
+    state = {"F": F, "beta": momentum, "beta_max": 1.0, "loss": _loss(At, Om, F, reg)}
+    def step():
+        if state["beta"] > 0:
+            state["F"], state["loss"], state["beta"], state["beta_max"] = _momentum_step(
+                At, Om, state["F"], sweep, reg, state["beta"], state["beta_max"], state["loss"])
+        else: state["F"] = sweep(At, Om, state["F"], reg)[0]; state["loss"] = _loss(At, Om, state["F"], reg)
+        return state["loss"]
+    eps, amax = float(torch.finfo(At.dtype).eps), float(At.abs().max())
+    precision = lambda loss: 4 * eps * amax * max(loss, 0.0) ** 0.5
+    losses = fit_loop(step, state["loss"], max_iter, tol, progress, "hadamard_als", precision, patience=10)
+    return state["F"], losses
+
+# %% ../nbs/03_hadamard.ipynb #231c2c38
+def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor, float32/float64
                  ranks,  # r (both factors) or (r1, r2)
                  *,
-                 reg: float = 0.0,  # ridge λ on the squared norms of all four factors
                  mask=None,  # boolean (M, N), True where A is observed; None: all observed
-                 method: str = "als",  # "als" (exact block updates) or "gd" (block gradient steps, for comparison)
+                 reg: float = 0.0,  # ridge λ on the squared norms of all four factors
                  init: str = "svd",  # "svd" (magnitude/sign split) or "random"
                  max_iter: int = 100,  # maximum sweeps over the four blocks
-                 tol: float = 1e-9,  # stop after 10 sweeps in a row that lower the loss by less than this (relative)
-                 momentum: float = 0.5,  # starting extrapolation β; 0: plain (monotone) block coordinate descent
-                 seed=None,  # seed of the random start
+                 tol: float = 1e-10,  # stop after 10 sweeps in a row that lower the loss by at most `tol` times itself
+                 seed=None,  # seed of the random starts: None, an integer or a numpy Generator
+                 method: str = "als",  # "als" (exact block updates) or "gd" (block gradient steps, for comparison)
                  progress=None,  # progress bar: True, False, or None (automatic)
+                 restarts: int = 1,  # number of starts, the best fit wins: the first is `init`, the others random
+                 momentum: float = 0.5,  # starting extrapolation β; 0: plain (monotone) block coordinate descent
                 ) -> Factorization:  # factors (W1 (M, r1), Z1 (r1, N), W2 (M, r2), Z2 (r2, N)); approx() = (W1 Z1) ∘ (W2 Z2)
     "Hadamard decomposition `A ≈ (W1 Z1) ∘ (W2 Z2)` by exact block ALS (or block gradient descent), with optional mask."
-    A, mask, r1, r2, reg, max_iter, tol, momentum = _check_hadamard_inputs(A, ranks, reg, mask, method, init, max_iter, tol, momentum)
-    e = unit_exponent(A) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    A = scale_pow2(A, -e)
-    At = to_tensor(A)
+    A, mask = observed_data(A, mask)
+    r1, r2 = _check_ranks(ranks, A.shape)
+    method, init = check_choice(method, "method", ("als", "gd")), check_choice(init, "init", ("svd", "random"))
+    momentum, tol, restarts = _check_momentum(momentum), check_tol(tol), check_int(restarts, "restarts", 1)
+    max_iter, reg = check_int(max_iter, "max_iter", low=0), check_nonnegative(reg, "reg")
+    A, reg, e = scale_problem(A, reg, 4)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    At, rng = to_tensor(A), as_generator(seed)
     Om = None if mask is None else to_tensor(mask, At.device)
     sweep = _als_sweep if method == "als" else _gd_sweep
-    F = _init(At, Om, r1, r2, init, seed)
-    losses, beta, beta_max, stalled = [_loss(At, Om, F, reg)], momentum, 1.0, 0
-    for _ in iterations(max_iter, progress, desc="hadamard_als"):
-        if beta > 0: F, loss, beta, beta_max = _momentum_step(At, Om, F, sweep, reg, beta, beta_max, losses[-1])
-        else: F, loss = sweep(At, Om, F, reg)[0], None
-        losses.append(_loss(At, Om, F, reg) if loss is None else loss)
-        stalled = stalled + 1 if losses[-2] - losses[-1] <= tol * losses[-2] else 0
-        if stalled > 10: break
+    runs = [_hadamard_run(At, Om, _init(At, Om, r1, r2, init if k == 0 else "random", rng), sweep, reg, momentum,
+                          max_iter, tol, progress) for k in range(restarts)]
+    F, losses = min(runs, key=lambda run: run[1][-1])
     factors = tuple(like(f, A) for f in F)
-    return rescale_factorization(Factorization(factors, _hadamard, losses=losses, rel_error=relative_error(A, _hadamard(*factors), mask),
-                                               n_iter=len(losses) - 1, method=f"hadamard_{method}"), e, 4)
+    rel = relative_error(A, _hadamard(*factors), mask)
+    return fit_result(factors, _hadamard, losses, rel, f"hadamard_{method}", e, 4)

@@ -8,19 +8,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_mask, check_nonnegative,
-                                is_tensor, iterations, like, random_normal, relative_error, spd_solve, to_numpy, to_tensor)
-from .als import randomized_svd
-from .completion import solve_weighted_columns
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
+                                check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
+                                random_normal, relative_error, scale_problem, to_tensor, _sum_squares)
+from .kernels import (balanced_factors, batched_svd, divisors, fix_signs, gram_solve, randomized_svd,
+                                   solve_weighted_columns, truncated_svd)
 
 # %% auto #0
-__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'batched_svd', 'truncated_svd', 'nearest_kronecker', 'kronecker_als']
+__all__ = ['rearrange', 'unrearrange', 'kron_sum', 'nearest_kronecker', 'kronecker_als']
 
 # %% ../nbs/04_kronecker.ipynb #ed07da83
-def _divisors(n: int) -> list:
-    "The divisors of `n`."
-    return [d for d in range(1, n + 1) if n % d == 0]
-
 def _kronecker_shapes(A_shape, shape, name: str = "shape"):
     "B's and C's shapes for `A ≈ B ⊗ C`, with B of `shape`; `ValueError` naming both shapes when it does not divide."
     if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
@@ -28,8 +25,8 @@ def _kronecker_shapes(A_shape, shape, name: str = "shape"):
     m1, n1 = (check_int(s, f"{name} entries") for s in shape)
     M, N = (int(s) for s in A_shape)
     if M % m1 or N % n1:
-        raise ValueError(f"{name} {(m1, n1)} must divide A's shape {(M, N)} entry-wise (C's shape is A's shape divided by B's); "
-                         f"B's rows can be any of {_divisors(M)} and its columns any of {_divisors(N)}")
+        raise ValueError(f"{name} {(m1, n1)} must divide A's shape {(M, N)} entry-wise (C's shape is A's shape "
+                         f"divided by B's); B's rows can be any of {divisors(M)} and its columns any of {divisors(N)}")
     return (m1, n1), (M // m1, N // n1)
 
 # %% ../nbs/04_kronecker.ipynb #7435666c
@@ -62,60 +59,17 @@ def kron_sum(Bs,  # stack of T left factors (T, m1, n1)
     return unrearrange(Bs.reshape(T, -1).T @ Cs.reshape(T, -1), tuple(Bs.shape[1:]), tuple(Cs.shape[1:]))
 
 # %% ../nbs/04_kronecker.ipynb #971ee00b
-def _ridge_solve(F, rhs, reg: float):
-    "Solve `(FᵀF + reg·I) X = rhs` by Cholesky: the normal equations of one ALS half-step."
-    G = F.T @ F
-    G = G + reg * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return spd_solve(G, rhs)
-
 def _als_sweep(R, Bm, Cm, reg: float = 0.0):
     "One ALS sweep on the rearranged matrix: `B = RC(CᵀC+λI)⁻¹`, then `C = RᵀB(BᵀB+λI)⁻¹`."
-    Bm = _ridge_solve(Cm, (R @ Cm).T, reg).T
-    Cm = _ridge_solve(Bm, (R.T @ Bm).T, reg).T
+    Bm = gram_solve(Cm.T @ Cm, (R @ Cm).T, reg).T
+    Cm = gram_solve(Bm.T @ Bm, (R.T @ Bm).T, reg).T
     return Bm, Cm
 
 # %% ../nbs/04_kronecker.ipynb #cb683102
-def _fix_signs(Bm, Cm):
-    "Flip each pair of columns so that the largest-magnitude entry of each column of `Bm` is positive."
-    idx = Bm.abs().argmax(0)
-    s = torch.sign(Bm[idx, torch.arange(Bm.shape[1], device=Bm.device)])
-    s = torch.where(s == 0, torch.ones_like(s), s)
-    return Bm * s, Cm * s
-
 def _factors_from_svd(U, s, Vh, reg: float = 0.0):
-    "Balanced factors `U√(s−λ)₊`, `V√(s−λ)₊` from a truncated SVD."
-    w = (s - reg).clamp_min(0).sqrt()
-    return _fix_signs(U * w, Vh.T * w)
-
-# %% ../nbs/04_kronecker.ipynb #803c42a3
-def batched_svd(X):  # a matrix (P, Q) or a batch (..., P, Q), torch tensor
-    "Thin SVD `U, s, Vh` of one matrix or a batch: numpy's LAPACK on the CPU (faster there), torch's on a GPU."
-    if X.device.type != "cpu": return torch.linalg.svd(X, full_matrices=False)
-    return tuple(torch.from_numpy(F) for F in np.linalg.svd(X.detach().numpy(), full_matrices=False))
-
-# %% ../nbs/04_kronecker.ipynb #eb70d3e7
-def truncated_svd(X,  # matrix (P, Q), torch tensor (or numpy array)
-                  K: int,  # number of leading singular triplets, 1 ≤ K ≤ min(P, Q)
-                 ):  # U (P, K), s (K,), Vh (K, Q), the dtype and device of X
-    "The `K` leading singular triplets of `X`, exact: on the CPU for small `K`, from the smaller Gram's top eigenvectors and one Rayleigh–Ritz step."
-    X = to_tensor(X)
-    if X.ndim != 2: raise ValueError(f"X must be a matrix (2-D), got shape {tuple(X.shape)}")
-    (P, Q), n = X.shape, min(X.shape)
-    K = check_int(K, "K", 1, n, f" for a {P}×{Q} matrix")
-    if X.device.type == "cpu" and 4 * K <= n:
-        from scipy.linalg import eigh
-        M = X.detach().numpy().astype(np.float64, copy=False)
-        M = M if P >= Q else M.T  # tall: (max(P, Q), n)
-        lam, V = eigh(M.T @ M, subset_by_index=(n - K, n - 1), check_finite=False)
-        if lam[0] > 1e-8 * lam[-1]:  # σ_K ≥ 10⁻⁴ σ_1: the Gram resolved the basis
-            Qb = np.linalg.qr(M @ V)[0]
-            Ub, s, Vh = np.linalg.svd(Qb.T @ M, full_matrices=False)
-            U = Qb @ Ub
-            if P < Q: U, Vh = Vh.T, U.T
-            return tuple(torch.from_numpy(np.ascontiguousarray(F)).to(X.dtype) for F in (U, s, Vh))
-    U, s, Vh = batched_svd(X)
-    return U[:, :K], s[:K], Vh[:K]
-
+    "Flattened factors (P, T), (Q, T) from a truncated SVD: balanced, soft-thresholded, signs fixed."
+    W, Z = balanced_factors(U, s, Vh, reg)
+    return fix_signs([W, Z.T], dim=0)
 
 # %% ../nbs/04_kronecker.ipynb #4b26096f
 def _svd_factors(R, terms: int, reg: float, method: str, seed=None):
@@ -128,11 +82,9 @@ def _stack(Bm, Cm, shape, c_shape):
     "Flattened factors (P, T), (Q, T) as stacks (T, m1, n1), (T, m2, n2)."
     return Bm.T.reshape(-1, *shape), Cm.T.reshape(-1, *c_shape)
 
-def _check_method(method, allowed):
-    if method not in allowed: raise ValueError(f"method must be one of {', '.join(map(repr, allowed))}, got {method!r}")
-
 def _check_terms(terms, P, Q):
-    return check_int(terms, "terms", high=min(P, Q), why=f" (the rank of the rearranged matrix R(A), of shape {(P, Q)}, is at most {min(P, Q)})")
+    why = f" (the rank of the rearranged matrix R(A), of shape {(P, Q)}, is at most {min(P, Q)})"
+    return check_int(terms, "terms", high=min(P, Q), why=why)
 
 # %% ../nbs/04_kronecker.ipynb #899f8570
 def nearest_kronecker(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor
@@ -146,7 +98,7 @@ def nearest_kronecker(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor
     A = as_float_array(A)
     check_finite(A, hint="; use kronecker_als(A, shape, mask=...) for missing entries")
     shape, c_shape = _kronecker_shapes(A.shape, shape)
-    _check_method(method, ("svd", "randomized"))
+    check_choice(method, "method", ("svd", "randomized"))
     R = rearrange(to_tensor(A), shape)
     Bm, Cm = _svd_factors(R, _check_terms(terms, *R.shape), check_nonnegative(reg, "reg"), method, seed)
     return tuple(like(F, A) for F in _stack(Bm, Cm, shape, c_shape))
@@ -162,54 +114,55 @@ def _masked_sweep(R, Om, Bm, Cm, reg: float = 0.0):
 def _loss(R, Om, X, Bm, Cm, reg: float) -> float:
     "‖Ω ∘ (R − X)‖² + λ(‖B‖² + ‖C‖²)."
     E = R - X if Om is None else (R - X) * Om
-    return float((E * E).sum() + reg * ((Bm * Bm).sum() + (Cm * Cm).sum()))
+    return _sum_squares(E) + reg * (_sum_squares(Bm) + _sum_squares(Cm))
 
 # %% ../nbs/04_kronecker.ipynb #adc61a7e
-def _check_kronecker_inputs(A, shape, terms, mask, method, reg, max_iter, tol):
-    "Validate `kronecker_als`'s arguments; return (A, mask, shape, c_shape, terms, reg, max_iter, tol)."
-    A = check_solvable(as_float_array(A))
-    shape, c_shape = _kronecker_shapes(A.shape, shape)
-    _check_method(method, ("svd", "als", "randomized"))
-    terms = _check_terms(terms, shape[0] * shape[1], c_shape[0] * c_shape[1])
-    if mask is None: check_finite(A, hint="; pass mask= to mark missing entries")
-    else:
-        mask = check_mask(mask, A.shape)
-        A = torch.where(to_tensor(mask, A.device), A, 0.0) if is_tensor(A) else np.where(to_numpy(mask), A, 0.0).astype(A.dtype)
-        check_finite(A, hint=" at observed entries")
-    return (A, mask, shape, c_shape, terms, check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", low=0),
-            check_nonnegative(tol, "tol"))
+def _kronecker_loop(R, Om, Bm, Cm, reg, max_iter, tol, progress) -> tuple:
+    "ALS sweeps on the rearranged matrix (masked when `Om` is given) from (Bm, Cm); the factors and losses."
+    state = [Bm, Cm]
+    def sweep():
+        state[:] = _als_sweep(R, *state, reg) if Om is None else _masked_sweep(R, Om, *state, reg)
+        return _loss(R, Om, state[0] @ state[1].T, *state, reg)
+    eps, amax = float(torch.finfo(R.dtype).eps), float(R.abs().max())
+    precision = lambda loss: 4 * eps * amax * (Bm.shape[1] * max(loss, 0.0)) ** 0.5
+    losses = fit_loop(sweep, _loss(R, Om, Bm @ Cm.T, Bm, Cm, reg), max_iter, tol, progress, "kronecker_als", precision)
+    return (*fix_signs(state, dim=0), losses)
 
 # %% ../nbs/04_kronecker.ipynb #c11cd730
-def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor, float32/float64
+def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or torch tensor, float32/float64
                   shape,  # B's shape (m1, n1); C's shape is A's shape divided by it
                   *,
-                  terms: int = 1,  # number T of Kronecker products: A ≈ Σ_r B_r ⊗ C_r
                   mask=None,  # boolean (M, N), True where A is observed; None: all observed
-                  method: str = "svd",  # "svd" (closed form), "randomized" (randomized SVD) or "als" (power iteration)
                   reg: float = 0.0,  # ridge λ on ‖B‖² + ‖C‖²
-                  max_iter: int = 100,  # maximum ALS sweeps (ALS or a mask only)
-                  tol: float = 1e-10,  # stop when one sweep changes the approximation by less than this (relative)
-                  seed=None,  # seed of the random start (method="als") or of the randomized SVD
+                  init: str | None = None,  # ALS start: "svd" or "random"; None: random for method="als", else "svd"
+                  max_iter: int = 100,  # maximum ALS sweeps (method="als", or a mask)
+                  tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
+                  seed=None,  # seed of the random start or of the randomized SVD: None, an integer or a Generator
+                  method: str = "svd",  # "svd" (closed form, default), "randomized" (randomized SVD) or "als"
                   progress=None,  # progress bar: True, False, or None (automatic)
+                  terms: int = 1,  # number T of Kronecker products: A ≈ Σ_r B_r ⊗ C_r
                  ) -> Factorization:  # factors (Bs (T, m1, n1), Cs (T, m2, n2)); approx() = Σ_r B_r ⊗ C_r
-    "Nearest sum of `terms` Kronecker products `Σ_r B_r ⊗ C_r` to `A`, optionally with missing entries."
-    A, mask, shape, c_shape, T, reg, max_iter, tol = _check_kronecker_inputs(A, shape, terms, mask, method, reg, max_iter, tol)
-    e = unit_exponent(A) if reg == 0 else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    A = scale_pow2(A, -e)
-    R = rearrange(to_tensor(A), shape)
+    """Nearest sum of `terms` Kronecker products `Σ_r B_r ⊗ C_r` to `A`, optionally with missing entries.
+
+    `method="svd"` (the default) returns the exact optimum in closed form, the truncated SVD of the rearranged `A`,
+    which is the point ALS converges to; `"randomized"` computes it by a randomized SVD; `"als"` runs alternating
+    least squares (power iteration on R(A)) from `init`. With a mask there is no closed form: masked ALS runs from
+    `init` (by default the closed form of the zero-filled matrix)."""
+    A, mask = observed_data(A, mask)
+    shape, c_shape = _kronecker_shapes(A.shape, shape)
+    method = check_choice(method, "method", ("svd", "als", "randomized"))
+    runs_als = mask is not None or method == "als"
+    init = check_choice(("random" if method == "als" else "svd") if init is None else init, "init", ("svd", "random"))
+    T = _check_terms(terms, shape[0] * shape[1], c_shape[0] * c_shape[1])
+    reg, tol, max_iter = check_nonnegative(reg, "reg"), check_tol(tol), check_int(max_iter, "max_iter", low=0)
+    A, reg, e = scale_problem(A, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    R, rng = rearrange(to_tensor(A), shape), as_generator(seed)
     Om = None if mask is None else rearrange(to_tensor(mask, R.device), shape)
-    if method == "als": Bm, Cm = random_normal((R.shape[0], T), R, seed), random_normal((R.shape[1], T), R, seed if seed is None else seed + 1)
-    else: Bm, Cm = _svd_factors(R, T, reg, method, seed)
-    X = Bm @ Cm.T
-    losses, n_iter = [_loss(R, Om, X, Bm, Cm, reg)], 0
-    if mask is not None or method == "als":
-        for n_iter in iterations(max_iter, progress, desc="kronecker_als"):
-            Bm, Cm = _als_sweep(R, Bm, Cm, reg) if Om is None else _masked_sweep(R, Om, Bm, Cm, reg)
-            X, X_old = Bm @ Cm.T, X
-            losses.append(_loss(R, Om, X, Bm, Cm, reg))
-            if float(torch.linalg.norm(X - X_old)) <= tol * float(torch.linalg.norm(X)): break
-        n_iter = len(losses) - 1
-        Bm, Cm = _fix_signs(Bm, Cm)
+    if runs_als and init == "random":
+        Bm, Cm = random_normal((R.shape[0], T), R, rng), random_normal((R.shape[1], T), R, rng)
+    else: Bm, Cm = _svd_factors(R, T, reg, "randomized" if method == "randomized" else "svd", rng)
+    if runs_als: Bm, Cm, losses = _kronecker_loop(R, Om, Bm, Cm, reg, max_iter, tol, progress)
+    else: losses = [_loss(R, Om, Bm @ Cm.T, Bm, Cm, reg)]
     Bs, Cs = (like(F, A) for F in _stack(Bm, Cm, shape, c_shape))
-    return rescale_factorization(Factorization((Bs, Cs), kron_sum, losses=losses, rel_error=relative_error(A, kron_sum(Bs, Cs), mask),
-                                               n_iter=n_iter, method=f"kronecker_{method}"), e, 2)
+    rel = relative_error(A, kron_sum(Bs, Cs), mask)
+    return fit_result((Bs, Cs), kron_sum, losses, rel, f"kronecker_{method}", e, 2)

@@ -109,17 +109,29 @@ def matrix_rank(A, tol: float | None = None) -> int:
     return int(_ranks(A, None if tol is None else check_nonnegative(tol, "tol"), eps))
 
 # %% ../nbs/00_products.ipynb #58879349
-def kruskal_rank(M, tol: float | None = None) -> int:
-    "Largest `k` such that every `k` columns of `M` are linearly independent (brute force over column subsets)."
+def kruskal_rank(M,  # matrix (I, N), numpy array or torch tensor
+                 tol: float | None = None,  # singular values above `tol` count (default: σ_max·max(I, k)·eps)
+                 max_subsets: int = 10 ** 5,  # most column subsets of one size to check before refusing
+                ) -> int:  # the largest k such that every k columns of M are linearly independent
+    "Kruskal rank by brute force over column subsets; `ValueError` when one size has more than `max_subsets` of them."
     M, eps = _float64_and_eps(as_float_array(M, "M"))
     tol = None if tol is None else check_nonnegative(tol, "tol")
     norms = np.linalg.norm(M, axis=0)
     if M.shape[1] == 0 or (norms == 0).any(): return 0
-    M = M / norms
+    M, n = M / norms, M.shape[1]
     for k in range(2, min(M.shape) + 1):
-        subsets = np.array(list(itertools.combinations(range(M.shape[1]), k)))
-        if (_ranks(M[:, subsets].transpose(1, 0, 2), tol, eps) < k).any(): return k - 1
+        if math.comb(n, k) > max_subsets:
+            raise ValueError(f"kruskal_rank checks every {k} of the {n} columns of M (shape {tuple(M.shape)}): "
+                             f"{math.comb(n, k):,} subsets, more than max_subsets={max_subsets:,}: the Kruskal rank "
+                             f"of M is at least {k - 1}; pass a larger max_subsets to go on (NP-hard in general)")
+        for subsets in _chunks(itertools.combinations(range(n), k), 4096):
+            if (_ranks(M[:, subsets].transpose(1, 0, 2), tol, eps) < k).any(): return k - 1
     return min(M.shape)
+
+def _chunks(iterable, size: int):
+    "Arrays of up to `size` consecutive items of `iterable`."
+    it = iter(iterable)
+    while chunk := list(itertools.islice(it, size)): yield np.array(chunk)
 
 # %% ../nbs/00_products.ipynb #f07570c7
 def _face_split2(B, C):

@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from .core import Factorization, to_numpy
-from .products import face_split, khatri_rao, kron, kron_matvec, khatri_rao_matvec, matrix_rank, partition_khatri_rao
-from .completion import als
+from .products import (face_split, khatri_rao, kron, kron_matvec, khatri_rao_matvec, kruskal_rank, matrix_rank,
+                                    partition_khatri_rao)
+from .completion import als, predict
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als
-from .khatri_rao import khatri_rao_als
+from .khatri_rao_decomposition import khatri_rao_als
 from .models import (adapters, export_peft, import_peft, inject, load_adapter, merge, save_adapter,
                                   trainable_parameters, unmerge)
 
@@ -154,6 +155,10 @@ def product_misuses() -> list[Misuse]:
         Misuse("lt.kron_matvec", "X with the wrong number of rows", lambda: kron_matvec(A, A, np.ones(5)), ValueError, "X must have cols(B)·cols(C) = 8·8 = 64 rows"),
         Misuse("lt.khatri_rao_matvec", "X with the wrong number of rows", lambda: khatri_rao_matvec([A, A], np.ones(5)), ValueError, "X must have N = 8 rows"),
         Misuse("lt.matrix_rank", "a negative tolerance", lambda: matrix_rank(A, tol=-1), ValueError, "tol must be a finite number >= 0"),
+        Misuse("lt.kruskal_rank", "a generic 16×32 matrix (C(32, 16) column subsets)",
+               lambda: kruskal_rank(np.random.default_rng(0).standard_normal((16, 32))), ValueError,
+               "more than max_subsets=100,000: the Kruskal rank of M is at least 4"),
+        Misuse("lt.kruskal_rank", "a 6×8 matrix (a few hundred subsets)", lambda: kruskal_rank(A), None),
     ]
 
 # %% ../nbs/13_reliability.ipynb #f3956d60
@@ -196,7 +201,19 @@ def decomposition_misuses() -> list[Misuse]:
             Misuse(name, "max_iter is negative", lambda fit=fit, name=name: fit(A, max_iter=-1) if name != "lt.hadamard_als" else hadamard_als(A, 2, max_iter=-1), ValueError, "max_iter must be at least 0, got -1"),
             Misuse(name, "max_iter is a float", lambda fit=fit, name=name: fit(A, max_iter=2.5) if name != "lt.hadamard_als" else hadamard_als(A, 2, max_iter=2.5), TypeError, "max_iter must be an integer, got 2.5"),
         ]
-        if name != "lt.khatri_rao_als": out += [
+        out += [
+            Misuse(name, "a numpy masked array (its mask marks the observed entries)",
+                   lambda fit=fit: fit(np.ma.masked_invalid(_with(A, 0, 0, np.nan))), None),
+            Misuse(name, "a meta tensor (a shape, no values)", lambda fit=fit: fit(torch.empty(6, 8, device="meta")), ValueError,
+                   "A is a meta tensor (shape (6, 8), no values)"),
+            Misuse(name, "tol is negative", lambda fit=fit: fit(A, tol=-1e-3), ValueError, "tol must be a finite number >= 0, got -0.001"),
+            Misuse(name, "tol of 1 or more", lambda fit=fit: fit(A, tol=1.0), ValueError, "tol is a relative decrease of the loss and must be in [0, 1), got 1.0"),
+            Misuse(name, "tol is a string", lambda fit=fit: fit(A, tol="small"), TypeError, "tol must be a number, got 'small'"),
+            Misuse(name, "a numpy Generator as seed, random start", lambda fit=fit: fit(A, init="random", seed=np.random.default_rng(0)), None),
+            Misuse(name, "a seed that is not an integer", lambda fit=fit: fit(A, init="random", seed="x"), TypeError,
+                   "seed must be None, a nonnegative integer or a numpy Generator, got 'x'"),
+            Misuse(name, "A near 1e200 with a ridge (the approximation and rel_error finite; the loss itself is ~1e400)",
+                   lambda fit=fit: (lambda f: (f.approx(), np.array([f.rel_error])))(fit(A * 1e200, reg=0.1)), None),
             Misuse(name, "reg is negative", lambda fit=fit: fit(A, reg=-1.0), ValueError, "reg must be a finite number >= 0, got -1.0"),
             Misuse(name, "reg is NaN", lambda fit=fit: fit(A, reg=float("nan")), ValueError, "reg must be a finite number >= 0, got nan"),
             Misuse(name, "reg is a string", lambda fit=fit: fit(A, reg="a"), TypeError, "reg must be a number, got 'a'"),
@@ -209,8 +226,16 @@ def decomposition_misuses() -> list[Misuse]:
         Misuse("lt.als", "rank larger than min(M, N)", lambda: als(A, 7), ValueError, "rank must be between 1 and 6"),
         Misuse("lt.als", "rank as a float", lambda: als(A, 2.0), TypeError, "rank must be an integer, got 2.0"),
         Misuse("lt.als", "rank as a bool", lambda: als(A, True), TypeError, "rank must be an integer, got True"),
-        Misuse("lt.als", "an unknown init", lambda: als(A, 2, init="pca"), ValueError, "init must be 'svd' or 'random', got 'pca'"),
-        Misuse("lt.als", "a seed that is not an integer", lambda: als(A, 2, seed="x"), TypeError, "seed must be None or a nonnegative integer, got 'x'"),
+        Misuse("lt.als", "an unknown init", lambda: als(A, 2, init="pca"), ValueError, "init must be one of 'svd', 'random', got 'pca'"),
+        Misuse("lt.als", "weighted_reg given as 'yes'", lambda: als(A, 2, weighted_reg="yes"), TypeError, "weighted_reg must be True, False or None, got 'yes'"),
+        Misuse("lt.als", "options passed positionally", lambda: als(A, 2, 0.1), TypeError, "positional"),
+        Misuse("lt.als", "a scipy COO A (left as it was: its duplicates are summed in a copy)", lambda: _coo_unchanged(), None),
+        Misuse("lt.predict", "a negative row index", lambda: predict(als(A, 2, mask=A > 0), np.array([-1]), np.array([0])), IndexError,
+               "rows must lie in [0, 6) (negative indices are not wrapped), got values from -1 to -1"),
+        Misuse("lt.predict", "a column index past the end", lambda: predict(als(A, 2, mask=A > 0), np.array([0]), np.array([8])), IndexError,
+               "cols must lie in [0, 8)"),
+        Misuse("lt.predict", "float indices", lambda: predict(als(A, 2, mask=A > 0), np.array([0.0]), np.array([1])), TypeError,
+               "rows must hold integer indices, got dtype float64"),
         Misuse("lt.als", "biases given as 1", lambda: als(A, 2, biases=1), TypeError, "biases must be True or False, got 1"),
         Misuse("lt.als", "a sparse A together with a mask", lambda: als(sp.csr_matrix(A), 2, mask=np.ones(A.shape, bool)), ValueError, "mask must be None when A is sparse"),
         Misuse("lt.als", "a sparse A that stores nothing", lambda: als(sp.csr_matrix((4, 5)), 2), ValueError, "A stores no entry"),
@@ -220,7 +245,7 @@ def decomposition_misuses() -> list[Misuse]:
         Misuse("lt.als", "a torch sparse float16 A", lambda: als(torch.tensor(A).to_sparse().half(), 2), TypeError, "A has dtype torch.float16"),
         Misuse("lt.hadamard_als", "three ranks", lambda: hadamard_als(A, (1, 2, 3)), ValueError, "ranks must be an integer r or a pair (r1, r2), got (1, 2, 3)"),
         Misuse("lt.hadamard_als", "rank larger than min(M, N)", lambda: hadamard_als(A, 7), ValueError, "ranks must be between 1 and 6"),
-        Misuse("lt.hadamard_als", "an unknown method", lambda: hadamard_als(A, 2, method="adam"), ValueError, "method must be 'als' or 'gd', got 'adam'"),
+        Misuse("lt.hadamard_als", "an unknown method", lambda: hadamard_als(A, 2, method="adam"), ValueError, "method must be one of 'als', 'gd', got 'adam'"),
         Misuse("lt.hadamard_als", "momentum of 1", lambda: hadamard_als(A, 2, momentum=1.0), ValueError, "momentum must be in [0, 1), got 1.0"),
         Misuse("lt.kronecker_als", "a shape that does not divide A's", lambda: kronecker_als(A, (4, 4)), ValueError, "shape (4, 4) must divide A's shape (6, 8) entry-wise"),
         Misuse("lt.kronecker_als", "a shape that is not a pair", lambda: kronecker_als(A, 2), TypeError, "shape must be B's shape, a pair (rows, cols) of integers, got 2"),
@@ -230,9 +255,20 @@ def decomposition_misuses() -> list[Misuse]:
         Misuse("lt.khatri_rao_als", "dims whose product is not A's row count", lambda: khatri_rao_als(A, (4, 2)), ValueError, "dims (4, 2) multiply to 8, but A of shape (6, 8) has 6 rows"),
         Misuse("lt.khatri_rao_als", "dims as a single integer", lambda: khatri_rao_als(A, 6), TypeError, "dims must be a tuple of at least two row counts"),
         Misuse("lt.khatri_rao_als", "a zero in dims", lambda: khatri_rao_als(A, (0, 6)), ValueError, "dims entries must be at least 1, got 0"),
-        Misuse("lt.khatri_rao_als", "an unknown method", lambda: khatri_rao_als(A, (2, 3), method="qr"), ValueError, "method must be 'svd' or 'als', got 'qr'"),
+        Misuse("lt.khatri_rao_als", "an unknown method", lambda: khatri_rao_als(A, (2, 3), method="qr"), ValueError, "method must be one of 'svd', 'als', got 'qr'"),
+        Misuse("lt.khatri_rao_als", "widths whose columns do not add up", lambda: khatri_rao_als(A, (2, 3), widths=[(2, 2)]), ValueError,
+               "widths [(2, 2)] give 4 columns (Σ s_r·t_r), but A has 8"),
+        Misuse("lt.hadamard_als", "restarts of 0", lambda: hadamard_als(A, 2, restarts=0), ValueError, "restarts must be at least 1, got 0"),
     ]
     return out
+
+def _coo_unchanged() -> float:
+    "Fit a scipy COO matrix with duplicate entries; fail unless the caller's matrix is left exactly as it was."
+    coo = scipy.sparse.coo_array((np.array([1.0, 2.0, 3.0]), (np.array([0, 0, 1]), np.array([1, 1, 2]))), shape=(3, 4))
+    before = (coo.data.copy(), coo.row.copy(), coo.col.copy())
+    f = als(coo, 1, max_iter=3)
+    if not all(np.array_equal(a, b) for a, b in zip(before, (coo.data, coo.row, coo.col))): raise AssertionError("COO modified")
+    return f.rel_error
 
 # %% ../nbs/13_reliability.ipynb #a17db29e
 def adapter_misuses() -> list[Misuse]:

@@ -188,6 +188,78 @@ def test_numpy_and_torch_inputs_agree(name, seed):
     close(b.approx(), a.approx(), "float32")  # same algorithm; only the library differs
 
 
+# ---------------------------------------------------------------- inputs are never modified
+def snapshot(x):
+    "A deep, exact copy of `x` (numpy, masked, torch or scipy.sparse) to compare with afterwards."
+    if isinstance(x, np.ma.MaskedArray): return ("ma", x.data.copy(), np.ma.getmaskarray(x).copy())
+    if isinstance(x, np.ndarray): return ("np", x.copy(), x.strides)
+    if isinstance(x, torch.Tensor): return ("torch", x.clone(), x.layout)
+    import scipy.sparse
+    if scipy.sparse.issparse(x): return ("sp", x.format, x.copy(), {k: getattr(x, k).copy() for k in ("data", "row", "col", "indices", "indptr") if hasattr(x, k)})
+    return ("other", x)
+
+
+def same(x, snap) -> bool:
+    kind = snap[0]
+    if kind == "ma": return np.array_equal(x.data, snap[1], equal_nan=True) and np.array_equal(np.ma.getmaskarray(x), snap[2])
+    if kind == "np": return np.array_equal(x, snap[1], equal_nan=True) and x.strides == snap[2]
+    if kind == "torch": return x.layout == snap[2] and bool(torch.equal(x.to_dense() if x.is_sparse else x, snap[1].to_dense() if snap[1].is_sparse else snap[1]))
+    if kind == "sp": return x.format == snap[1] and all(np.array_equal(getattr(x, k), v) for k, v in snap[3].items())
+    return True
+
+
+def as_kind(X, kind, mask=None):
+    "X as numpy, torch, a numpy masked array (hiding ~mask), or scipy COO with duplicates (the stored entries)."
+    import scipy.sparse
+    if kind == "torch": return torch.from_numpy(X.copy())
+    if kind == "masked": return np.ma.masked_array(X.copy(), mask=~mask)
+    if kind == "scipy":
+        r, c = np.nonzero(mask)
+        return scipy.sparse.coo_array((np.r_[X[r, c], 1.0], (np.r_[r, r[:1]], np.r_[c, c[:1]])), shape=X.shape)  # a duplicate
+    return X.copy()
+
+
+CALLS = {  # name: (call, kinds it accepts)
+    "lt.als": (lambda A, m: lt.als(A, 2, max_iter=3), ("numpy", "torch", "masked", "scipy")),
+    "lt.als (mask)": (lambda A, m: lt.als(A, 2, mask=m, max_iter=3, biases=True), ("numpy", "torch")),
+    "lt.dense_als": (lambda A, m: lt.dense_als(A, 2, max_iter=3), ("numpy", "torch")),
+    "lt.hadamard_als": (lambda A, m: lt.hadamard_als(A, 2, max_iter=3), ("numpy", "torch", "masked")),
+    "lt.hadamard_als (mask)": (lambda A, m: lt.hadamard_als(A, 2, mask=m, max_iter=3), ("numpy", "torch")),
+    "lt.kronecker_als": (lambda A, m: lt.kronecker_als(A, (2, 2)), ("numpy", "torch", "masked")),
+    "lt.kronecker_als (mask)": (lambda A, m: lt.kronecker_als(A, (2, 2), mask=m, max_iter=3), ("numpy", "torch")),
+    "lt.khatri_rao_als": (lambda A, m: lt.khatri_rao_als(A, (2, 3)), ("numpy", "torch", "masked")),
+    "lt.khatri_rao_als (widths, mask)": (lambda A, m: lt.khatri_rao_als(A, (2, 3), widths=[(2, 2), (2, 2)], mask=m, max_iter=3),
+                                         ("numpy", "torch")),
+    "lt.nearest_kronecker": (lambda A, m: lt.nearest_kronecker(A, (2, 2)), ("numpy", "torch")),
+    "lt.kron": (lambda A, m: lt.kron(A, A), ("numpy", "torch", "masked")),
+    "lt.khatri_rao": (lambda A, m: lt.khatri_rao(A, A, A), ("numpy", "torch", "masked")),
+    "lt.face_split": (lambda A, m: lt.face_split(A, A), ("numpy", "torch", "masked")),
+    "lt.partition_khatri_rao": (lambda A, m: lt.partition_khatri_rao([A], [A]), ("numpy", "torch", "masked")),
+    "lt.kron_matvec": (lambda A, m: lt.kron_matvec(A[:2, :2], A[:2, :2], A[:4]), ("numpy", "torch")),
+    "lt.khatri_rao_matvec": (lambda A, m: lt.khatri_rao_matvec([A, A], A.T), ("numpy", "torch")),
+    "lt.khatri_rao_rmatvec": (lambda A, m: lt.khatri_rao_rmatvec([A[:, :3], A[:, :3]], lt.kron(A, A)[:, :2]), ("numpy", "torch")),
+    "lt.matrix_rank": (lambda A, m: lt.matrix_rank(A), ("numpy", "torch", "masked")),
+    "lt.kruskal_rank": (lambda A, m: lt.kruskal_rank(A), ("numpy", "torch", "masked")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+@FAST
+@given(kind=st.sampled_from(["numpy", "torch", "masked", "scipy"]), seed=seeds, transposed=st.booleans())
+def test_inputs_are_never_modified(name, kind, seed, transposed):
+    call, accepted = CALLS[name]
+    if kind not in accepted: kind = "numpy"
+    X = make((8, 6), seed).T.copy() if transposed else make((6, 8), seed)
+    mask = np.random.default_rng(seed).random(X.shape) < 0.8
+    mask[:, 0] = mask[0] = True
+    A = as_kind(X, kind, mask)
+    M = torch.from_numpy(mask.copy()) if kind == "torch" else mask.copy()
+    before, before_mask = snapshot(A), snapshot(M)
+    call(A, M)
+    assert same(A, before), (name, kind)
+    assert same(M, before_mask), (name, kind, "mask")
+
+
 # ---------------------------------------------------------------- adapters
 def model_for(layer: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)

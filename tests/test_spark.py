@@ -10,7 +10,8 @@ import scipy.sparse
 pyspark = pytest.importorskip("pyspark")
 if shutil.which("java") is None: pytest.skip("Spark needs Java", allow_module_level=True)
 
-from lowrank_tales.completion import als, predict, solve_weighted_columns  # noqa: E402
+from lowrank_tales.completion import als, predict  # noqa: E402
+from lowrank_tales.kernels import solve_weighted_columns  # noqa: E402
 from lowrank_tales.distributed import as_triplets, from_spark, local_spark, spark_als  # noqa: E402
 
 RANK, REG, ITERS = 5, 0.2, 6

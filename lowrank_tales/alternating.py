@@ -8,11 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, check_solvable, rescale_factorization, scale_pow2, unit_exponent, check_finite, check_int, check_nonnegative, is_tensor,
-                                iterations, like, namespace, random_normal, spd_solve, to_tensor)
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative, check_tol,
+                                fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem,
+                                _sum_squares)
+from .kernels import balanced_factors, gram_solve, randomized_svd
 
 # %% auto #0
-__all__ = ['als_loss', 'gram_solve', 'update_Z', 'update_W', 'als_flops', 'als_sweep', 'randomized_svd', 'dense_als']
+__all__ = ['als_loss', 'update_Z', 'update_W', 'als_flops', 'als_sweep', 'dense_als']
 
 # %% ../nbs/01_als.ipynb #40a67445
 def als_loss(A,  # data (M, N)
@@ -30,23 +32,6 @@ def _reg_pair(reg):
     return (float(reg), float(reg)) if np.ndim(reg) == 0 else (float(reg[0]), float(reg[1]))
 
 # %% ../nbs/01_als.ipynb #7ddf87b9
-def gram_solve(G,  # Gram matrix (K, K), symmetric positive semidefinite
-               B,  # right-hand sides (K, R)
-               reg=0.0,  # ridge λ added to the diagonal of G
-              ):  # X (K, R) with (G + λI) X = B
-    "Solve `(G + λI) X = B` by one Cholesky factorisation, never an explicit inverse."
-    G = G + reg * like(np.eye(G.shape[0]), G)
-    if is_tensor(G): return spd_solve(G, B)
-    try: L = np.linalg.cholesky(G)
-    except np.linalg.LinAlgError: return spd_solve(G, B)  # singular: core's Cholesky with a tiny jitter
-    return _triangular_solve(L.T, _triangular_solve(L, B, lower=True), lower=False)
-
-def _triangular_solve(L, B, lower: bool):
-    "Solve the triangular system `L X = B` (scipy's trtrs when scipy is installed, else numpy's general solver)."
-    try: from scipy.linalg import solve_triangular
-    except ImportError: return np.linalg.solve(L, B)
-    return solve_triangular(L, B, lower=lower, check_finite=False)
-
 def update_Z(A,  # data (M, N)
              W,  # left factor (M, K), held fixed
              reg=0.0,  # ridge λ_z
@@ -104,87 +89,89 @@ def als_sweep(A,  # data (M, N)
     after = norm2 - 2 * _inner(W, AZt) + _inner(WtW, ZZt) + reg_w * _trace(WtW) + reg_z * _trace(ZZt)
     return W, Z, (WtW, ZZt), before, after
 
-# %% ../nbs/01_als.ipynb #e0f73041
-def _orthonormal(Y):
-    "An orthonormal basis of the columns of the tall `Y` (QR by torch: numpy's threaded QR of skinny matrices can be very slow)."
-    return like(torch.linalg.qr(to_tensor(Y))[0], Y)
-
-def randomized_svd(A,  # matrix (M, N): numpy, torch, or anything with `@`, `.T` and `.shape` (e.g. scipy.sparse)
-                   K: int,  # number of singular triplets
-                   n_power: int = 2,  # power iterations
-                   oversample: int = 10,  # extra random directions
-                   seed=None,  # random seed
-                   ref=None,  # array whose kind, dtype and device the result takes (default: `A`)
-                  ):  # U (M, K), s (K,), Vᵀ (K, N)
-    "Approximate truncated SVD by a randomized range finder with power iterations."
-    ref = A if ref is None else ref
-    Y = A @ random_normal((A.shape[1], min(K + oversample, min(A.shape))), ref, seed)
-    for _ in range(n_power):
-        Y = A @ _orthonormal(A.T @ _orthonormal(Y))
-    Q = _orthonormal(Y)
-    Q2, R2 = torch.linalg.qr(to_tensor(A.T @ Q))          # Qᵀ A = R2ᵀ Q2ᵀ, and R2 is small
-    U2, s, V2t = torch.linalg.svd(R2.T)
-    return (Q @ like(U2, ref))[:, :K], like(s, ref)[:K], like(V2t @ Q2.T, ref)[:K]
-
 # %% ../nbs/01_als.ipynb #f44be9ba
-def _initial_factors(A, K, init, seed, ref=None):
+def _initial_factors(A, K, init, rng, ref=None):
     "Starting `(W, Z)`: balanced factors of a randomized SVD, or random with entries scaled to the data."
     ref = A if ref is None else ref
     M, N = A.shape
-    if init == "svd":
-        U, s, Vt = randomized_svd(A, K, seed=seed, ref=ref)
-        r = s ** 0.5
-        return U * r, r[:, None] * Vt
+    if init == "svd": return balanced_factors(*randomized_svd(A, K, seed=rng, ref=ref))
     scale = (_norm2(A) / (M * N * K)) ** 0.25 or 1.0
-    return random_normal((M, K), ref, seed, scale), random_normal((K, N), ref, None if seed is None else seed + 1, scale)
+    return random_normal((M, K), ref, rng, scale), random_normal((K, N), ref, rng, scale)
 
 def _norm2(A) -> float:
-    "‖A‖² as a Python float (works for dense arrays, tensors and scipy.sparse)."
-    return float((A * A).sum()) if not hasattr(A, "multiply") else float(A.multiply(A).sum())
+    "‖A‖² as a Python float, accumulated in float64 (dense arrays, tensors and scipy.sparse)."
+    return _sum_squares(A) if not hasattr(A, "tocsr") else float(A.multiply(A).sum(dtype=np.float64))
 
 # %% ../nbs/01_als.ipynb #5bb15778
 def _check_dense(A, rank, reg):
     "Validate dense ALS arguments; return `A` as a float array, the rank and `(λ_w, λ_z)`."
-    A = check_solvable(as_float_array(A, "A"))
-    check_finite(A, "A", "; pass mask= to mark missing entries")
+    A, mask = observed_data(A)
+    if mask is not None:
+        raise ValueError("A is a masked array: dense_als fits every entry; use als(A, rank) for missing entries")
     rank = check_int(rank, "rank", 1, min(A.shape), f" (min(M, N) for A of shape {tuple(A.shape)})")
     reg = tuple(check_nonnegative(r, "reg") for r in _reg_pair(reg))
     return A, rank, reg
 
 def _residual_norm2(A, W, Z, block: int = 1 << 20) -> float:
-    "‖A − WZ‖² computed directly, a block of rows at a time (no M×N temporary)."
+    "‖A − WZ‖² computed directly, a block of rows at a time (no M×N temporary), accumulated in float64."
     rows = max(1, block // A.shape[1])
-    return sum(float(((A[i:i + rows] - W[i:i + rows] @ Z) ** 2).sum()) for i in range(0, A.shape[0], rows))
+    return sum(_sum_squares(A[i:i + rows] - W[i:i + rows] @ Z) for i in range(0, A.shape[0], rows))
 
 # %% ../nbs/01_als.ipynb #619da111
+class _DenseFit:
+    "The state of a dense ALS fit: factors, their Gram matrices, and how the loss is measured."
+    def __init__(self, A, W, Z, reg):
+        self.A, self.W, self.Z, self.reg, self.grams = A, W, Z, reg, None
+        self.norm2 = _norm2(A)
+        eps = float(torch.finfo(A.dtype).eps) if is_tensor(A) else float(np.finfo(A.dtype).eps)
+        self.noise = 16 * eps * self.norm2  # how finely the trace identity resolves the loss
+        self.amax = float(A.abs().max()) if is_tensor(A) else float(np.abs(A).max())
+        self.eps, self.direct = eps, False
+        self.loss = self.direct_loss()
+
+    def penalty(self) -> float:
+        return self.reg[0] * _sum_squares(self.W) + self.reg[1] * _sum_squares(self.Z)
+
+    def direct_loss(self) -> float:
+        "The loss from the residual itself."
+        return _residual_norm2(self.A, self.W, self.Z) + self.penalty()
+
+    def sweep(self) -> float:
+        "One sweep; the loss by the trace identity while it resolves the decrease, from the residual after that."
+        self.W, self.Z, self.grams, _, after = als_sweep(self.A, self.W, self.Z, self.norm2, self.reg, self.grams)
+        if not self.direct and (after < 1e4 * self.noise or self.loss - after < 1e2 * self.noise): self.direct = True
+        self.loss = self.direct_loss() if self.direct else after
+        return self.loss
+
+    def precision(self, loss: float) -> float:
+        "The smallest decrease the current loss formula resolves."
+        if not self.direct: return self.noise
+        return 4 * self.eps * self.amax * (self.W.shape[1] * max(loss, 0.0)) ** 0.5
+
+# %% ../nbs/01_als.ipynb #11c273dc
 def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), float32 or float64
               rank: int,  # K, the number of columns of W
+              *,
               reg=0.0,  # ridge λ ≥ 0 on both factors, or a pair (λ_w, λ_z)
-              max_iter: int = 100,  # maximum number of sweeps
-              tol: float = 1e-10,  # stop when the loss decreases by less than `tol` times itself
               init: str = "svd",  # "svd" (randomized SVD) or "random"
-              seed=None,  # random seed for the initialisation
+              max_iter: int = 100,  # maximum number of sweeps
+              tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter sweeps
+              seed=None,  # random seed for the initialisation: None, an integer or a numpy Generator
+              method: str = "cholesky",  # how the K×K systems are solved (Cholesky, the only dense method)
               progress=None,  # progress bar: True, False, or None (automatic)
              ) -> Factorization:  # factors (W, Z) in the kind, dtype and device of `A`
     "Alternating least squares for `A ≈ W Z` on a fully observed matrix."
     A, rank, reg = _check_dense(A, rank, reg)
-    e = unit_exponent(A) if reg == (0.0, 0.0) else 0  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    A = scale_pow2(A, -e)
-    if init not in ("svd", "random"): raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
+    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
+    check_choice(method, "method", ("cholesky",))
     max_iter = check_int(max_iter, "max_iter", 0)
-    norm2 = _norm2(A)
-    W, Z = _initial_factors(A, rank, init, seed)
-    grams, losses = None, []
-    for t in iterations(max_iter, progress, desc="als"):
-        W, Z, grams, before, after = als_sweep(A, W, Z, norm2, reg, grams)
-        if t == 0: losses.append(before)
-        losses.append(after)
-        if losses[-2] - losses[-1] <= tol * losses[-2]: break
-    if not losses: losses = [als_loss(A, W, Z, reg)]
-    fit = losses[-1] - reg[0] * float((W * W).sum()) - reg[1] * float((Z * Z).sum())
-    if fit < 1e-8 * norm2: fit = _residual_norm2(A, W, Z)    # the trace identity cannot resolve a near-exact fit
-    return rescale_factorization(Factorization((W, Z), _matmul, losses=losses, rel_error=(max(fit, 0.0) / norm2) ** 0.5 if norm2 else 0.0,
-                                               n_iter=len(losses) - 1, method="als"), e, 2)
+    A, reg, e = scale_problem(A, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
+    s = _DenseFit(A, *_initial_factors(A, rank, init, as_generator(seed)), reg)
+    losses = fit_loop(s.sweep, s.loss, max_iter, tol, progress, "als", s.precision)
+    fit = _residual_norm2(A, s.W, s.Z)  # the reported error always from the residual itself
+    if not s.direct: losses[-1] = fit + s.penalty()
+    rel = (fit / s.norm2) ** 0.5 if s.norm2 else 0.0
+    return fit_result((s.W, s.Z), _matmul, losses, rel, "als", e, 2)
 
 def _matmul(W, Z):
     "W @ Z."
