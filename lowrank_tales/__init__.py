@@ -13,9 +13,10 @@ from .completion import als, predict, weighted_grams, solve_weighted_columns
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
 from .khatri_rao import khatri_rao_als, nearest_partition_khatri_rao
-from .adapters import Adapter, LoRA, LoHA, LoKr, LoKH
-from .models import (inject, merge, unmerge, save_adapter, load_adapter, export_peft, import_peft,
-                                  trainable_parameters)
+from .adapters import Adapter, Update, LoRA, LoHA, LoKr, LoKH
+from .models import (inject, set_adapter, adapter_names, active_adapters, delete_adapter, disable_adapters,
+                                  merge, unmerge, merge_and_unload, unload, save_adapter, load_adapter, export_peft,
+                                  import_peft, trainable_parameters)
 from .compress import (Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter,
                                     FactoredLinear, KroneckerSumLinear, KhatriRaoLinear)
 from .distributed import (launch, adapter_ddp, shard_batch, shard_loader, distributed_als, spark_als,

@@ -18,7 +18,8 @@ from .hadamard import hadamard_als
 from .kronecker import batched_svd, kron_sum, kronecker_als, nearest_kronecker, rearrange
 from .khatri_rao import khatri_rao_als
 from .products import khatri_rao
-from .adapters import Adapter, LoHA, LoKH, LoKr, LoRA, as_layer_weight, layer_shape, max_factors, split_dim
+from .adapters import (UPDATES, Adapter, LoHA, LoKH, LoKr, LoRA, as_layer_weight, layer_shape, max_factors,
+                                    split_dim)
 from .models import (METHODS, adapters, check_model, check_targets, exact_targets, inject, plan_injection,
                                   replace_module, shadow, target_matches, unmatched)
 
@@ -38,7 +39,7 @@ def meta_layer(d_out: int, d_in: int) -> nn.Linear:
 def split_options(method: str, options: dict, fit) -> tuple[dict, dict]:
     "`options` split into the adapter's keyword arguments and those of the fitting function `fit`; `TypeError` for the rest."
     params = lambda f: set(inspect.signature(f).parameters) - {"self", "base", "alpha", "rank", "D", "ad", "options"}
-    ad_names, fit_names = params(METHODS[method].__init__), params(fit)
+    ad_names, fit_names = params(UPDATES[method].__init__), params(fit)
     fit_names |= params(hadamard_als) if method == "loha" else params(khatri_rao_als) if method == "lokh" else set()
     if bad := sorted(set(options) - ad_names - fit_names):
         raise TypeError(f"{method} extraction got unexpected options {bad}; it accepts {sorted(ad_names | fit_names)}")

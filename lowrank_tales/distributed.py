@@ -197,8 +197,8 @@ def check_same_across_ranks(value, what: str):
 
 # %% ../nbs/12_distributed.ipynb #462025c6
 def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    "The adapter factors of `model`, by full parameter name."
-    names = {f"{name}.{k}" for name, a in adapters(model).items() for k, _ in a.named_parameters() if not k.startswith("base.")}
+    "The factors of `model`'s active adapters, by full parameter name."
+    names = {f"{m}.updates.{n}.{k}" for m, a in adapters(model).items() for n in a.active for k, _ in a.updates[n].named_parameters()}
     return {n: p for n, p in model.named_parameters() if n in names}
 
 def adapter_ddp(model: nn.Module,  # a model with adapters (`inject` first), on this rank's device
