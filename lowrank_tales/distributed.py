@@ -28,7 +28,7 @@ from .core import (Factorization, as_float_array, check_finite, check_int, check
                                 iterations, like, random_normal, spd_solve, to_numpy)
 from .als import randomized_svd
 from .completion import weighted_grams, _ridge_solve as solve_ridge  # the completion chapter's batched ridge solve
-from .models import adapters, check_model
+from .models import adapters, check_model, saved_modules
 
 # %% auto #0
 __all__ = ['world', 'require_process_group', 'free_port', 'launch', 'shard_batch', 'shard_loader', 'check_same_across_ranks',
@@ -197,8 +197,9 @@ def check_same_across_ranks(value, what: str):
 
 # %% ../nbs/12_distributed.ipynb #462025c6
 def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    "The factors of `model`'s active adapters, by full parameter name."
+    "The factors of `model`'s active adapters and their saved modules' copies (`modules_to_save`), by full parameter name."
     names = {f"{m}.updates.{n}.{k}" for m, a in adapters(model).items() for n in a.active for k, _ in a.updates[n].named_parameters()}
+    names |= {f"{m}.copies.{n}.{k}" for m, s in saved_modules(model).items() for n in s.active for k, _ in s.copies[n].named_parameters()}
     return {n: p for n, p in model.named_parameters() if n in names}
 
 def adapter_ddp(model: nn.Module,  # a model with adapters (`inject` first), on this rank's device

@@ -24,13 +24,14 @@ from .adapters import KIND_NAMES, LAYERS, UPDATES, Adapter, LoHA, LoKH, LoKr, Lo
 
 # %% auto #0
 __all__ = ['METHODS', 'PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'target_matches', 'pattern_value',
-           'adapters', 'check_model', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets',
-           'unmatched', 'check_name', 'plan_injection', 'replace_module', 'inject', 'trainable_parameters', 'merge',
-           'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload',
-           'factor_tensors', 'jsonable', 'from_json', 'write_atomic', 'check_folder', 'write_folder', 'file_digest',
-           'read_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'exact_targets', 'read_config', 'check_seal',
-           'load_adapter', 'peft_name', 'peft_shape', 'peft_problem', 'peft_rank', 'peft_alpha', 'peft_config',
-           'export_peft', 'check_peft_config', 'split_peft_key', 'import_peft']
+           'adapters', 'check_model', 'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter',
+           'check_targets', 'unmatched', 'check_name', 'plan_injection', 'SavedModule', 'replace_module', 'inject',
+           'plan_saved', 'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters',
+           'delete_adapter', 'unload', 'merge_and_unload', 'factor_tensors', 'jsonable', 'from_json', 'write_atomic',
+           'check_folder', 'write_folder', 'file_digest', 'read_safetensors', 'save_adapter', 'check_tensors', 'shapes',
+           'exact_targets', 'read_config', 'check_seal', 'load_adapter', 'peft_name', 'peft_shape', 'peft_problem',
+           'peft_rank', 'peft_alpha', 'peft_config', 'export_peft', 'check_peft_config', 'split_peft_key',
+           'import_peft']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
 METHODS = LAYERS  # the layer class of each method, by the name `inject` takes
@@ -56,13 +57,21 @@ def check_model(model) -> nn.Module:
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
 
+def saved_modules(model: nn.Module) -> dict:
+    "The modules trained in full beside the adapters (`SavedModule`s, see `inject`'s `modules_to_save`), by name."
+    return {name: m for name, m in model.named_modules() if isinstance(m, SavedModule)}
+
+def _holders(model: nn.Module) -> list:
+    "Every adapted layer and saved module of `model`."
+    return list(adapters(check_model(model)).values()) + list(saved_modules(model).values())
+
 def adapter_names(model: nn.Module) -> list[str]:
     "The names of the adapters `model` holds, in the order they were added."
-    return list(dict.fromkeys(n for a in adapters(check_model(model)).values() for n in a.updates))
+    return list(dict.fromkeys(n for h in _holders(model) for n in getattr(h, "updates", getattr(h, "copies", {}))))
 
 def active_adapters(model: nn.Module) -> list[str]:
     "The names of the active adapters of `model`."
-    return list(dict.fromkeys(n for a in adapters(check_model(model)).values() for n in a.active))
+    return list(dict.fromkeys(n for h in _holders(model) for n in h.active))
 
 def _names(model: nn.Module, name, default: list) -> list[str]:
     "`name` (a name or a list of names) checked against `model`'s adapters, or `default` when `None`."
@@ -107,8 +116,8 @@ def unmatched(names: list[str], targets) -> list[str]:
     return [t for t in targets if not any(target_matches(n, [t]) for n in names)]
 
 def _outer_names(model: nn.Module) -> list[str]:
-    "Names of `model`'s modules, leaving out those inside an adapted layer (its base and updates)."
-    inner = [n + "." for n, m in model.named_modules() if isinstance(m, Adapter)]
+    "Names of `model`'s modules, leaving out those inside an adapted layer or a saved module."
+    inner = [n + "." for n, m in model.named_modules() if isinstance(m, (Adapter, SavedModule))]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inner)]
 
 def check_name(name) -> str:
@@ -146,6 +155,39 @@ def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alp
     return plan
 
 # %% ../nbs/07_models.ipynb #d8944a02
+class SavedModule(nn.Module):
+    "A module trained in full beside the adapters (PEFT's `modules_to_save`): the original frozen, a trainable copy per adapter."
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original, self.copies = original.requires_grad_(False), nn.ModuleDict()
+        self.active, self.disabled = [], False
+
+    def add(self, name: str, active: bool) -> None:
+        "A copy of the original for adapter `name`, active and trainable or inactive and frozen."
+        self.copies[name] = copy.deepcopy(self.original)
+        self.set_active(self.active + [name] if active else self.active)
+
+    def set_active(self, names: list) -> None:
+        "The copy of the one adapter among `names` this module has, trainable; every other copy frozen."
+        here = [n for n in names if n in self.copies]
+        if len(here) > 1: raise ValueError(f"adapters {here} each hold a trained copy of this module: only one can be active")
+        self.active = here
+        for n, m in self.copies.items(): m.requires_grad_(n in here)
+
+    def live(self) -> nn.Module:
+        "The module the forward runs: the active copy, else the original."
+        return self.copies[self.active[0]] if self.active and not self.disabled else self.original
+
+    def forward(self, *args, **kwargs): return self.live()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        "A parameter or submodule; else an attribute of the module the forward runs (`.weight` of a head)."
+        try: return super().__getattr__(name)
+        except AttributeError:
+            mods = self.__dict__.get("_modules", {})
+            if name.startswith("_") or "copies" not in mods: raise
+            return getattr(self.live(), name)
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     "Put `new` at path `name` in `model`."
     parent, _, leaf = name.rpartition(".")
@@ -167,15 +209,15 @@ def inject(model: nn.Module, method: str, *,
            dora: bool = False,  # weight-decomposed adaptation (not yet: refused)
            rank_pattern: dict | None = None,  # per-module ranks, PEFT's matching (`(.*\.)?key$`)
            alpha_pattern: dict | None = None,  # per-module alphas, likewise
-           modules_to_save: list | None = None,  # modules trained in full alongside (not yet: refused)
+           modules_to_save: list | None = None,  # modules trained in full beside the adapter (e.g. a classifier head)
            **options) -> nn.Module:  # passed to the update (e.g. `factor`, `shape` for LoKr; `p`, `dims` for LoKH)
     "Add adapter `name` of `method` to every targeted layer of `model`; the first adapter also freezes the rest; returns `model`."
-    if modules_to_save: raise ValueError("modules_to_save is not supported yet: train the head by hand")
     method = method.lower() if isinstance(method, str) else method
     opts = _method_options(method, dropout, rslora, dora, options)
     plan = plan_injection(model, method, targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
                           alpha_pattern=alpha_pattern)
-    first = not adapters(model)
+    saved = plan_saved(model, modules_to_save, list(plan))
+    first = not _holders(model)
     built = {}
     for n in plan:  # build every layer and update before changing anything
         m = model.get_submodule(n)
@@ -188,7 +230,21 @@ def inject(model: nn.Module, method: str, *,
         else:
             replace_module(model, n, new)
             new.set_active(new.active if first else [])
+    for n in saved:
+        m = model.get_submodule(n)
+        if not isinstance(m, SavedModule): replace_module(model, n, m := SavedModule(m))
+        m.add(name, active=first)
     return model
+
+def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
+    "The modules `modules_to_save` names (each a name, matching itself and any `*.name`), checked: none holds an adapter."
+    if not modules_to_save: return []
+    wanted = check_targets([modules_to_save] if isinstance(modules_to_save, str) else modules_to_save)
+    names = [n for n in _outer_names(model) if target_matches(n, wanted)]
+    if missing := unmatched(names, wanted): raise ValueError(f"modules_to_save {missing} match no module of the model")
+    inside = [n for n in names if any(a == n or a.startswith(n + ".") for a in list(adapters(model)) + adapted)]
+    if inside: raise ValueError(f"modules_to_save {inside[:4]} hold adapted layers: a module is adapted or saved, not both")
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 # %% ../nbs/07_models.ipynb #fa361264
 def trainable_parameters(model: nn.Module) -> int:
@@ -230,7 +286,9 @@ def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
     "Make the adapters named (one name or a list) active and trainable, every other one inactive and frozen; returns `model`."
     if not adapters(check_model(model)): raise ValueError("model has no adapters: inject() first")
     names = _names(model, name_or_names, [])
-    for a in adapters(model).values(): a.set_active(names)
+    for s in saved_modules(model).values():
+        if len(here := [n for n in names if n in s.copies]) > 1: raise ValueError(f"adapters {here} each hold a trained copy of one module: only one of them can be active")
+    for h in _holders(model): h.set_active(names)
     return model
 
 @contextlib.contextmanager
@@ -239,11 +297,12 @@ def disable_adapters(model: nn.Module):
     ads = adapters(check_model(model))
     if not ads: raise ValueError("model has no adapters to disable: inject() first")
     if merged := [n for n, a in ads.items() if a.merged]: raise ValueError(f"adapters of {merged[:4]} are merged: unmerge() before disabling")
-    before = {n: a.disabled for n, a in ads.items()}
-    for a in ads.values(): a.disabled = True
+    holders = _holders(model)
+    before = [h.disabled for h in holders]
+    for h in holders: h.disabled = True
     try: yield model
     finally:
-        for n, a in ads.items(): a.disabled = before[n]
+        for h, d in zip(holders, before): h.disabled = d
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     "Remove adapter `name` from every layer; a layer left with none becomes its base module again; returns `model`."
@@ -255,6 +314,11 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         del a.updates[name]
         a.active = [k for k in a.active if k != name]
         if not a.updates: replace_module(model, n, a.base)
+    for n, s in saved_modules(model).items():
+        if name not in s.copies: continue
+        del s.copies[name]
+        s.active = [k for k in s.active if k != name]
+        if not s.copies: replace_module(model, n, s.original)
     return model
 
 # %% ../nbs/07_models.ipynb #c98fd963
@@ -265,6 +329,7 @@ def unload(model: nn.Module) -> nn.Module:
     for n, a in ads.items():
         if a.merged: a.unmerge()
         replace_module(model, n, a.base)
+    for n, s in saved_modules(model).items(): replace_module(model, n, s.original)
     return model
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -274,6 +339,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     todo = [n for n in active_adapters(model) if not any(n in a.merged for a in ads.values())]
     if todo: merge(model, todo)
     for n, a in ads.items(): replace_module(model, n, a.base)
+    for n, s in saved_modules(model).items(): replace_module(model, n, s.live())  # the trained copy in its place
     return model
 
 # %% ../nbs/07_models.ipynb #d8e1e68f
@@ -370,6 +436,10 @@ def _spec(u: Update) -> dict:
     "What rebuilds update `u` exactly: its method and keyword arguments, as JSON."
     return jsonable(dict(u.spec, method=u.method))
 
+def _float_state(m: nn.Module) -> dict:
+    "The floating-point entries of `m`'s state dict (parameters and buffers; counters left out)."
+    return {k: t for k, t in m.state_dict().items() if t.is_floating_point()}
+
 def _folder_of(path: Path, name: str) -> Path:
     "PEFT's layout: adapter `'default'` in `path`, any other in the subfolder `path/name`."
     return path if name == "default" else path / name
@@ -380,8 +450,11 @@ def _save_one(model: nn.Module, path: Path, name: str) -> Path:
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to save a diverged adapter")
     ups = {n: a.updates[name] for n, a in adapters(model).items() if name in a.updates}
+    copies = {n: _float_state(s.copies[name]) for n, s in saved_modules(model).items() if name in s.copies}
+    tensors |= {f"modules_to_save.{n}.{k}": t.detach().contiguous() for n, st in copies.items() for k, t in st.items()}
     config = dict(library="lowrank_tales", version=__version__, name=name,
-                  modules={n: dict(spec=_spec(u), shapes={k: list(p.shape) for k, p in u.named_parameters()}) for n, u in ups.items()})
+                  modules={n: dict(spec=_spec(u), shapes={k: list(p.shape) for k, p in u.named_parameters()}) for n, u in ups.items()},
+                  modules_to_save={n: {k: list(t.shape) for k, t in st.items()} for n, st in copies.items()})
     meta = {"format": "pt", "lowrank_config": json.dumps(config, sort_keys=True)}  # the config, sealed by the checksum below
     blob = {}
     def tensors_file(f): save_file(tensors, f, metadata=meta); blob["sha256"] = file_digest(Path(f).read_bytes())
@@ -442,18 +515,38 @@ def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[
         raise ValueError(f"adapters {merged[:4]} are merged: unmerge() before loading")
     return have, True
 
-def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: dict, existing: bool) -> nn.Module:
-    "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into its factors."
+def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, what: str) -> dict:
+    "The state-dict shapes of the modules a load saves beside adapter `name`, named `modules_to_save.<module>.<key>`."
+    mods, out = dict(model.named_modules()), {}
+    for n in saved:
+        m = mods.get(n)
+        if m is None or isinstance(m, Adapter): raise ValueError(f"{what} saves module {n!r}, which the model does not have (or adapts)")
+        if isinstance(m, SavedModule) and (name in m.copies) != existing:
+            raise ValueError(f"{what} saves module {n!r}, but the model's adapter {name!r} {'has no' if existing else 'already has a'} copy of it")
+        orig = m.original if isinstance(m, SavedModule) else m
+        out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
+    return out
+
+def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: dict, existing: bool,
+             saved: list = ()) -> nn.Module:
+    "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into its factors and saved modules."
+    first = not _holders(model)
     if not existing:
-        first, layers = not adapters(model), {n: model.get_submodule(n) for n in specs}
+        layers = {n: model.get_submodule(n) for n in specs}
         filled = {n: _build(m.base if isinstance(m, Adapter) else m, specs[n], n) for n, m in layers.items()}
         if first: model.requires_grad_(False)
         for n, u in filled.items():
             if isinstance(layers[n], Adapter): layers[n].add(name, u, active=False)
             else: a = Adapter(layers[n]); a.add(name, u, active=first); replace_module(model, n, a)
+        for n in saved:
+            m = model.get_submodule(n)
+            if not isinstance(m, SavedModule): replace_module(model, n, m := SavedModule(m))
+            m.add(name, active=first)
     with torch.no_grad():
         for n, u in filled.items():
             for k, p in u.named_parameters(): p.copy_(tensors[f"{n}.{k}"])
+        for n in saved:
+            for k, t in _float_state(model.get_submodule(n).copies[name]).items(): t.copy_(tensors[f"modules_to_save.{n}.{k}"])
     return model
 
 # %% ../nbs/07_models.ipynb #eda0c071
@@ -494,11 +587,14 @@ def load_adapter(model: nn.Module, path, name: str | None = None) -> nn.Module:
     tensors, meta, digest = read_safetensors(path / "adapter.safetensors", what)
     check_seal(config, meta, digest, what)
     name = check_name(config.get("name", "default") if name is None else name)
-    check_tensors({f"{n}.{k}": tuple(s) for n, v in mods.items() for k, s in v["shapes"].items()}, tensors, what)  # the file's own record
+    saved = config.get("modules_to_save") or {}
+    record = {f"{n}.{k}": tuple(s) for n, v in mods.items() for k, s in v["shapes"].items()}
+    record |= {f"modules_to_save.{n}.{k}": tuple(s) for n, st in saved.items() for k, s in st.items()}
+    check_tensors(record, tensors, what)  # the file's own record
     specs = {n: v["spec"] for n, v in mods.items()}
     ups, existing = _load_targets(check_model(model), name, specs, what)
-    check_tensors(shapes(ups), tensors, what)  # and the model
-    return _install(model, name, specs, tensors, ups, existing)
+    check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what), tensors, what)  # and the model
+    return _install(model, name, specs, tensors, ups, existing, list(saved))
 
 # %% ../nbs/07_models.ipynb #f991fbd8
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
@@ -586,9 +682,15 @@ def _export_one(model: nn.Module, path: Path, name: str) -> Path:
     for n, u in ups.items():
         if why := peft_problem(bases[n], u): raise ValueError(f"module {n!r} cannot be exported to PEFT: {why}")
     if len(methods := {u.method for u in ups.values()}) > 1: raise ValueError(f"adapter {name!r} mixes methods {sorted(methods)}: PEFT has one per adapter")
-    config = peft_config(ups, bases)
+    copies = {n: s.copies[name] for n, s in saved_modules(model).items() if name in s.copies}
+    outer = _outer_names(model)
+    for n in copies:
+        if others := [m for m in outer if m != n and m.endswith(n) and not m.startswith(n + ".")]:
+            raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in {n!r}) would also pick {others[:4]}")
+    config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
+    tensors |= {f"{PEFT_PREFIX}{n}.{k}": t.detach().contiguous() for n, c in copies.items() for k, t in _float_state(c).items()}
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to export a diverged adapter")
     return write_folder(path, {"adapter_model.safetensors": lambda f: save_file(tensors, f, metadata={"format": "pt"}),
@@ -608,7 +710,7 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
 
 # %% ../nbs/07_models.ipynb #09ddf678
 UNSUPPORTED_PEFT = dict(use_dora=False, decompose_both=False, use_effective_conv2d=False, lora_bias=False,
-                        modules_to_save=None, rank_dropout=0.0, module_dropout=0.0, layers_to_transform=None,
+                        rank_dropout=0.0, module_dropout=0.0, layers_to_transform=None,
                         layers_pattern=None, trainable_token_indices=None, alora_invocation_tokens=None, bias="none",
                         target_parameters=None, layer_replication=None, use_qalora=False)
 
@@ -652,11 +754,24 @@ def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     if lacking := [k for k in ("r", "lora_alpha" if method == "lora" else "alpha") if k not in config]:
         raise ValueError(f"{what}: adapter_config.json lacks {lacking} (truncated or edited?)")
     tensors = read_safetensors(path / "adapter_model.safetensors", what)[0]
-    keys = {k: split_peft_key(k, method, what) for k in tensors}
-    specs = _peft_specs(check_model(model), config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
+    saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
+    of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
+    keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
     ups, existing = _load_targets(model, check_name(name), specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
-    check_tensors({f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": peft_shape(bases[n], u, k) for n, u in ups.items()
-                   for k, _ in u.named_parameters()}, tensors, what)
+    expected = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": peft_shape(bases[n], u, k) for n, u in ups.items() for k, _ in u.named_parameters()}
+    expected |= {PEFT_PREFIX + k.removeprefix("modules_to_save."): s for k, s in _saved_targets(model, name, saved, existing, what).items()}
+    check_tensors(expected, tensors, what)
     ours = {f"{n}.{k}": tensors[key].reshape(getattr(ups[n], k).shape) for key, (n, k) in keys.items()}
-    return _install(model, name, specs, ours, ups, existing)
+    ours |= {"modules_to_save." + k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if k in of_saved}
+    return _install(model, name, specs, ours, ups, existing, saved)
+
+def _peft_saved(model: nn.Module, modules_to_save, what: str) -> list[str]:
+    "The modules a PEFT config's `modules_to_save` picks, by PEFT's rule (every module whose name ends in an entry)."
+    if not modules_to_save: return []
+    if isinstance(modules_to_save, str) or not all(isinstance(t, str) for t in modules_to_save):
+        raise ValueError(f"{what}: modules_to_save must be a list of module names, got {modules_to_save!r}")
+    names = [n for n in _outer_names(model) if any(n.endswith(t) for t in modules_to_save)]
+    if not names: raise ValueError(f"{what}: modules_to_save {modules_to_save} match no module of the model")
+    return [n for n in names if not any(n.startswith(o + ".") for o in names)]
