@@ -252,12 +252,22 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in check_model(model).parameters() if p.requires_grad)
 
 # %% ../nbs/07_models.ipynb #bce7aa60
+def _check_untied(model: nn.Module, layers: list, what: str) -> None:
+    "`ValueError` if the weight of an adapted layer in `layers` is also held by another module (tied weights)."
+    holders = {}
+    for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
+    for n in layers:
+        if len(others := [k for k in holders[id(model.get_submodule(n).base.weight)] if k != f"{n}.base.weight"]):
+            raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
+                             "them too; untie them first (give the module a copy of the weight)")
+
 def merge(model: nn.Module, name=None) -> nn.Module:
     "Fold adapters `name` (a name or list; default: the active ones) into their layers' weights (float32, rounded once)."
     ads = adapters(check_model(model))
     if not ads: raise ValueError("model has no adapters to merge: inject() first")
     names = _names(model, name, active_adapters(model))
     if not names: raise ValueError("no adapter is active: pass name= or set_adapter() first")
+    _check_untied(model, [n for n, a in ads.items() if set(names) & set(a.updates)], "merging")
     if done := [n for n, a in ads.items() if set(names) & set(a.merged)]:
         raise ValueError(f"adapters {done[:4]} are already merged: unmerge() before merging again")
     finished = []
