@@ -257,7 +257,9 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
     holders = {}
     for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
     for n in layers:
-        if len(others := [k for k in holders[id(model.get_submodule(n).base.weight)] if k != f"{n}.base.weight"]):
+        m = model.get_submodule(n)
+        own, W = (f"{n}.base.weight", m.base.weight) if isinstance(m, Adapter) else (f"{n}.weight", m.weight)
+        if len(others := [k for k in holders[id(W)] if k != own]):
             raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
                              "them too; untie them first (give the module a copy of the weight)")
 
@@ -454,12 +456,26 @@ def _folder_of(path: Path, name: str) -> Path:
     "PEFT's layout: adapter `'default'` in `path`, any other in the subfolder `path/name`."
     return path if name == "default" else path / name
 
+def _as_original(base: nn.Module, u: Update) -> Update:
+    "`u` as an update of the original layer: itself, or after `init_from_weight` (base `W0 − s·B0A0`) the LoRA `[B, −B0][A; A0]`."
+    init = [getattr(u, f"initial_{i}", None) for i in range(len(u.factors))]
+    if init[0] is None: return u
+    if u.method != "lora":
+        raise ValueError(f"a {u.method} adapter started by init_from_weight keeps W0 − P in its base: only LoRA converts exactly to an "
+                         "adapter of the original weights (rank 2r, as PEFT converts PiSSA); merge_and_unload() and save the model")
+    r2 = 2 * u.rank
+    alpha = None if u.spec["alpha"] is None else u.scale * (r2 ** 0.5 if u.rslora else r2)
+    try: v = UPDATES["lora"](base, **dict(u.spec, rank=r2, alpha=alpha))
+    except ValueError as e: raise ValueError(f"the rank-{r2} LoRA of the original weights does not fit: {e}") from None
+    with torch.no_grad(): v.A.copy_(torch.cat([u.A, init[1]])); v.B.copy_(torch.cat([u.B, -init[0]], 1))
+    return v
+
 def _save_one(model: nn.Module, path: Path, name: str) -> Path:
     "Write adapter `name` of `model` into folder `path` as a whole."
-    tensors = {k: p.detach().contiguous() for k, p in factor_tensors(model, name).items()}
+    ups = {n: _as_original(a.base, a.updates[name]) for n, a in adapters(model).items() if name in a.updates}
+    tensors = {f"{n}.{k}": p.detach().contiguous() for n, u in ups.items() for k, p in u.named_parameters()}
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to save a diverged adapter")
-    ups = {n: a.updates[name] for n, a in adapters(model).items() if name in a.updates}
     copies = {n: _float_state(s.copies[name]) for n, s in saved_modules(model).items() if name in s.copies}
     tensors |= {f"modules_to_save.{n}.{k}": t.detach().contiguous() for n, st in copies.items() for k, t in st.items()}
     config = dict(library="lowrank_tales", version=__version__, name=name,
@@ -688,7 +704,7 @@ def peft_config(ups: dict, bases: dict) -> dict:
 def _export_one(model: nn.Module, path: Path, name: str) -> Path:
     "Write adapter `name` of `model` as one PEFT folder `path`, as a whole."
     ads = {n: a for n, a in adapters(model).items() if name in a.updates}
-    ups, bases = {n: a.updates[name] for n, a in ads.items()}, {n: a.base for n, a in ads.items()}
+    ups, bases = {n: _as_original(a.base, a.updates[name]) for n, a in ads.items()}, {n: a.base for n, a in ads.items()}
     for n, u in ups.items():
         if why := peft_problem(bases[n], u): raise ValueError(f"module {n!r} cannot be exported to PEFT: {why}")
     if len(methods := {u.method for u in ups.values()}) > 1: raise ValueError(f"adapter {name!r} mixes methods {sorted(methods)}: PEFT has one per adapter")

@@ -166,3 +166,14 @@ def test_gpt2_conv1d_both_ways(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = import_peft(tiny_gpt2(), tmp_path / "theirs")
     with torch.no_grad(): assert_close(back(ids).logits, theirs.eval()(ids).logits)
+
+
+def test_init_from_weight_exports_relative_to_the_original(tmp_path):
+    "A PiSSA-started LoRA (base W0 − s·B0A0) exports as PEFT's rank-2r LoRA of the untouched model, as PEFT converts it."
+    from lowrank_tales.compress import init_from_weight
+    ours = init_from_weight(base(torch.float64), "lora", targets=["conv3", "0", "2"], rank=2, alpha=4.0)
+    randomize([a.B for a in adapters(ours).values()], seed=3)
+    export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path)
+    assert theirs.peft_config["default"].r == 4
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
