@@ -131,7 +131,7 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
         return torch.add(W, self.delta(*factors).to(W.dtype), alpha=scale)
 
     def pullback(self, factors) -> tuple:
-        "`ΔW(factors)` (detached) and the function taking `∂L/∂ΔW` to the factors' gradients, by autograd through `delta`."
+        "`ΔW(factors)` (detached), and the map from `∂L/∂ΔW` to the factors' gradients (autograd through `delta`)."
         with torch.enable_grad():
             fs = [f.detach().requires_grad_() for f in factors]
             D = self.delta(*fs)
@@ -177,7 +177,7 @@ def _scaled_outer(g, x, scale: float) -> torch.Tensor:
     return torch.addmm(g.new_zeros(()), g.T, x, beta=0, alpha=scale)
 
 class FoldedLinear(torch.autograd.Function):
-    "`F.linear(x, W0 + Σ s_i ΔW_i, b)`, saving only `x` and the factors; backward turns `G = gᵀx` into their gradients."
+    "`F.linear(x, W0 + Σ s_i ΔW_i, b)`, saving `x` and the factors; backward pulls `G = gᵀx` back to the factors."
     @staticmethod
     def forward(ctx, x, W0, bias, updates, *flat):
         ctx.updates = updates
@@ -235,7 +235,7 @@ class Adapter(nn.Module):
         return [] if self.disabled else [self.updates[n] for n in self.active if n not in self.merged]
 
     def __getattr__(self, name: str):
-        "A parameter or submodule; else an attribute of the one update (a layer with one adapter reads as it); else the base's."
+        "A parameter or submodule; else the one update's attribute (one adapter reads as the layer); else the base's."
         try: return super().__getattr__(name)
         except AttributeError:
             mods = self.__dict__.get("_modules", {})
@@ -246,7 +246,7 @@ class Adapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        "The weight the layer applies, `W0 + Σ s_i ΔW_i` over the live updates (differentiably), for parents that read it."
+        "The weight applied, `W0 + Σ s_i ΔW_i` over the live updates (differentiable), for parents that read it."
         live = self.live()
         if not live: return self.base.weight
         W = _folded_matrix(weight_matrix(self.base), live, [u.factors for u in live])
@@ -270,7 +270,8 @@ class Adapter(nn.Module):
     def delta_weight(self, names: list | None = None) -> torch.Tensor:
         "`Σ s_i ΔW_i` (detached, `d_out × d_in`, at least float32) over adapters `names` (default: the active ones)."
         ups = [self.updates[n] for n in (self.active if names is None else names)]
-        return sum((u.delta_weight() for u in ups), torch.zeros(*layer_shape(self.base), device=self.base.weight.device))
+        zero = torch.zeros(*layer_shape(self.base), device=self.base.weight.device)
+        return sum((u.delta_weight() for u in ups), zero)
 
     def forward(self, x):
         "The frozen layer plus the live updates, each by its path, in autocast's dtype where autocast is on."
@@ -301,7 +302,8 @@ class Adapter(nn.Module):
         paths = ["dropout" if drop and u.dropout > 0 else u.choose_path(x) for u in live]
         folded = [u for u, p in zip(live, paths) if p == "folded"]
         y = None
-        if folded and kind == "linear": y = FoldedLinear.apply(x, W0, bias, folded, *[f for u in folded for f in u.factors])
+        if folded and kind == "linear":
+            y = FoldedLinear.apply(x, W0, bias, folded, *[f for u in folded for f in u.factors])
         elif folded:
             W = _folded_matrix(weight_matrix(base), folded, [u.factors for u in folded])
             y = base._conv_forward(x, as_layer_weight(base, W).to(dt), bias)
@@ -313,17 +315,19 @@ class Adapter(nn.Module):
         return y
 
     def merge(self, names: list | None = None) -> None:
-        "Write `W0 + Σ s_i ΔW_i` over adapters `names` (default: the active ones) and those merged before into the base weight."
+        "Write `W0 + Σ s_i ΔW_i` over adapters `names` (default: the active ones) and those merged before."
         names = list(self.active if names is None else names)
         if done := [n for n in names if n in self.merged]:
-            raise ValueError(f"{type(self).__name__} adapters {done} are already merged: call unmerge() before merging again")
+            raise ValueError(f"{type(self).__name__} adapters {done} are already merged: call unmerge() before "
+                             f"merging again")
         self._write(self.merged + names)
 
     def unmerge(self, names: list | None = None) -> None:
-        "Take adapters `names` (default: every merged one) out of the base weight; with none left, restore `W0` exactly."
+        "Take adapters `names` (default: every merged one) out of the weight; with none left, restore `W0` exactly."
         if not self.merged: raise ValueError(f"{type(self).__name__} is not merged: nothing to unmerge")
         names = list(self.merged if names is None else names)
-        if todo := [n for n in names if n not in self.merged]: raise ValueError(f"adapters {todo} are not merged: nothing to unmerge")
+        if todo := [n for n in names if n not in self.merged]:
+            raise ValueError(f"adapters {todo} are not merged: nothing to unmerge")
         self._write([n for n in self.merged if n not in names])
 
     def _write(self, merged: list) -> None:
@@ -336,14 +340,15 @@ class Adapter(nn.Module):
                 ups = [self.updates[n] for n in merged]
                 M = _folded_matrix(weight_matrix(self.base, W0), ups, [u.factors for u in ups]).to(W.dtype)
                 if not bool(torch.isfinite(M).all()) and bool(torch.isfinite(W0).all()):
-                    raise ValueError(f"merging adapters {merged} would write NaN or infinite values into the weight: refused")
+                    raise ValueError(f"merging adapters {merged} would write NaN or infinite values into the "
+                                     f"weight: refused")
                 if not self.merged: self.register_buffer("original_weight", W.detach().clone(), persistent=False)
                 W.copy_(as_layer_weight(self.base, M))
         self.merged = list(merged)
 
 # %% ../nbs/06_adapters.ipynb #9371ad99
 class LowRankLinear(torch.autograd.Function):
-    "`F.linear(x, W0, b) + s·(x Uᵀ) Vᵀ` (`W0=None`: the update alone), accumulated in place into the output and `dX`."
+    "`F.linear(x, W0, b) + s·(x Uᵀ) Vᵀ` (`W0=None`: the update alone), accumulated in place into `y` and `dX`."
     @staticmethod
     def forward(ctx, x, W0, bias, U, V, scale: float):
         x2 = x.reshape(-1, x.shape[-1])
@@ -362,8 +367,9 @@ class LowRankLinear(torch.autograd.Function):
             g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
             gV = g2 @ V
             dx = None
-            if need[0]: dx = (torch.mm(gV, U) * s if W0 is None else (g2 @ W0).addmm_(gV, U, alpha=s)).reshape(ctx.shape)
-            dU = torch.addmm(U, gV.T, x2, beta=0, alpha=s) if need[3] else None  # s·gVᵀx: the scale inside the matmul
+            if need[0]:
+                dx = (torch.mm(gV, U) * s if W0 is None else (g2 @ W0).addmm_(gV, U, alpha=s)).reshape(ctx.shape)
+            dU = torch.addmm(U, gV.T, x2, beta=0, alpha=s) if need[3] else None  # s·gVᵀx, the scale inside the GEMM
             dV = torch.addmm(V, g2.T, h, beta=0, alpha=s) if need[4] else None
         return dx, None, None, dU, dV, None
 
@@ -378,7 +384,7 @@ def conv_low_rank_update(base: nn.Module, x, U, V, scale: float):
 
 # %% ../nbs/06_adapters.ipynb #c34b5060
 class LoRAUpdate(Update):
-    "LoRA: `ΔW = B A` with `B: d_out × r` and `A: r × d_in`; scale `alpha / r` (PEFT's convention), `alpha / √r` (rsLoRA)."
+    "LoRA: `ΔW = B A`, `B: d_out × r`, `A: r × d_in`; scale `alpha / r` (PEFT's convention), `alpha / √r` (rsLoRA)."
     kinds, method = ("linear", "conv", "embedding"), "lora"
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
@@ -405,7 +411,8 @@ class LoRAUpdate(Update):
 
     def factored(self, base, x, W0, bias):
         "`W0 x + b + s·B(A x)` without forming `ΔW` (`W0=None`: the update alone)."
-        if self.kind == "linear": return LowRankLinear.apply(x, W0, bias, self.A.to(x.dtype), self.B.to(x.dtype), self.scale)
+        if self.kind == "linear":
+            return LowRankLinear.apply(x, W0, bias, self.A.to(x.dtype), self.B.to(x.dtype), self.scale)
         if self.kind == "conv":
             u = conv_low_rank_update(base, x, self.A, self.B, self.scale)
             return u if W0 is None else base._conv_forward(x, W0, bias) + u
@@ -433,7 +440,8 @@ class LoHAUpdate(Update):
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha") / math.sqrt(math.prod(self.ranks))
         self.B1, self.A1 = self.new(self.d_out, r1, init="kaiming"), self.new(r1, self.d_in, init="kaiming")
         self.B2, self.A2 = self.new(self.d_out, r2, init="kaiming"), self.new(r2, self.d_in, init="zeros")
-        self.spec.update(rank=self.ranks[0] if r1 == r2 else list(self.ranks), alpha=None if alpha is None else float(alpha))
+        self.spec.update(rank=self.ranks[0] if r1 == r2 else list(self.ranks),
+                         alpha=None if alpha is None else float(alpha))
 
     factors = property(lambda self: (self.B1, self.A1, self.B2, self.A2))
     def delta(self, B1, A1, B2, A2): return (B1 @ A1) * (B2 @ A2)
@@ -457,7 +465,7 @@ class LoHAUpdate(Update):
         P1, P2 = B1 @ A1, B2 @ A2
 
         def grads(G):
-            M1, M2 = P2.mul_(G.to(P2.dtype)), P1.mul_(G.to(P1.dtype))  # ∂/∂P1 = G ∘ P2 and ∂/∂P2 = G ∘ P1, in place
+            M1, M2 = P2.mul_(G.to(P2.dtype)), P1.mul_(G.to(P1.dtype))  # ∂/∂P1 = G ∘ P2, ∂/∂P2 = G ∘ P1, in place
             return M1 @ A1.T, B1.T @ M1, M2 @ A2.T, B2.T @ M2
         return P1 * P2, grads
 
@@ -536,7 +544,7 @@ class LoKrUpdate(Update):
     factors = property(lambda self: (self.A, self.B1, self.B2) if self.low_rank else (self.A, self.B))
     def delta(self, A, *B): return kron(A, B[0] @ B[1] if len(B) == 2 else B[0])
     def can_factor(self): return self.kind == "linear"
-    def form_macs(self): return self.B1.numel() * self.B2.shape[1] if self.low_rank else 0  # B = B1 B2; ⊗ is elementwise
+    def form_macs(self): return self.B1.numel() * self.B2.shape[1] if self.low_rank else 0  # B1 B2; ⊗ is elementwise
     def factored_form_macs(self): return self.form_macs()
 
     def per_token_macs(self):
@@ -605,7 +613,8 @@ class LoKHUpdate(Update):
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha")
         other = self.d_in if self.along == "output" else self.d_out
         self.W = nn.ParameterList([self.new(d, other, init="zeros" if i == 0 else "normal") for i, d in enumerate(self.dims)])
-        self.spec.update(alpha=None if alpha is None else float(alpha), dims=[int(d) for d in self.dims], along=self.along)
+        self.spec.update(alpha=None if alpha is None else float(alpha), dims=[int(d) for d in self.dims],
+                         along=self.along)
 
     factors = property(lambda self: tuple(self.W))
     def delta(self, *Ws): return khatri_rao(*Ws) if self.along == "output" else khatri_rao(*Ws).T

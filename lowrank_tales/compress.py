@@ -20,7 +20,8 @@ from .khatri_rao import khatri_rao_als
 from .products import khatri_rao
 from .adapters import (UPDATES, Adapter, LoHA, LoKH, LoKr, LoRA, as_layer_weight, layer_shape, max_factors,
                                     split_dim)
-from .models import (METHODS, _check_untied, adapters, check_model, check_targets, exact_targets, inject, plan_injection,
+from .models import (METHODS, _check_untied, adapters, check_model, check_targets, exact_targets, inject,
+                                  plan_injection,
                                   replace_module, shadow, target_matches, unmatched)
 
 # %% auto #0
@@ -272,14 +273,16 @@ def init_from_weight(model: nn.Module,  # the pretrained model; adapters are inj
     ad_opts, fit_opts = split_options(method, options, FITS[method])
     kw = model_adapter_options(model, method, targets, rank, budget, ad_opts)
     weights = lambda names: {n: update_matrix(model.get_submodule(n), model.get_submodule(n).weight.detach().float()) for n in names}
-    _check_untied(model, list(plan_injection(model, method, targets, kw.get("rank"), alpha, {k: v for k, v in kw.items() if k != "rank"})),
+    opts = {k: v for k, v in kw.items() if k != "rank"}
+    _check_untied(model, list(plan_injection(model, method, targets, kw.get("rank"), alpha, opts)),
                   "init_from_weight")
     inject_fitted(model, method, kw, alpha, weights, fit_opts, targets)
     with torch.no_grad():
         for a in adapters(model).values():
             W, u = a.base.weight, a.updates["default"]
             W.copy_((W.float() - as_layer_weight(a.base, a.delta_weight())).to(W.dtype))
-            for i, f in enumerate(u.factors): u.register_buffer(f"initial_{i}", f.detach().clone(), persistent=False)  # for saving
+            for i, f in enumerate(u.factors):  # kept for saving relative to the original weights
+                u.register_buffer(f"initial_{i}", f.detach().clone(), persistent=False)
     return model
 
 # %% ../nbs/09_compress.ipynb #8f9b88f5

@@ -197,9 +197,11 @@ def check_same_across_ranks(value, what: str):
 
 # %% ../nbs/12_distributed.ipynb #462025c6
 def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    "The factors of `model`'s active adapters and their saved modules' copies (`modules_to_save`), by full parameter name."
-    names = {f"{m}.updates.{n}.{k}" for m, a in adapters(model).items() for n in a.active for k, _ in a.updates[n].named_parameters()}
-    names |= {f"{m}.copies.{n}.{k}" for m, s in saved_modules(model).items() for n in s.active for k, _ in s.copies[n].named_parameters()}
+    "The factors of `model`'s active adapters and their saved modules' copies, by full parameter name."
+    names = {f"{m}.updates.{n}.{k}" for m, a in adapters(model).items() for n in a.active
+             for k, _ in a.updates[n].named_parameters()}
+    names |= {f"{m}.copies.{n}.{k}" for m, s in saved_modules(model).items() for n in s.active
+              for k, _ in s.copies[n].named_parameters()}
     return {n: p for n, p in model.named_parameters() if n in names}
 
 def adapter_ddp(model: nn.Module,  # a model with adapters (`inject` first), on this rank's device

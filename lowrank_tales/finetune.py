@@ -170,7 +170,8 @@ def prepare_classifier(encoder: nn.Module, tokenizer, method: str,  # "probe", "
     clf = TextClassifier(copy.deepcopy(encoder), tokenizer=tokenizer)
     if method == "probe": clf.encoder.requires_grad_(False)
     elif method != "full":  # the head trains beside the adapters, and saves, loads and exports with them
-        inject(clf, method, targets=ATTENTION_AND_MLP, rank=None if method == "lokh" else rank, modules_to_save=["head"], **options)
+        inject(clf, method, targets=ATTENTION_AND_MLP, rank=None if method == "lokh" else rank,
+               modules_to_save=["head"], **options)
     return clf
 
 # %% ../nbs/08_finetune.ipynb #cd4cf111

@@ -42,7 +42,7 @@ def target_matches(name: str, targets: str | list) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 def pattern_value(pattern: dict | None, name: str, default):
-    "PEFT's per-module value: that of the first key `k` of `pattern` for which `name` matches `(.*\\.)?k$`, else `default`."
+    "PEFT's per-module value: that of the first key `k` of `pattern` with `name` matching `(.*\\.)?k$`, else `default`."
     for k, v in (pattern or {}).items():
         if re.match(rf"(.*\.)?({k})$", name): return v
     return default
@@ -77,7 +77,8 @@ def _names(model: nn.Module, name, default: list) -> list[str]:
     "`name` (a name or a list of names) checked against `model`'s adapters, or `default` when `None`."
     names = default if name is None else [name] if isinstance(name, str) else list(name)
     have = adapter_names(model)
-    if lost := [n for n in names if n not in have]: raise ValueError(f"model has no adapter named {lost[0]!r}; it has {have}")
+    if lost := [n for n in names if n not in have]:
+        raise ValueError(f"model has no adapter named {lost[0]!r}; it has {have}")
     return names
 
 # %% ../nbs/07_models.ipynb #c90826ae
@@ -85,14 +86,16 @@ def shadow(layer: nn.Module) -> nn.Module:
     "A storage-free copy of `layer` (same type, attributes, shapes and dtypes) on the `meta` device."
     s = copy.copy(layer)
     meta = lambda t: None if t is None else torch.empty_like(t, device="meta")
-    s._parameters = {k: None if p is None else nn.Parameter(meta(p), p.requires_grad) for k, p in layer._parameters.items()}
+    s._parameters = {k: None if p is None else nn.Parameter(meta(p), p.requires_grad)
+                     for k, p in layer._parameters.items()}
     s._buffers, s._modules = {k: meta(b) for k, b in layer._buffers.items()}, {}
     return s
 
 # %% ../nbs/07_models.ipynb #22d65658
 def _update_kwargs(method: str, rank, alpha, options: dict) -> dict:
     "The keyword arguments of a `method` update: `rank` (default 8; LoKH has none), `alpha` and `options`."
-    return dict(options, alpha=alpha) if method == "lokh" else dict(options, rank=8 if rank is None else rank, alpha=alpha)
+    if method == "lokh": return dict(options, alpha=alpha)
+    return dict(options, rank=8 if rank is None else rank, alpha=alpha)
 
 def make_adapter(method: str, layer: nn.Module, rank: int | None, alpha: float | None, options: dict,
                  name: str = "") -> Adapter:
@@ -136,7 +139,8 @@ def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alp
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     method, targets = method.lower(), check_targets(targets)
     if check_name(name) in adapter_names(model):
-        raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or delete_adapter() it")
+        raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
+                         f"delete_adapter() it")
     if method == "lokh" and (rank is not None or rank_pattern):
         got = f"rank={rank}" if rank is not None else f"rank_pattern={rank_pattern}"
         raise ValueError(f"LoKH has no rank (got {got}); its budget is the number of factors: pass p=...")
@@ -156,7 +160,7 @@ def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alp
 
 # %% ../nbs/07_models.ipynb #d8944a02
 class SavedModule(nn.Module):
-    "A module trained in full beside the adapters (PEFT's `modules_to_save`): the original frozen, a trainable copy per adapter."
+    "A module trained in full beside the adapters (PEFT's `modules_to_save`): the original frozen, a copy per adapter."
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original, self.copies = original.requires_grad_(False), nn.ModuleDict()
@@ -170,7 +174,8 @@ class SavedModule(nn.Module):
     def set_active(self, names: list) -> None:
         "The copy of the one adapter among `names` this module has, trainable; every other copy frozen."
         here = [n for n in names if n in self.copies]
-        if len(here) > 1: raise ValueError(f"adapters {here} each hold a trained copy of this module: only one can be active")
+        if len(here) > 1:
+            raise ValueError(f"adapters {here} each hold a trained copy of this module: only one can be active")
         self.active = here
         for n, m in self.copies.items(): m.requires_grad_(n in here)
 
@@ -195,8 +200,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _method_options(method: str, dropout, rslora, dora, options: dict) -> dict:
     "`options` with the keyword arguments every method shares; `ValueError` for those `method` lacks."
-    if dora: raise ValueError("dora=True is not supported yet (DoRA's magnitude vector is not implemented): use dora=False")
-    if rslora and method != "lora": raise ValueError(f"rslora=True is LoRA's option (PEFT's use_rslora), got method={method!r}")
+    if dora:
+        raise ValueError("dora=True is not supported yet (DoRA's magnitude vector is not implemented): use dora=False")
+    if rslora and method != "lora":
+        raise ValueError(f"rslora=True is LoRA's option (PEFT's use_rslora), got method={method!r}")
     return dict(options, dropout=dropout, **(dict(rslora=True) if rslora else {}))
 
 def inject(model: nn.Module, method: str, *,
@@ -211,7 +218,7 @@ def inject(model: nn.Module, method: str, *,
            alpha_pattern: dict | None = None,  # per-module alphas, likewise
            modules_to_save: list | None = None,  # modules trained in full beside the adapter (e.g. a classifier head)
            **options) -> nn.Module:  # passed to the update (e.g. `factor`, `shape` for LoKr; `p`, `dims` for LoKH)
-    "Add adapter `name` of `method` to every targeted layer of `model`; the first adapter also freezes the rest; returns `model`."
+    "Add adapter `name` of `method` to every targeted layer (the first adapter freezes the rest); returns `model`."
     method = method.lower() if isinstance(method, str) else method
     opts = _method_options(method, dropout, rslora, dora, options)
     plan = plan_injection(model, method, targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
@@ -237,13 +244,14 @@ def inject(model: nn.Module, method: str, *,
     return model
 
 def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
-    "The modules `modules_to_save` names (each a name, matching itself and any `*.name`), checked: none holds an adapter."
+    "The modules `modules_to_save` names (a name matches itself and any `*.name`), checked: none holds an adapter."
     if not modules_to_save: return []
     wanted = check_targets([modules_to_save] if isinstance(modules_to_save, str) else modules_to_save)
     names = [n for n in _outer_names(model) if target_matches(n, wanted)]
     if missing := unmatched(names, wanted): raise ValueError(f"modules_to_save {missing} match no module of the model")
     inside = [n for n in names if any(a == n or a.startswith(n + ".") for a in list(adapters(model)) + adapted)]
-    if inside: raise ValueError(f"modules_to_save {inside[:4]} hold adapted layers: a module is adapted or saved, not both")
+    if inside:
+        raise ValueError(f"modules_to_save {inside[:4]} hold adapted layers: a module is adapted or saved, not both")
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 # %% ../nbs/07_models.ipynb #fa361264
@@ -264,7 +272,7 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
                              "them too; untie them first (give the module a copy of the weight)")
 
 def merge(model: nn.Module, name=None) -> nn.Module:
-    "Fold adapters `name` (a name or list; default: the active ones) into their layers' weights (float32, rounded once)."
+    "Fold adapters `name` (a name or list; default: the active ones) into the weights (float32, rounded once)."
     ads = adapters(check_model(model))
     if not ads: raise ValueError("model has no adapters to merge: inject() first")
     names = _names(model, name, active_adapters(model))
@@ -295,11 +303,12 @@ def unmerge(model: nn.Module, name=None) -> nn.Module:
 
 # %% ../nbs/07_models.ipynb #34193aa3
 def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
-    "Make the adapters named (one name or a list) active and trainable, every other one inactive and frozen; returns `model`."
+    "Make the adapters named (a name or a list) active and trainable, every other one inactive and frozen."
     if not adapters(check_model(model)): raise ValueError("model has no adapters: inject() first")
     names = _names(model, name_or_names, [])
     for s in saved_modules(model).values():
-        if len(here := [n for n in names if n in s.copies]) > 1: raise ValueError(f"adapters {here} each hold a trained copy of one module: only one of them can be active")
+        if len(here := [n for n in names if n in s.copies]) > 1:
+            raise ValueError(f"adapters {here} each hold a trained copy of one module: only one of them can be active")
     for h in _holders(model): h.set_active(names)
     return model
 
@@ -308,7 +317,8 @@ def disable_adapters(model: nn.Module):
     "Within the block, `model` computes as its base model (PEFT's `disable_adapter`); merged adapters are refused."
     ads = adapters(check_model(model))
     if not ads: raise ValueError("model has no adapters to disable: inject() first")
-    if merged := [n for n, a in ads.items() if a.merged]: raise ValueError(f"adapters of {merged[:4]} are merged: unmerge() before disabling")
+    if merged := [n for n, a in ads.items() if a.merged]:
+        raise ValueError(f"adapters of {merged[:4]} are merged: unmerge() before disabling")
     holders = _holders(model)
     before = [h.disabled for h in holders]
     for h in holders: h.disabled = True
@@ -320,7 +330,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     "Remove adapter `name` from every layer; a layer left with none becomes its base module again; returns `model`."
     ads = adapters(check_model(model))
     _names(model, check_name(name), [])
-    if merged := [n for n, a in ads.items() if name in a.merged]: raise ValueError(f"adapter {name!r} is merged in {merged[:4]}: unmerge() first")
+    if merged := [n for n, a in ads.items() if name in a.merged]:
+        raise ValueError(f"adapter {name!r} is merged in {merged[:4]}: unmerge() first")
     for n, a in ads.items():
         if name not in a.updates: continue
         del a.updates[name]
@@ -365,7 +376,8 @@ def _one_name(model: nn.Module, name, what: str) -> str:
 def factor_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     "The factors of adapter `name` (default: the only active one), named `<module>.<factor>`."
     name = _one_name(model, name, "read")
-    return {f"{n}.{k}": p for n, a in adapters(model).items() if name in a.updates for k, p in a.updates[name].named_parameters()}
+    ups = {n: a.updates[name] for n, a in adapters(model).items() if name in a.updates}
+    return {f"{n}.{k}": p for n, u in ups.items() for k, p in u.named_parameters()}
 
 def jsonable(v):
     "`v` with dtypes as strings and tuples as lists, for JSON."
@@ -406,7 +418,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
 
 def write_folder(path: Path, files: dict, keep: tuple = ()) -> Path:
-    "Make folder `path` hold `files` (name → `write(file)`) as a whole: built aside, flushed, then swapped in at once."
+    "Make folder `path` hold `files` (name → `write(file)`) as a whole: built aside, flushed, swapped in at once."
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
@@ -457,12 +469,15 @@ def _folder_of(path: Path, name: str) -> Path:
     return path if name == "default" else path / name
 
 def _as_original(base: nn.Module, u: Update) -> Update:
-    "`u` as an update of the original layer: itself, or after `init_from_weight` (base `W0 − s·B0A0`) the LoRA `[B, −B0][A; A0]`."
+    "`u` as an update of the original layer: itself, or after `init_from_weight` the LoRA `[B, −B0][A; A0]`."
     init = [getattr(u, f"initial_{i}", None) for i in range(len(u.factors))]
     if init[0] is None: return u
     if u.method != "lora":
-        raise ValueError(f"a {u.method} adapter started by init_from_weight keeps W0 − P in its base: only LoRA converts exactly to an "
-                         "adapter of the original weights (rank 2r, as PEFT converts PiSSA); merge_and_unload() and save the model")
+        raise ValueError(f"a {u.method} adapter started by init_from_weight keeps W0 − P in its base: only LoRA "
+                         f"converts exactly to an "
+                         "adapter of the original weights (rank 2r, as PEFT converts PiSSA); "
+                         "merge_and_unload() and save "
+                         "the model")
     r2 = 2 * u.rank
     alpha = None if u.spec["alpha"] is None else u.scale * (r2 ** 0.5 if u.rslora else r2)
     try: v = UPDATES["lora"](base, **dict(u.spec, rank=r2, alpha=alpha))
@@ -479,7 +494,8 @@ def _save_one(model: nn.Module, path: Path, name: str) -> Path:
     copies = {n: _float_state(s.copies[name]) for n, s in saved_modules(model).items() if name in s.copies}
     tensors |= {f"modules_to_save.{n}.{k}": t.detach().contiguous() for n, st in copies.items() for k, t in st.items()}
     config = dict(library="lowrank_tales", version=__version__, name=name,
-                  modules={n: dict(spec=_spec(u), shapes={k: list(p.shape) for k, p in u.named_parameters()}) for n, u in ups.items()},
+                  modules={n: dict(spec=_spec(u), shapes={k: list(p.shape) for k, p in u.named_parameters()})
+                           for n, u in ups.items()},
                   modules_to_save={n: {k: list(t.shape) for k, t in st.items()} for n, st in copies.items()})
     meta = {"format": "pt", "lowrank_config": json.dumps(config, sort_keys=True)}  # the config, sealed by the checksum below
     blob = {}
@@ -514,7 +530,7 @@ def exact_targets(names) -> str:
 
 # %% ../nbs/07_models.ipynb #c14d7473
 def _build(layer: nn.Module, spec: dict, where: str) -> Update:
-    "The update `spec` (method and keyword arguments, as JSON) describes, sized for `layer`; `ValueError` naming `where`."
+    "The update `spec` (method and keyword arguments, JSON) describes, sized for `layer`; errors name `where`."
     kw = from_json(dict(spec))
     method = kw.pop("method", None)
     if method not in UPDATES: raise ValueError(f"{where}: method {method!r} is not one of {list(UPDATES)}")
@@ -522,7 +538,7 @@ def _build(layer: nn.Module, spec: dict, where: str) -> Update:
     except (TypeError, ValueError) as e: raise ValueError(f"{where}: {e}") from None
 
 def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[dict, bool]:
-    "The updates a load fills: adapter `name` where the model has it (checked against `specs`), else shadows; and which."
+    "The updates a load fills: adapter `name` where the model has it (checked against `specs`), else shadows."
     have = {n: a.updates[name] for n, a in adapters(model).items() if name in a.updates}
     if not have:
         mods = dict(model.named_modules())
@@ -531,11 +547,14 @@ def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[
         base = lambda m: m.base if isinstance(m, Adapter) else m
         return {n: _build(shadow(base(mods[n])), s, f"{what}, module {n!r}") for n, s in specs.items()}, False
     if sorted(have) != sorted(specs):
-        raise ValueError(f"{what} adapts modules {sorted(specs)[:4]}, but the model's adapter {name!r} is on {sorted(have)[:4]}")
+        raise ValueError(f"{what} adapts modules {sorted(specs)[:4]}, but the model's adapter {name!r} is on "
+                         f"{sorted(have)[:4]}")
     for n, u in have.items():
         if _spec(u) != specs[n]:
-            why = f"a {u.method} one" if u.method != specs[n]["method"] else f"built otherwise ({_spec(u)} against {specs[n]})"
-            raise ValueError(f"{what} holds a {specs[n]['method']} adapter on module {n!r}, but the model's adapter {name!r} there "
+            other = u.method != specs[n]["method"]
+            why = f"a {u.method} one" if other else f"built otherwise ({_spec(u)} against {specs[n]})"
+            raise ValueError(f"{what} holds a {specs[n]['method']} adapter on module {n!r}, but the model's adapter "
+                             f"{name!r} there "
                              f"is {why}: load it under another name=, or delete_adapter() first")
     if merged := [n for n, a in adapters(model).items() if name in a.merged]:
         raise ValueError(f"adapters {merged[:4]} are merged: unmerge() before loading")
@@ -546,16 +565,18 @@ def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, wha
     mods, out = dict(model.named_modules()), {}
     for n in saved:
         m = mods.get(n)
-        if m is None or isinstance(m, Adapter): raise ValueError(f"{what} saves module {n!r}, which the model does not have (or adapts)")
+        if m is None or isinstance(m, Adapter):
+            raise ValueError(f"{what} saves module {n!r}, which the model does not have (or adapts)")
         if isinstance(m, SavedModule) and (name in m.copies) != existing:
-            raise ValueError(f"{what} saves module {n!r}, but the model's adapter {name!r} {'has no' if existing else 'already has a'} copy of it")
+            raise ValueError(f"{what} saves module {n!r}, but the model's adapter {name!r} "
+                             f"{'has no' if existing else 'already has a'} copy of it")
         orig = m.original if isinstance(m, SavedModule) else m
         out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
     return out
 
 def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: dict, existing: bool,
              saved: list = ()) -> nn.Module:
-    "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into its factors and saved modules."
+    "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into it and its saved modules."
     first = not _holders(model)
     if not existing:
         layers = {n: model.get_submodule(n) for n in specs}
@@ -572,7 +593,8 @@ def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: di
         for n, u in filled.items():
             for k, p in u.named_parameters(): p.copy_(tensors[f"{n}.{k}"])
         for n in saved:
-            for k, t in _float_state(model.get_submodule(n).copies[name]).items(): t.copy_(tensors[f"modules_to_save.{n}.{k}"])
+            for k, t in _float_state(model.get_submodule(n).copies[name]).items():
+                t.copy_(tensors[f"modules_to_save.{n}.{k}"])
     return model
 
 # %% ../nbs/07_models.ipynb #eda0c071
@@ -598,14 +620,16 @@ def check_seal(config: dict, meta: dict, digest: str, what: str) -> None:
 def _check_modules(config: dict, what: str) -> dict:
     "The `modules` record of a saved config (module → spec and shapes), checked for its form."
     mods = config.get("modules")
-    if not isinstance(mods, dict) or not mods: raise ValueError(f"{what}: adapter_config.json lacks ['modules'] (truncated or edited?)")
+    if not isinstance(mods, dict) or not mods:
+        raise ValueError(f"{what}: adapter_config.json lacks ['modules'] (truncated or edited?)")
     for n, v in mods.items():
         if not isinstance(v, dict) or not isinstance(v.get("spec"), dict) or not isinstance(v.get("shapes"), dict):
-            raise ValueError(f"{what}: module {n!r} lacks its spec and shapes (written by an older lowrank_tales, or edited): save it again")
+            raise ValueError(f"{what}: module {n!r} lacks its spec and shapes (written by an older lowrank_tales, "
+                             f"or edited): save it again")
     return mods
 
 def load_adapter(model: nn.Module, path, name: str | None = None) -> nn.Module:
-    "Load the adapter saved in folder `path` into `model` as `name` (default: its saved name), adding it if new; returns `model`."
+    "Load the adapter saved in folder `path` into `model` as `name` (default: its saved name), added if new."
     path = check_folder(path)
     config, what = read_config(path, "adapter_config.json"), f"adapter {str(path)!r}"
     if config.get("library") != "lowrank_tales": raise ValueError(f"{what} was not written by save_adapter (for a PEFT folder use import_peft)")
@@ -619,7 +643,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None) -> nn.Module:
     check_tensors(record, tensors, what)  # the file's own record
     specs = {n: v["spec"] for n, v in mods.items()}
     ups, existing = _load_targets(check_model(model), name, specs, what)
-    check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what), tensors, what)  # and the model
+    check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what), tensors, what)  # the model
     return _install(model, name, specs, tensors, ups, existing, list(saved))
 
 # %% ../nbs/07_models.ipynb #f991fbd8
@@ -638,20 +662,26 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
     "The shape PEFT gives the `factor` of update `u` on layer `base` (convolutions keep kernel dimensions in places)."
     shape = tuple(getattr(u, factor).shape)
     if u.kind != "conv": return shape
-    if u.method == "lora": return (shape[0], *base.weight.shape[1:]) if factor == "A" else (*shape, *[1] * (base.weight.dim() - 2))
-    if u.method == "lokr" and factor == "B": return (shape[0], base.in_channels // base.groups // u.A.shape[1], *base.kernel_size)
+    if u.method == "lora":
+        return (shape[0], *base.weight.shape[1:]) if factor == "A" else (*shape, *[1] * (base.weight.dim() - 2))
+    if u.method == "lokr" and factor == "B":
+        return (shape[0], base.in_channels // base.groups // u.A.shape[1], *base.kernel_size)
     return shape
 
 # %% ../nbs/07_models.ipynb #6844a8ff
 def peft_problem(base: nn.Module, u: Update) -> str | None:
     "Why update `u` on layer `base` cannot be written as a PEFT adapter, or `None`."
-    if u.method == "lokh": return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
-    if isinstance(u, UPDATES["loha"]) and u.ranks[0] != u.ranks[1]: return f"PEFT's LoHa has one rank, this adapter has ranks {u.ranks}"
-    if u.method != "lora" and u.dropout: return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
+    if u.method == "lokh":
+        return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
+    if isinstance(u, UPDATES["loha"]) and u.ranks[0] != u.ranks[1]:
+        return f"PEFT's LoHa has one rank, this adapter has ranks {u.ranks}"
+    if u.method != "lora" and u.dropout:
+        return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
     if u.method != "lora" and not isinstance(base, (nn.Linear, nn.Conv2d)):
         return f"PEFT's {PEFT_TYPES[u.method]} adapts nn.Linear and nn.Conv2d, not {type(base).__name__}"
     if u.kind == "conv" and u.method == "lora" and (set(base.dilation) != {1} or base.groups != 1):
-        return f"PEFT's LoRA ignores a convolution's dilation and groups (dilation={base.dilation}, groups={base.groups})"
+        return (f"PEFT's LoRA ignores a convolution's dilation and groups "
+                f"(dilation={base.dilation}, groups={base.groups})")
     if u.method == "lokr":
         peft_like = UPDATES["lokr"](shadow(base), rank=u.rank, factor=u.spec["factor"])
         if [f.shape for f in peft_like.factors] != [f.shape for f in u.factors]:
@@ -675,7 +705,8 @@ def _common(values: dict, what: str):
 
 def _one_value(values: dict, what: str):
     "The one value every module shares for PEFT's field `what`, else `ValueError`."
-    if len(set(values.values())) > 1: raise ValueError(f"PEFT has one {what} per adapter; these modules differ: {values}")
+    if len(set(values.values())) > 1:
+        raise ValueError(f"PEFT has one {what} per adapter; these modules differ: {values}")
     return next(iter(values.values()))
 
 def peft_config(ups: dict, bases: dict) -> dict:
@@ -691,8 +722,10 @@ def peft_config(ups: dict, bases: dict) -> dict:
                   alpha_pattern={key(n): v for n, v in alphas.items() if v != alpha},
                   layers_to_transform=None, layers_pattern=None, revision=None)
     if method == "lora":
-        gpt = _one_value({n: layer_kind(b) == "linear" and not isinstance(b, nn.Linear) for n, b in bases.items()}, "fan_in_fan_out")
-        return dict(common, lora_alpha=alpha, lora_dropout=_one_value({n: u.dropout for n, u in ups.items()}, "lora_dropout"),
+        gpt = {n: layer_kind(b) == "linear" and not isinstance(b, nn.Linear) for n, b in bases.items()}
+        gpt = _one_value(gpt, "fan_in_fan_out")
+        dropout = _one_value({n: u.dropout for n, u in ups.items()}, "lora_dropout")
+        return dict(common, lora_alpha=alpha, lora_dropout=dropout,
                     bias="none", fan_in_fan_out=gpt, init_lora_weights=True,
                     use_rslora=_one_value({n: u.rslora for n, u in ups.items()}, "use_rslora"), use_dora=False)
     lycoris = dict(common, alpha=alpha, rank_dropout=0.0, module_dropout=0.0, use_effective_conv2d=False, init_weights=True)
@@ -707,30 +740,35 @@ def _export_one(model: nn.Module, path: Path, name: str) -> Path:
     ups, bases = {n: _as_original(a.base, a.updates[name]) for n, a in ads.items()}, {n: a.base for n, a in ads.items()}
     for n, u in ups.items():
         if why := peft_problem(bases[n], u): raise ValueError(f"module {n!r} cannot be exported to PEFT: {why}")
-    if len(methods := {u.method for u in ups.values()}) > 1: raise ValueError(f"adapter {name!r} mixes methods {sorted(methods)}: PEFT has one per adapter")
+    if len(methods := {u.method for u in ups.values()}) > 1:
+        raise ValueError(f"adapter {name!r} mixes methods {sorted(methods)}: PEFT has one per adapter")
     copies = {n: s.copies[name] for n, s in saved_modules(model).items() if name in s.copies}
     outer = _outer_names(model)
     for n in copies:
         if others := [m for m in outer if m != n and m.endswith(n) and not m.startswith(n + ".")]:
-            raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in {n!r}) would also pick {others[:4]}")
+            raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
+                             f"{n!r}) would also pick {others[:4]}")
     config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
-    tensors |= {f"{PEFT_PREFIX}{n}.{k}": t.detach().contiguous() for n, c in copies.items() for k, t in _float_state(c).items()}
+    tensors |= {f"{PEFT_PREFIX}{n}.{k}": t.detach().contiguous()
+                for n, c in copies.items() for k, t in _float_state(c).items()}
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
-        raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to export a diverged adapter")
+        raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to export a diverged "
+                         f"adapter")
     return write_folder(path, {"adapter_model.safetensors": lambda f: save_file(tensors, f, metadata={"format": "pt"}),
                                "adapter_config.json": lambda f: Path(f).write_text(json.dumps(config, indent=2))})
 
 def export_peft(model: nn.Module, path, name=None) -> Path:
-    "Write adapters `name` (default: the active ones) as Hugging Face PEFT folders: `default` in `path`, others in `path/<name>`."
+    "Write adapters `name` (default: the active ones) as PEFT folders: `default` in `path`, others in `path/<name>`."
     path = check_folder(path)
     if not adapters(check_model(model)): raise ValueError("model has no adapters to export: inject() first")
     names = _names(model, name, active_adapters(model))
     if not names: raise ValueError("no adapter is active: pass name= to choose what to export")
     for n in names:  # every check before the first write
         for m, a in adapters(model).items():
-            if n in a.updates and (why := peft_problem(a.base, a.updates[n])): raise ValueError(f"module {m!r} cannot be exported to PEFT: {why}")
+            if n in a.updates and (why := peft_problem(a.base, a.updates[n])):
+                raise ValueError(f"module {m!r} cannot be exported to PEFT: {why}")
     for n in sorted(names, key=lambda n: n == "default"): _export_one(model, _folder_of(path, n), n)
     return path
 
@@ -745,7 +783,8 @@ def check_peft_config(config: dict, what: str) -> str:
     methods = {v: k for k, v in PEFT_TYPES.items()}
     if config.get("peft_type") not in methods: raise ValueError(f"{what} has peft_type {config.get('peft_type')!r}; supported: {list(methods)}")
     for key, default in UNSUPPORTED_PEFT.items():
-        if config.get(key, default) not in (default, None, {}, [], False, 0): raise ValueError(f"{what} uses {key}={config[key]!r}, which lowrank_tales does not support")
+        if config.get(key, default) not in (default, None, {}, [], False, 0):
+            raise ValueError(f"{what} uses {key}={config[key]!r}, which lowrank_tales does not support")
     return methods[config["peft_type"]]
 
 def split_peft_key(key: str, method: str, what: str) -> tuple[str, str]:
@@ -761,12 +800,15 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
     r, alpha = config["r"], config["lora_alpha" if method == "lora" else "alpha"]
     mods, specs = dict(model.named_modules()), {}
     if lost := [n for n in names if n not in mods]:
-        raise ValueError(f"{what} adapts modules {lost[:4]} that the model does not have (a file for another architecture?)")
+        raise ValueError(f"{what} adapts modules {lost[:4]} that the model does not have (a file for another "
+                         f"architecture?)")
     for n in names:
         layer = mods[n].base if isinstance(mods[n], Adapter) else mods[n]
         if config.get("fan_in_fan_out") and (isinstance(layer, nn.Linear) or layer_kind(layer) != "linear"):
-            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT means it for GPT-2's Conv1D)")
-        kw = dict(rank=pattern_value(config.get("rank_pattern"), n, r), alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
+            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT "
+                             f"means it for GPT-2's Conv1D)")
+        kw = dict(rank=pattern_value(config.get("rank_pattern"), n, r),
+                  alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
@@ -786,8 +828,10 @@ def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
     ups, existing = _load_targets(model, check_name(name), specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
-    expected = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": peft_shape(bases[n], u, k) for n, u in ups.items() for k, _ in u.named_parameters()}
-    expected |= {PEFT_PREFIX + k.removeprefix("modules_to_save."): s for k, s in _saved_targets(model, name, saved, existing, what).items()}
+    expected = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": peft_shape(bases[n], u, k)
+                for n, u in ups.items() for k, _ in u.named_parameters()}
+    saved_shapes = _saved_targets(model, name, saved, existing, what)
+    expected |= {PEFT_PREFIX + k.removeprefix("modules_to_save."): s for k, s in saved_shapes.items()}
     check_tensors(expected, tensors, what)
     ours = {f"{n}.{k}": tensors[key].reshape(getattr(ups[n], k).shape) for key, (n, k) in keys.items()}
     ours |= {"modules_to_save." + k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if k in of_saved}

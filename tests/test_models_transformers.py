@@ -110,3 +110,18 @@ def test_two_named_adapters_on_bert(tmp_path):
     assert lt.adapter_names(back) == ["default", "mlp"]
     lt.set_adapter(back, ["default", "mlp"])
     assert torch.equal(hidden(back).detach(), outs[str(["default", "mlp"])])
+
+
+def test_t5_wo_read_through_weight():
+    "T5's feed-forward reads `wo.weight.dtype` before calling `wo`: adapted, it runs, trains and merges exactly."
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5EncoderModel(config).double().eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    lt.inject(model, "lora", targets=["wo"], rank=2, alpha=4)
+    randomize(model)
+    y = model(input_ids=ids).last_hidden_state
+    y.square().sum().backward()
+    assert all(a.B.grad is not None for a in adapters(model).values())
+    lt.merge(model)
+    assert_close(model(input_ids=ids).last_hidden_state.detach(), y.detach())
