@@ -84,7 +84,8 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
     method = ""  # the name `inject` knows the method by
 
     def __init__(self, base: nn.Module, path: str = "auto", dtype: torch.dtype | None = None,
-                 dropout: float = 0.0):  # probability of zeroing an input of the update (PEFT's `lora_dropout`)
+                 dropout: float = 0.0,  # probability of zeroing an input of the update (PEFT's `lora_dropout`)
+                 dora: bool = False):  # weight-decomposed: a trained magnitude per output (PEFT's `use_dora`)
         kind = layer_kind(base)
         if kind not in self.kinds:
             names = "; ".join(KIND_NAMES[k] for k in self.kinds)
@@ -100,6 +101,12 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
         W0 = base.weight
         self.factory = dict(device=W0.device, dtype=dtype or (torch.float32 if W0.element_size() < 4 else W0.dtype))
         self.spec = dict(path=path, dtype=dtype, dropout=self.dropout)  # with the method's own: what rebuilds it
+        self.dora = bool(dora)
+        if self.dora:
+            if kind != "linear":
+                raise ValueError(f"dora=True adapts {KIND_NAMES['linear']} here, not {type(base).__name__}")
+            with torch.no_grad(): m = weight_matrix(base).norm(dim=1)  # ‖W0‖ per output (as PEFT): ΔW starts at 0
+            self.magnitude, self.spec["dora"] = nn.Parameter(m.to(**self.factory)), True
 
     def new(self, *shape, init: str = "zeros") -> nn.Parameter:
         "A factor of `shape`: `zeros`, `kaiming` (uniform, `a=√5`, as `nn.Linear` and PEFT) or `normal` (N(0, 1))."
@@ -162,9 +169,14 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
 # %% ../nbs/06_adapters.ipynb #8b8e8d28
 def _folded_matrix(W0: torch.Tensor, updates: list, factors: list) -> torch.Tensor:
     "`W0 + Σ s_i ΔW_i` (`d_out × d_in`) in float32 or wider, for `updates` and their `factors` (one tuple each)."
-    W = W0.to(torch.promote_types(W0.dtype, torch.float32))
-    for u, fs in zip(updates, factors): W = u.add_delta(W, fs, u.scale)
+    W0 = W = W0.to(torch.promote_types(W0.dtype, torch.float32))
+    for u, fs in zip(updates, factors): W = W + _dora_delta(W0, u, fs) if u.dora else u.add_delta(W, fs, u.scale)
     return W
+
+def _dora_delta(W0: torch.Tensor, u, factors) -> torch.Tensor:
+    "DoRA's update `diag(m / ‖W0 + s·ΔW‖)(W0 + s·ΔW) − W0`, the norm per output and detached (PEFT's `dora.py`)."
+    V = u.add_delta(W0, factors, u.scale)
+    return (u.magnitude.to(V.dtype) / V.detach().norm(dim=1))[:, None] * V - W0
 
 def _split(updates: list, flat: tuple) -> list:
     "`flat` cut into one tuple of factors per update."
@@ -299,7 +311,7 @@ class Adapter(nn.Module):
         W0 = weight_matrix(base) if kind == "linear" else base.weight
         Wc, bias = (W0, None) if kind == "embedding" else (W0.to(dt), None if base.bias is None else base.bias.to(dt))
         drop = self.training and kind != "embedding"
-        paths = ["dropout" if drop and u.dropout > 0 else u.choose_path(x) for u in live]
+        paths = ["dora" if u.dora else "dropout" if drop and u.dropout > 0 else u.choose_path(x) for u in live]
         folded = [u for u, p in zip(live, paths) if p == "folded"]
         y = None
         if folded and kind == "linear":
@@ -311,8 +323,18 @@ class Adapter(nn.Module):
             if p == "folded": continue
             if y is None and p == "factored": y = u.factored(base, x, Wc, bias); continue
             if y is None: y = self._base_only(x, Wc, bias)
-            y = y + self._update_only(u, F.dropout(x, u.dropout) if p == "dropout" else x, dt)
+            xi = F.dropout(x, u.dropout) if drop and u.dropout > 0 else x
+            y = y + (self._dora(u, xi, Wc, dt) if p == "dora" else self._update_only(u, xi, dt))
         return y
+
+    def _dora(self, u: Update, x, Wc, dt):
+        "DoRA's term `(c − 1)·W0 x + c·s·ΔW x`, `c = m / ‖W0 + s·ΔW‖` per output with the norm detached, as PEFT."
+        with torch.no_grad():
+            W0 = weight_matrix(self.base)
+            W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
+            norm = u.add_delta(W0, [f.detach() for f in u.factors], u.scale).norm(dim=1)
+        c = (u.magnitude / norm).to(dt)
+        return (c - 1) * F.linear(x, Wc) + c * self._update_only(u, x, dt)
 
     def merge(self, names: list | None = None) -> None:
         "Write `W0 + Σ s_i ΔW_i` over adapters `names` (default: the active ones) and those merged before."
@@ -391,8 +413,9 @@ class LoRAUpdate(Update):
                  path: str = "auto",  # "auto" (cheaper exact path), "factored" or "folded"
                  dtype: torch.dtype | None = None,  # factors' dtype; default: float32 for half-precision layers
                  dropout: float = 0.0,  # on the update's input (PEFT's `lora_dropout`)
-                 rslora: bool = False):  # scale `alpha / √rank` (PEFT's `use_rslora`)
-        super().__init__(base, path, dtype, dropout)
+                 rslora: bool = False,  # scale `alpha / √rank` (PEFT's `use_rslora`)
+                 dora: bool = False):  # a trained magnitude per output (PEFT's `use_dora`)
+        super().__init__(base, path, dtype, dropout, dora)
         self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.rslora = bool(rslora)
         r = math.sqrt(self.rank) if self.rslora else self.rank
@@ -432,8 +455,8 @@ class LoHAUpdate(Update):
     def __init__(self, base: nn.Module, rank: int | tuple = 8, alpha: float | None = None,
                  path: str = "auto",  # "auto" (cheaper exact path), "factored" or "folded"
                  dtype: torch.dtype | None = None,  # factors' dtype; default: float32 for half-precision layers
-                 dropout: float = 0.0):  # on the update's input
-        super().__init__(base, path, dtype, dropout)
+                 dropout: float = 0.0, dora: bool = False):  # on the update's input; DoRA's magnitude
+        super().__init__(base, path, dtype, dropout, dora)
         r1, r2 = rank if isinstance(rank, (tuple, list)) else (rank, rank)
         why = f" for a {self.d_out}×{self.d_in} layer"
         self.ranks = tuple(check_int(r, "rank", 1, min(self.d_out, self.d_in), why) for r in (r1, r2))
@@ -525,8 +548,8 @@ class LoKrUpdate(Update):
                  factor: int = -1,  # split dimensions near `factor` (PEFT's `decompose_factor`); -1: near the square root
                  shape: tuple | None = None,  # `(a1, a2)`, the shape of `A`, instead of the automatic choice
                  low_rank: bool | None = None,  # `B = B1 B2`; default: PEFT's rule `rank < max(b1, b2) / 2`
-                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0):
-        super().__init__(base, path, dtype, dropout)
+                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0, dora: bool = False):
+        super().__init__(base, path, dtype, dropout, dora)
         self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha") / self.rank
         c_in = base.in_channels // base.groups if self.kind == "conv" else self.d_in  # the kernel stays with B
@@ -604,8 +627,8 @@ class LoKHUpdate(Update):
     def __init__(self, base: nn.Module, p: int = 2, alpha: float | None = None,
                  dims: tuple | None = None,  # factor sizes `d1, …, dp` (their product is d_out, or d_in along the input)
                  along: str = "auto",  # "output", "input", or "auto" (the side with fewer parameters)
-                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0):
-        super().__init__(base, path, dtype, dropout)
+                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0, dora: bool = False):
+        super().__init__(base, path, dtype, dropout, dora)
         if along not in ("auto", "output", "input"): raise ValueError(f"along must be 'auto', 'output' or 'input', got {along!r}")
         if path == "factored": raise ValueError("LoKH has no factored path (applying W1 ⊙ W2 costs a dense matmul): use path='auto' or 'folded'")
         self.p = check_int(p, "p", 1) if dims is None else len(dims)

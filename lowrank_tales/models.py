@@ -200,11 +200,9 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _method_options(method: str, dropout, rslora, dora, options: dict) -> dict:
     "`options` with the keyword arguments every method shares; `ValueError` for those `method` lacks."
-    if dora:
-        raise ValueError("dora=True is not supported yet (DoRA's magnitude vector is not implemented): use dora=False")
     if rslora and method != "lora":
         raise ValueError(f"rslora=True is LoRA's option (PEFT's use_rslora), got method={method!r}")
-    return dict(options, dropout=dropout, **(dict(rslora=True) if rslora else {}))
+    return dict(options, dropout=dropout, **(dict(rslora=True) if rslora else {}), **(dict(dora=True) if dora else {}))
 
 def inject(model: nn.Module, method: str, *,
            targets: str | list,  # a full-match regex, or module names (a name matches itself and any `*.name`)
@@ -213,7 +211,7 @@ def inject(model: nn.Module, method: str, *,
            alpha: float | None = None,  # scale numerator (`alpha / rank`, PEFT's convention); None: scale 1
            dropout: float = 0.0,  # on each update's input (PEFT's `lora_dropout`)
            rslora: bool = False,  # LoRA's scale `alpha / √rank` (PEFT's `use_rslora`)
-           dora: bool = False,  # weight-decomposed adaptation (not yet: refused)
+           dora: bool = False,  # weight-decomposed: a trained magnitude per output (PEFT's `use_dora`; ours for LoKH)
            rank_pattern: dict | None = None,  # per-module ranks, PEFT's matching (`(.*\.)?key$`)
            alpha_pattern: dict | None = None,  # per-module alphas, likewise
            modules_to_save: list | None = None,  # modules trained in full beside the adapter (e.g. a classifier head)
@@ -648,7 +646,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None) -> nn.Module:
 
 # %% ../nbs/07_models.ipynb #f991fbd8
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
-PEFT_NAMES = {"lora": {"A": "lora_A.weight", "B": "lora_B.weight"},
+PEFT_NAMES = {"lora": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
               "loha": {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
               "lokr": {"A": "lokr_w1", "B": "lokr_w2", "B1": "lokr_w2_a", "B2": "lokr_w2_b"}}
 PEFT_PREFIX = "base_model.model."
@@ -677,6 +675,7 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
         return f"PEFT's LoHa has one rank, this adapter has ranks {u.ranks}"
     if u.method != "lora" and u.dropout:
         return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
+    if u.method != "lora" and u.dora: return f"PEFT's {PEFT_TYPES[u.method]} has no DoRA (ours has: use save_adapter())"
     if u.method != "lora" and not isinstance(base, (nn.Linear, nn.Conv2d)):
         return f"PEFT's {PEFT_TYPES[u.method]} adapts nn.Linear and nn.Conv2d, not {type(base).__name__}"
     if u.kind == "conv" and u.method == "lora" and (set(base.dilation) != {1} or base.groups != 1):
@@ -727,7 +726,8 @@ def peft_config(ups: dict, bases: dict) -> dict:
         dropout = _one_value({n: u.dropout for n, u in ups.items()}, "lora_dropout")
         return dict(common, lora_alpha=alpha, lora_dropout=dropout,
                     bias="none", fan_in_fan_out=gpt, init_lora_weights=True,
-                    use_rslora=_one_value({n: u.rslora for n, u in ups.items()}, "use_rslora"), use_dora=False)
+                    use_rslora=_one_value({n: u.rslora for n, u in ups.items()}, "use_rslora"),
+                    use_dora=_one_value({n: u.dora for n, u in ups.items()}, "use_dora"))
     lycoris = dict(common, alpha=alpha, rank_dropout=0.0, module_dropout=0.0, use_effective_conv2d=False, init_weights=True)
     if method == "loha": return lycoris
     factor = _one_value({n: u.spec["factor"] for n, u in ups.items()}, "decompose_factor")
@@ -773,7 +773,7 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
     return path
 
 # %% ../nbs/07_models.ipynb #09ddf678
-UNSUPPORTED_PEFT = dict(use_dora=False, decompose_both=False, use_effective_conv2d=False, lora_bias=False,
+UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
                         rank_dropout=0.0, module_dropout=0.0, layers_to_transform=None,
                         layers_pattern=None, trainable_token_indices=None, alora_invocation_tokens=None, bias="none",
                         target_parameters=None, layer_replication=None, use_qalora=False)
@@ -809,7 +809,8 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
                              f"means it for GPT-2's Conv1D)")
         kw = dict(rank=pattern_value(config.get("rank_pattern"), n, r),
                   alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
-        if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")))
+        if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
+                                       dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs

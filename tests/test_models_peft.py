@@ -177,3 +177,23 @@ def test_init_from_weight_exports_relative_to_the_original(tmp_path):
     theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path)
     assert theirs.peft_config["default"].r == 4
     with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+
+
+def test_dora_both_ways(tmp_path):
+    "DoRA (LoRA with a trained magnitude per output) computes exactly as PEFT's, both ways; merged, the same outputs."
+    targets = ["0", "2"]  # DoRA adapts linear layers here
+    ours = randomize_all(inject(base(torch.float64), "lora", targets=targets, rank=3, alpha=6, dora=True))
+    with torch.no_grad():
+        for a in adapters(ours).values(): a.magnitude.mul_(1.3)
+    export_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path / "ours")
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+    theirs = peft.get_peft_model(base(torch.float64), peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets, use_dora=True))
+    randomize([p for p in theirs.parameters() if p.requires_grad])
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = import_peft(base(torch.float64), tmp_path / "theirs")
+    with torch.no_grad():
+        y = back(IDS)
+        assert_close(y, theirs(IDS))
+        from lowrank_tales.models import merge
+        assert_close(merge(back)(IDS), y)

@@ -302,7 +302,7 @@ FAILING = {  # name → (prepare(model) or None, call(model, folder)); every cal
     "inject: an unknown target": (None, lambda m, d: lt.inject(m, "lokr", targets=["0", "nope"], name="x")),
     "inject: a layer the method cannot take": (None, lambda m, d: lt.inject(m, "loha", targets=["0", "1"], name="x")),
     "inject: modules_to_save on an adapted layer": (None, lambda m, d: lt.inject(m, "lora", targets=["0"], name="x", modules_to_save=["0"])),
-    "inject: dora": (None, lambda m, d: lt.inject(m, "lora", targets=["0"], name="x", dora=True)),
+    "inject: rslora for a method without it": (None, lambda m, d: lt.inject(m, "loha", targets=["0"], name="x", rslora=True)),
     "merge: a non-finite factor in the last layer": (_nan_in_last, lambda m, d: lt.merge(m)),
     "merge_and_unload: a non-finite factor": (_nan_in_last, lambda m, d: lt.merge_and_unload(m)),
     "merge: twice": (lt.merge, lambda m, d: lt.merge(m)),
