@@ -16,19 +16,14 @@ from .completion import als, predict
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
 from .khatri_rao_decomposition import khatri_rao_als, nearest_partition_khatri_rao
-import sys as _sys
-from . import khatri_rao_decomposition as _khatri_rao_decomposition
-# transitional: the chapter module's old name `lowrank_tales.khatri_rao` (the product's name) for existing imports,
-# registered without becoming an attribute, so `lt.khatri_rao` stays the product
-_sys.modules.setdefault("lowrank_tales.khatri_rao", _khatri_rao_decomposition)
-from .adapters import Adapter, LoRA, LoHA, LoKr, LoKH
-from .models import (inject, merge, unmerge, save_adapter, load_adapter, export_peft, import_peft,
-                                  trainable_parameters)
+from .adapters import Adapter, Update, LoRA, LoHA, LoKr, LoKH
+from .models import (inject, set_adapter, adapter_names, active_adapters, delete_adapter, disable_adapters,
+                                  merge, unmerge, merge_and_unload, unload, save_adapter, load_adapter, export_peft,
+                                  import_peft, trainable_parameters)
 from .compress import (Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter,
                                     FactoredLinear, KroneckerSumLinear, KhatriRaoLinear)
 from .distributed import (launch, adapter_ddp, shard_batch, shard_loader, distributed_als, spark_als,
                                        from_spark, as_triplets)
-# Last, because the chapter module `lowrank_tales.khatri_rao` (imported above) would otherwise shadow the product:
 from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
                                     khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
 from .compress import compress  # likewise: the function, not the chapter module `lowrank_tales.compress`

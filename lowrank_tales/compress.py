@@ -15,11 +15,14 @@ from torch import nn
 from .core import (Factorization, as_float_array, check_finite, check_int, like,
                                 relative_error, to_tensor)
 from .hadamard import hadamard_als
-from .kronecker import batched_svd, kron_sum, kronecker_als, nearest_kronecker, rearrange
-from .khatri_rao import khatri_rao_als
+from .kernels import batched_svd
+from .kronecker import kron_sum, kronecker_als, nearest_kronecker, rearrange
+from .khatri_rao_decomposition import khatri_rao_als
 from .products import khatri_rao
-from .adapters import Adapter, LoHA, LoKH, LoKr, LoRA, as_layer_weight, layer_shape, max_factors, split_dim
-from .models import (METHODS, adapters, check_model, check_targets, exact_targets, inject, plan_injection,
+from .adapters import (UPDATES, Adapter, LoHA, LoKH, LoKr, LoRA, as_layer_weight, layer_shape, max_factors,
+                                    split_dim)
+from .models import (METHODS, _check_untied, adapters, check_model, check_targets, exact_targets, inject,
+                                  plan_injection,
                                   replace_module, shadow, target_matches, unmatched)
 
 # %% auto #0
@@ -38,7 +41,7 @@ def meta_layer(d_out: int, d_in: int) -> nn.Linear:
 def split_options(method: str, options: dict, fit) -> tuple[dict, dict]:
     "`options` split into the adapter's keyword arguments and those of the fitting function `fit`; `TypeError` for the rest."
     params = lambda f: set(inspect.signature(f).parameters) - {"self", "base", "alpha", "rank", "D", "ad", "options"}
-    ad_names, fit_names = params(METHODS[method].__init__), params(fit)
+    ad_names, fit_names = params(UPDATES[method].__init__), params(fit)
     fit_names |= params(hadamard_als) if method == "loha" else params(khatri_rao_als) if method == "lokh" else set()
     if bad := sorted(set(options) - ad_names - fit_names):
         raise TypeError(f"{method} extraction got unexpected options {bad}; it accepts {sorted(ad_names | fit_names)}")
@@ -271,11 +274,16 @@ def init_from_weight(model: nn.Module,  # the pretrained model; adapters are inj
     ad_opts, fit_opts = split_options(method, options, FITS[method])
     kw = model_adapter_options(model, method, targets, rank, budget, ad_opts)
     weights = lambda names: {n: update_matrix(model.get_submodule(n), model.get_submodule(n).weight.detach().float()) for n in names}
+    opts = {k: v for k, v in kw.items() if k != "rank"}
+    _check_untied(model, list(plan_injection(model, method, targets, kw.get("rank"), alpha, opts)),
+                  "init_from_weight")
     inject_fitted(model, method, kw, alpha, weights, fit_opts, targets)
     with torch.no_grad():
         for a in adapters(model).values():
-            W = a.base.weight
+            W, u = a.base.weight, a.updates["default"]
             W.copy_((W.float() - as_layer_weight(a.base, a.delta_weight())).to(W.dtype))
+            for i, f in enumerate(u.factors):  # kept for saving relative to the original weights
+                u.register_buffer(f"initial_{i}", f.detach().clone(), persistent=False)
     return model
 
 # %% ../nbs/09_compress.ipynb #8f9b88f5

@@ -28,7 +28,7 @@ from .core import (Factorization, as_float_array, as_generator, check_choice, ch
                                 check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
                                 to_numpy)
 from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
-from .models import adapters, check_model
+from .models import adapters, check_model, saved_modules
 
 # %% auto #0
 __all__ = ['world', 'require_process_group', 'free_port', 'launch', 'shard_batch', 'shard_loader', 'check_same_across_ranks',
@@ -197,8 +197,11 @@ def check_same_across_ranks(value, what: str):
 
 # %% ../nbs/12_distributed.ipynb #462025c6
 def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
-    "The adapter factors of `model`, by full parameter name."
-    names = {f"{name}.{k}" for name, a in adapters(model).items() for k, _ in a.named_parameters() if not k.startswith("base.")}
+    "The factors of `model`'s active adapters and their saved modules' copies, by full parameter name."
+    names = {f"{m}.updates.{n}.{k}" for m, a in adapters(model).items() for n in a.active
+             for k, _ in a.updates[n].named_parameters()}
+    names |= {f"{m}.copies.{n}.{k}" for m, s in saved_modules(model).items() for n in s.active
+              for k, _ in s.copies[n].named_parameters()}
     return {n: p for n, p in model.named_parameters() if n in names}
 
 def adapter_ddp(model: nn.Module,  # a model with adapters (`inject` first), on this rank's device

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import check_int, iterations
-from .models import adapters, inject, merge, trainable_parameters, unmerge
+from .models import SavedModule, adapters, inject, merge, trainable_parameters, unmerge
 
 # %% auto #0
 __all__ = ['ATTENTION_AND_MLP', 'BASELINES', 'LEARNING_RATES', 'HEAD_LR', 'load_reviews', 'load_minilm', 'TextClassifier',
@@ -119,8 +119,8 @@ def train_classifier(model: TextClassifier, data: tuple,  # `(texts, labels)`, e
     tokenizer = tokenizer or model.tokenizer
     if tokenizer is None: raise ValueError("model has no tokenizer: build TextClassifier(encoder, tokenizer=...) or pass tokenizer=")
     texts, labels = check_data(data, model.head.out_features)
-    model.head.requires_grad_(True)
-    head = [p for p in model.head.parameters()]
+    if not isinstance(model.head, SavedModule): model.head.requires_grad_(True)  # a saved head: its active copy trains
+    head = [p for p in model.head.parameters() if p.requires_grad]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     opt = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": head, "lr": head_lr or lr}], weight_decay=0.0)
     device, history = next(model.parameters()).device, {"loss": [], "seconds": []}
@@ -169,8 +169,9 @@ def prepare_classifier(encoder: nn.Module, tokenizer, method: str,  # "probe", "
     torch.manual_seed(seed)
     clf = TextClassifier(copy.deepcopy(encoder), tokenizer=tokenizer)
     if method == "probe": clf.encoder.requires_grad_(False)
-    elif method != "full": inject(clf, method, targets=ATTENTION_AND_MLP, rank=None if method == "lokh" else rank, **options)
-    clf.head.requires_grad_(True)
+    elif method != "full":  # the head trains beside the adapters, and saves, loads and exports with them
+        inject(clf, method, targets=ATTENTION_AND_MLP, rank=None if method == "lokh" else rank,
+               modules_to_save=["head"], **options)
     return clf
 
 # %% ../nbs/08_finetune.ipynb #cd4cf111

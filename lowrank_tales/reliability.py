@@ -287,7 +287,7 @@ def adapter_misuses() -> list[Misuse]:
         Misuse("lt.inject", "not a model", lambda: inject(np.eye(3), "lora", targets=["0"]), TypeError, "model must be a torch.nn.Module, got ndarray"),
         Misuse("lt.inject", "a rank larger than the layer allows", lambda: inject(small_model(), "lora", targets=["0"], rank=7), ValueError, "rank must be between 1 and 6 for a 6×8 layer"),
         Misuse("lt.inject", "a rank for LoKH", lambda: inject(small_model(), "lokh", targets=["0"], rank=2), ValueError, "LoKH has no rank"),
-        Misuse("lt.inject", "injecting twice", lambda: inject(adapted(), "lora", targets=["0"]), ValueError, "model already has adapters"),
+        Misuse("lt.inject", "injecting twice under one name", lambda: inject(adapted(), "lora", targets=["0"]), ValueError, "model already has an adapter named 'default': pass another name="),
         Misuse("lt.inject", "a failed injection leaves the model plain", unchanged_after(plain, lambda m, _: inject(m, "lora", targets=["0", "1"], rank=2), None), TypeError, "which lora cannot adapt"),
         Misuse("lt.merge", "a model without adapters", lambda: merge(small_model()), ValueError, "model has no adapters to merge"),
         Misuse("lt.merge", "merging twice", lambda: merge(merged()), ValueError, "are already merged: unmerge() before merging again"),
@@ -299,7 +299,7 @@ def adapter_misuses() -> list[Misuse]:
         Misuse("lt.load_adapter", "a folder that does not exist", unchanged_after(plain, load_adapter, Path("/nonexistent/adapter")), ValueError, "has no adapter_config.json: not an adapter folder"),
         Misuse("lt.load_adapter", "a PEFT folder", unchanged_after(plain, load_adapter, fixture_folder() / "peft"), ValueError, "was not written by save_adapter (for a PEFT folder use import_peft)"),
         Misuse("lt.load_adapter", "into a model of another architecture", unchanged_after(lambda: nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 4)), load_adapter, fixture_folder() / "lora"), ValueError, "tensor '0.B' has shape (6, 2), but the model expects (5, 2)"),
-        Misuse("lt.load_adapter", "a LoHA file into a LoRA-adapted model", unchanged_after(adapted, load_adapter, fixture_folder() / "loha"), ValueError, "holds a loha adapter, but the model has lora adapters"),
+        Misuse("lt.load_adapter", "a LoHA file into a LoRA-adapted model", unchanged_after(adapted, load_adapter, fixture_folder() / "loha"), ValueError, "holds a loha adapter on module '0', but the model's adapter 'default' there is a lora one"),
         Misuse("lt.load_adapter", "into a merged model", unchanged_after(merged, load_adapter, fixture_folder() / "lora"), ValueError, "are merged: unmerge() before loading"),
     ]
     for name, make in (("plain", plain), ("LoHA-adapted", adapted_loha)):

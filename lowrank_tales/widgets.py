@@ -20,7 +20,7 @@ from .products import matrix_rank
 from .completion import als
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als
-from .khatri_rao import khatri_rao_als
+from .khatri_rao_decomposition import khatri_rao_als
 from .adapters import LoRA, LoHA, LoKr, LoKH, split_dim, balanced_dims, max_factors
 
 # %% auto #0

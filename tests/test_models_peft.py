@@ -81,3 +81,119 @@ def test_peft_suffix_targets_and_merge(tmp_path):
         merge(ours)
         assert_close(ours(IDS), y)
         assert_close(y, theirs(IDS))
+
+
+def randomize_all(model, seed=1):
+    "Random factors for every adapter and random weights for every saved copy (`modules_to_save`)."
+    from lowrank_tales.models import saved_modules
+    params = [f for a in adapters(model).values() for u in a.updates.values() for f in u.factors]
+    params += [p for s in saved_modules(model).values() for c in s.copies.values() for p in c.parameters()]
+    randomize(params, seed)
+    return model
+
+
+OPTION_CASES = [  # (method, our inject keywords, PEFT config class, its keywords): one of each option PEFT and we share
+    ("lora", dict(rank=4, alpha=8, rslora=True, dropout=0.1, rank_pattern={"conv3": 2}, alpha_pattern={"mlp.2": 3},
+                  modules_to_save=["mlp.0"]),
+     peft.LoraConfig, dict(r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.1, rank_pattern={"conv3": 2},
+                           alpha_pattern={"mlp.2": 3}, modules_to_save=["mlp.0"])),
+    ("loha", dict(rank=4, alpha=6, rank_pattern={"conv3": 2}, alpha_pattern={"mlp.2": 3}),
+     peft.LoHaConfig, dict(r=4, alpha=6, rank_pattern={"conv3": 2}, alpha_pattern={"mlp.2": 3})),
+    ("lokr", dict(rank=2, alpha=5, rank_pattern={"mlp.2": 1}, alpha_pattern={"conv3": 2}, modules_to_save=["mlp.0"]),
+     peft.LoKrConfig, dict(r=2, alpha=5, rank_pattern={"mlp.2": 1}, alpha_pattern={"conv3": 2}, modules_to_save=["mlp.0"])),
+]
+OPTION_TARGETS = {"lora": ["emb", "conv1", "conv3", "mlp.2"], "loha": ["conv1", "conv3", "mlp.2"], "lokr": ["conv1", "conv3", "mlp.2"]}
+
+
+@pytest.mark.parametrize("method,kw,config,peft_kw", OPTION_CASES)
+def test_options_both_ways(tmp_path, method, kw, config, peft_kw):
+    "rsLoRA, per-module ranks and alphas, dropout and modules_to_save mean the same here and in PEFT, both ways."
+    dtype = torch.float64
+    ours = randomize_all(inject(base(dtype), method, targets=OPTION_TARGETS[method], **kw)).eval()
+    export_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(base(dtype), tmp_path / "ours").eval()
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+    theirs = peft.get_peft_model(base(dtype), config(target_modules=OPTION_TARGETS[method], **peft_kw))
+    randomize([p for p in theirs.parameters() if p.requires_grad])
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = import_peft(base(dtype), tmp_path / "theirs").eval()
+    theirs.eval()
+    with torch.no_grad(): assert_close(back(IDS), theirs(IDS))
+    from lowrank_tales.models import peft_rank
+    assert peft_rank(adapters(back)["conv3"].updates["default"]) == kw.get("rank_pattern", {}).get("conv3", kw["rank"])
+
+
+def test_named_adapters_in_peft_layout(tmp_path):
+    "Two named adapters: PEFT's folder layout (the non-default one in a subfolder named after it), both ways."
+    dtype = torch.float64
+    ours = inject(base(dtype), "lora", targets=["conv3", "2"], rank=4, alpha=8)
+    inject(ours, "lora", targets=["conv1", "2"], name="other", rank=2, alpha=3)
+    randomize_all(ours)
+    export_peft(ours, tmp_path / "ours", name=["default", "other"])
+    assert (tmp_path / "ours" / "other" / "adapter_config.json").is_file()
+    theirs = peft.PeftModel.from_pretrained(base(dtype), tmp_path / "ours")
+    theirs.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
+    for name in ("default", "other"):
+        from lowrank_tales.models import set_adapter
+        set_adapter(ours, name)
+        theirs.set_adapter(name)
+        with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+    theirs.save_pretrained(tmp_path / "theirs", selected_adapters=["default", "other"])
+    back = import_peft(base(dtype), tmp_path / "theirs")
+    import_peft(back, tmp_path / "theirs" / "other", name="other")
+    for name in ("default", "other"):
+        set_adapter(back, name); set_adapter(ours, name)
+        with torch.no_grad(): assert_close(back(IDS), ours(IDS))
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=24, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(config).double().eval()
+
+
+def test_gpt2_conv1d_both_ways(tmp_path):
+    "GPT-2's Conv1D layers (weights stored transposed): ours and PEFT's LoRA agree, both ways."
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    ours = randomize_all(inject(tiny_gpt2(), "lora", targets=["c_attn", "c_proj", "c_fc"], rank=4, alpha=8))
+    export_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    with torch.no_grad(): assert_close(theirs(ids).logits, ours(ids).logits)
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                               fan_in_fan_out=True))
+    randomize([p for p in theirs.parameters() if p.requires_grad])
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = import_peft(tiny_gpt2(), tmp_path / "theirs")
+    with torch.no_grad(): assert_close(back(ids).logits, theirs.eval()(ids).logits)
+
+
+def test_init_from_weight_exports_relative_to_the_original(tmp_path):
+    "A PiSSA-started LoRA (base W0 − s·B0A0) exports as PEFT's rank-2r LoRA of the untouched model, as PEFT converts it."
+    from lowrank_tales.compress import init_from_weight
+    ours = init_from_weight(base(torch.float64), "lora", targets=["conv3", "0", "2"], rank=2, alpha=4.0)
+    randomize([a.B for a in adapters(ours).values()], seed=3)
+    export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path)
+    assert theirs.peft_config["default"].r == 4
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+
+
+def test_dora_both_ways(tmp_path):
+    "DoRA (LoRA with a trained magnitude per output) computes exactly as PEFT's, both ways; merged, the same outputs."
+    targets = ["0", "2"]  # DoRA adapts linear layers here
+    ours = randomize_all(inject(base(torch.float64), "lora", targets=targets, rank=3, alpha=6, dora=True))
+    with torch.no_grad():
+        for a in adapters(ours).values(): a.magnitude.mul_(1.3)
+    export_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path / "ours")
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+    theirs = peft.get_peft_model(base(torch.float64), peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets, use_dora=True))
+    randomize([p for p in theirs.parameters() if p.requires_grad])
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = import_peft(base(torch.float64), tmp_path / "theirs")
+    with torch.no_grad():
+        y = back(IDS)
+        assert_close(y, theirs(IDS))
+        from lowrank_tales.models import merge
+        assert_close(merge(back)(IDS), y)

@@ -63,3 +63,65 @@ def test_lora_on_bert_round_trips_through_peft(tmp_path):
     lt.export_peft(model, tmp_path)
     theirs = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
     assert_close(theirs(input_ids=IDS).last_hidden_state, hidden(model))
+
+
+def randomize(model, seed=2, std=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters(model).values():
+            for u in a.updates.values():
+                for f in u.factors: f.copy_(std * torch.randn(f.shape, generator=gen, dtype=f.dtype))
+    return model
+
+
+@pytest.mark.parametrize("method", OPTIONS)
+def test_merge_and_unload_round_trips_through_save_pretrained(tmp_path, method):
+    "merge_and_unload gives back a plain BertModel: save_pretrained/from_pretrained reproduce the adapted outputs."
+    model = randomize(lt.inject(tiny_bert(), method, targets=TARGETS, **OPTIONS[method]))
+    expected = hidden(model).detach()
+    keys = list(tiny_bert().state_dict())
+    plain = lt.merge_and_unload(model)
+    assert not adapters(plain) and list(plain.state_dict()) == keys
+    assert [type(m) for m in plain.modules()] == [type(m) for m in tiny_bert().modules()]
+    plain.save_pretrained(tmp_path)
+    back = transformers.BertModel.from_pretrained(tmp_path).eval()
+    assert_close(hidden(back).detach(), expected, ulps=256)  # merged weights rounded once to float32
+
+
+def test_two_named_adapters_on_bert(tmp_path):
+    "Two named adapters: switched, combined, disabled, saved and loaded each under its name, against plain references."
+    model = lt.inject(tiny_bert(), "lora", targets=["query", "value"], rank=4, alpha=8)
+    lt.inject(model, "loha", targets=["intermediate.dense"], name="mlp", rank=2, alpha=4)
+    randomize(model)
+    assert lt.adapter_names(model) == ["default", "mlp"]
+    outs = {}
+    for active in ("default", "mlp", ["default", "mlp"]):
+        lt.set_adapter(model, active)
+        outs[str(active)] = hidden(model).detach()
+        ref = tiny_bert()  # the reference: the plain model with the active updates added to its weights
+        with torch.no_grad():
+            for n, a in adapters(model).items():
+                for k in a.active: ref.get_submodule(n).weight += a.updates[k].delta_weight()
+        assert_close(outs[str(active)], hidden(ref).detach(), ulps=256)
+    with lt.disable_adapters(model): assert torch.equal(hidden(model).detach(), hidden(tiny_bert()).detach())
+    lt.save_adapter(model, tmp_path, name=["default", "mlp"])
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "mlp" / "adapter_config.json").is_file()
+    back = lt.load_adapter(lt.load_adapter(tiny_bert(), tmp_path), tmp_path / "mlp")
+    assert lt.adapter_names(back) == ["default", "mlp"]
+    lt.set_adapter(back, ["default", "mlp"])
+    assert torch.equal(hidden(back).detach(), outs[str(["default", "mlp"])])
+
+
+def test_t5_wo_read_through_weight():
+    "T5's feed-forward reads `wo.weight.dtype` before calling `wo`: adapted, it runs, trains and merges exactly."
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    model = transformers.T5EncoderModel(config).double().eval()
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    lt.inject(model, "lora", targets=["wo"], rank=2, alpha=4)
+    randomize(model)
+    y = model(input_ids=ids).last_hidden_state
+    y.square().sum().backward()
+    assert all(a.B.grad is not None for a in adapters(model).values())
+    lt.merge(model)
+    assert_close(model(input_ids=ids).last_hidden_state.detach(), y.detach())

@@ -74,3 +74,27 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
     with pytest.raises(OSError): write_atomic(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
+    "A save is atomic as a whole: a write that fails half-way leaves the previous folder, every file of it, as it was."
+    from pathlib import Path
+    from lowrank_tales.models import write_folder
+    model = trained("lora")
+    lt.save_adapter(model, tmp_path / "a")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    def fail(f): Path(f).write_bytes(b"partial"); raise OSError("disk full")
+    with pytest.raises(OSError):
+        write_folder(tmp_path / "a", {"adapter.safetensors": lambda f: Path(f).write_bytes(b"new"), "adapter_config.json": fail})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folder left behind
+    assert same_state(state(lt.load_adapter(small_model(), tmp_path / "a")), state(model))
+
+
+def test_numpy_scalars_are_accepted_and_saved_as_plain_numbers(tmp_path):
+    import numpy as np
+    model = lt.inject(small_model(), "lora", targets=["0", "2"], rank=np.int64(2), alpha=np.float32(4.0), dropout=np.float64(0.1))
+    lt.save_adapter(model, tmp_path)
+    spec = json.loads((tmp_path / "adapter_config.json").read_text())["modules"]["0"]["spec"]
+    assert (spec["rank"], spec["alpha"], spec["dropout"]) == (2, 4.0, 0.1)
+    assert same_state(state(lt.load_adapter(small_model(), tmp_path)), state(model))

@@ -333,3 +333,85 @@ def test_peft_export_import_is_identical(method, layer, seed):
         back = lt.import_peft(model_for(layer, seed), Path(d))
     assert all(torch.equal(p, factor_tensors(m)[k]) for k, p in factor_tensors(back).items())
     assert torch.equal(back(x), m(x))
+
+
+# ---------------------------------------------------------------- a failing call changes nothing
+def full_state(model: nn.Module):
+    "What a failed call must leave as it was: module types, requires_grad, every tensor's bits, active and merged names."
+    return ([(n, type(m)) for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            [(n, list(getattr(m, "active", [])), list(getattr(m, "merged", []))) for n, m in model.named_modules()])
+
+
+def same_bits(x, y) -> bool:
+    "Bit-identical tensors (a NaN equals itself)."
+    return x.shape == y.shape and x.dtype == y.dtype and torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8))
+
+
+def same_full(a, b) -> bool:
+    return a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and a[2].keys() == b[2].keys() and \
+        all(same_bits(a[2][k], b[2][k]) for k in a[2])
+
+
+def _nan_in_last(m):
+    with torch.no_grad(): adapters(m)["2"].updates["default"].factors[-1].view(-1)[0] = float("nan")
+
+
+def _wide_folder(d):
+    wide = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    return lt.save_adapter(randomized(lt.inject(wide, "lora", targets=["0", "2"], rank=2), 0), Path(d) / "wide")
+
+
+def _cut_folder(m, d):
+    src = lt.save_adapter(randomized(lt.inject(model_for("linear", 0), "loha", targets=["0", "2"], rank=2), 0), Path(d) / "cut")
+    data = (src / "adapter.safetensors").read_bytes()
+    (src / "adapter.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    return src
+
+
+FAILING = {  # name → (prepare(model) or None, call(model, folder)); every call below must fail on the prepared model
+    "inject: a rank too large for the last layer": (None, lambda m, d: lt.inject(m, "lora", targets=["0", "2"], name="x", rank=np.int64(7))),
+    "inject: an unknown target": (None, lambda m, d: lt.inject(m, "lokr", targets=["0", "nope"], name="x")),
+    "inject: a layer the method cannot take": (None, lambda m, d: lt.inject(m, "loha", targets=["0", "1"], name="x")),
+    "inject: modules_to_save on an adapted layer": (None, lambda m, d: lt.inject(m, "lora", targets=["0"], name="x", modules_to_save=["0"])),
+    "inject: rslora for a method without it": (None, lambda m, d: lt.inject(m, "loha", targets=["0"], name="x", rslora=True)),
+    "merge: a non-finite factor in the last layer": (_nan_in_last, lambda m, d: lt.merge(m)),
+    "merge_and_unload: a non-finite factor": (_nan_in_last, lambda m, d: lt.merge_and_unload(m)),
+    "merge: twice": (lt.merge, lambda m, d: lt.merge(m)),
+    "unmerge: nothing merged": (None, lambda m, d: lt.unmerge(m)),
+    "set_adapter: an unknown name": (None, lambda m, d: lt.set_adapter(m, ["default", "nope"])),
+    "delete_adapter: an unknown name": (None, lambda m, d: lt.delete_adapter(m, "nope")),
+    "delete_adapter: a merged adapter": (lt.merge, lambda m, d: lt.delete_adapter(m, "default")),
+    "load_adapter: another architecture": (None, lambda m, d: lt.load_adapter(m, _wide_folder(d), name="x")),
+    "load_adapter: a truncated file": (None, lambda m, d: lt.load_adapter(m, _cut_folder(m, d), name="x")),
+    "import_peft: not a PEFT folder": (None, lambda m, d: lt.import_peft(m, _wide_folder(d), name="x")),
+    "extract_adapters: a budget too small": (None, lambda m, d: lt.extract_adapters(m, model_for("linear", 9), "lora", targets=["0", "2"], budget=3)),
+    "init_from_weight: a rank too large": (None, lambda m, d: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=7)),
+    "compress: an unknown structure": (None, lambda m, d: lt.compress(m, "tucker", targets=["0"])),
+}
+
+
+def randomized_all(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in adapters(model).values():
+            for u in a.updates.values():
+                for f in u.factors: f.copy_(0.2 * torch.randn(f.shape, generator=g, dtype=f.dtype))
+    return model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
+@given(case=st.sampled_from(sorted(FAILING)), method=methods, seed=seeds, second=st.booleans())
+def test_a_failing_call_leaves_the_model_bit_identical(case, method, seed, second):
+    "Random failing calls on randomly trained models (one adapter, or two named ones): each raises, nothing changes."
+    m = randomized(adapted(method, "linear", seed), seed)
+    if second:
+        lt.inject(m, "lora", targets=["2"], name="second", rank=2)
+        lt.set_adapter(m, ["default", "second"])
+        randomized_all(m, seed + 1)
+    prepare, call = FAILING[case]
+    if prepare is not None: prepare(m)
+    before = full_state(m)
+    with tempfile.TemporaryDirectory() as d:
+        with pytest.raises((ValueError, TypeError)): call(m, d)
+    assert same_full(before, full_state(m)), case
