@@ -45,8 +45,14 @@ def test_chapter_opens_with_title_and_subtitle(nb):
 MAX_LINE = 120
 
 
+def nbdev_all_line(line: str) -> bool:
+    "The first line of the `__all__` nbdev writes itself: it wraps the names at 120, then prefixes `__all__ = `."
+    return line.startswith("__all__ = [")
+
+
 def test_exported_lines_fit_120_characters():
-    "Every line of the library (what `nbdev_export` writes, `_modidx.py` excepted) is at most 120 characters long."
-    long = [f"{py.name}:{i}: {len(line)} chars" for py in sorted((ROOT / "lowrank_tales").glob("*.py")) if py.name != "_modidx.py"
-            for i, line in enumerate(py.read_text().splitlines(), 1) if len(line) > MAX_LINE]
+    "Every line of the library (what `nbdev_export` writes, `_modidx.py` and nbdev's own `__all__` line excepted) fits."
+    long = [f"{py.name}:{i}: {len(line)} chars" for py in sorted((ROOT / "lowrank_tales").glob("*.py"))
+            if py.name != "_modidx.py"
+            for i, line in enumerate(py.read_text().splitlines(), 1) if len(line) > MAX_LINE and not nbdev_all_line(line)]
     assert not long, f"{len(long)} exported line(s) longer than {MAX_LINE} characters:\n" + "\n".join(long[:60])
