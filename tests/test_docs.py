@@ -250,7 +250,8 @@ def notebook_figures() -> list[str]:
             if cell["cell_type"] != "code": continue
             pics = sum(any(m.startswith("image/") for m in o.get("data", {})) for o in cell.get("outputs", []))
             if not pics: continue
-            head = [line[3:] for line in "".join(cell["source"]).splitlines() if line.startswith("#| ")]
+            head = [line[3:] for line in "".join(cell["source"]).splitlines()
+                    if re.match(r"#\| [\w-]+\s*:", line)]  # Quarto's key: value options (not nbdev's bare flags)
             try: opts = yaml.safe_load("\n".join(head)) or {}
             except yaml.YAMLError: opts = {}
             opts = opts if isinstance(opts, dict) else {}

@@ -202,9 +202,20 @@ def _is_figure_only(cell: dict) -> bool:
     return bool(outs) and all(any(m in (o.get("data") or {}) for m in IMAGE_MIMES) for o in outs)
 
 
+def cell_options(src: str) -> tuple[dict, str]:
+    """A code cell's Quarto `#| key: value` options and its code, nbdev's bare flags (`#| slow`, `#| cuda`) left out.
+
+    smalldocs reads all the `#|` lines as one YAML block, which a bare flag beside a `key: value` line breaks."""
+    from smalldocs.notebook import cell_options as _quarto_options
+    head, lines = [], src.split("\n")
+    while lines and lines[0].startswith("#|"): head.append(lines.pop(0))
+    keyed = [line for line in head if re.match(r"#\|\s*[\w-]+\s*:", line)]
+    opts, _ = _quarto_options("\n".join(keyed))
+    return opts, "\n".join(lines)
+
+
 def _with_options(src: str, opts: dict) -> str:
     "`src` with its `#|` options replaced by `opts` (one JSON value per line, which YAML reads as it is)."
-    from smalldocs.notebook import cell_options
     _, code = cell_options(src)
     return "".join(f"#| {k}: {json.dumps(v, ensure_ascii=False)}\n" for k, v in opts.items()) + code
 
@@ -216,7 +227,6 @@ def _repair_links(md: str) -> str:
 
 def polish_notebooks() -> dict[str, int]:
     "Number the chapters and their captioned figures, fold the code of figure-only cells, repair nested doc links."
-    from smalldocs.notebook import cell_options
     order = [n for n in sidebar_order() if n != "index.ipynb"]
     numbers = {name: i + 1 for i, name in enumerate(order)}
     for path in PROC.glob("*.ipynb"):
