@@ -83,6 +83,13 @@ def _names(model: nn.Module, name, default: list) -> list[str]:
         raise ValueError(f"model has no adapter named {lost[0]!r}; it has {have}")
     return names
 
+def _to_write(model: nn.Module, name, verb: str) -> list[str]:
+    "The adapters a save or export writes: `name`, else the active ones; refuses a model without any, by `verb`."
+    if not adapters(check_model(model)): raise ValueError(f"model has no adapters to {verb}: inject() first")
+    names = _names(model, name, active_adapters(model))
+    if not names: raise ValueError(f"no adapter is active: pass name= to choose what to {verb}")
+    return names
+
 # %% ../nbs/07_models.ipynb #c90826ae
 def shadow(layer: nn.Module) -> nn.Module:
     "A storage-free copy of `layer` (same type, attributes, shapes and dtypes) on the `meta` device."
@@ -513,9 +520,7 @@ def _save_one(model: nn.Module, path: Path, name: str) -> Path:
 def save_adapter(model: nn.Module, path, name=None) -> Path:
     "Write adapters `name` (a name or list; default: the active ones) into folder `path`, each folder as a whole."
     path = check_folder(path)
-    if not adapters(check_model(model)): raise ValueError("model has no adapters to save: inject() first")
-    names = _names(model, name, active_adapters(model))
-    if not names: raise ValueError("no adapter is active: pass name= to choose what to save")
+    names = _to_write(model, name, "save")
     for n in sorted(names, key=lambda n: n == "default"): _save_one(model, _folder_of(path, n), n)  # the root last
     return path
 
@@ -783,9 +788,7 @@ def _export_one(model: nn.Module, path: Path, name: str) -> Path:
 def export_peft(model: nn.Module, path, name=None) -> Path:
     "Write adapters `name` (default: the active ones) as PEFT folders: `default` in `path`, others in `path/<name>`."
     path = check_folder(path)
-    if not adapters(check_model(model)): raise ValueError("model has no adapters to export: inject() first")
-    names = _names(model, name, active_adapters(model))
-    if not names: raise ValueError("no adapter is active: pass name= to choose what to export")
+    names = _to_write(model, name, "export")
     for n in names:  # every check before the first write
         for m, a in adapters(model).items():
             if n in a.updates and (why := peft_problem(a.base, a.updates[n])):
