@@ -270,7 +270,8 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
     state = [W, Z, b, c]
     def sweep():  # the loss from the residual over the observations: |Ω|K, against the sweep's |Ω|K²
-        state[:] = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)[:4]
+        *state[:], loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
+        if cg_steps: return loss  # the CG sweep computed it from the residual already
         return _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
     eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
     amax = float(abs(obs.vals).max())

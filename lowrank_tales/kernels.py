@@ -156,10 +156,12 @@ def _is_scipy_sparse(x) -> bool:
     sp = sys.modules.get("scipy.sparse")
     return sp is not None and sp.issparse(x)
 
-def _upper_pairs(K: int):
-    "Flat indices (into K×K) of the upper triangle k ≤ l, and of the mirrored positions (l, k)."
+def _pair_columns(K: int):
+    "For every flat position (k, l) of a K×K matrix, the column of its pair {k, l} among `np.triu_indices(K)`."
     k, l = np.triu_indices(K)
-    return k * K + l, l * K + k
+    pair_of = np.empty(K * K, np.int64)
+    pair_of[k * K + l] = pair_of[l * K + k] = np.arange(len(k))  # (k, l) and (l, k) read the same pair
+    return pair_of
 
 # %% ../nbs/00a_kernels.ipynb #22ebb973
 def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
@@ -169,7 +171,7 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
     M, K = W.shape
     if K <= 16 and is_tensor(W) and is_tensor(weights) and weights.layout == torch.strided:  # small K, dense: all K²
         return (weights.to(W).T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)  # pairs at once
-    upper, lower = _upper_pairs(K)
+    pair_of = _pair_columns(K)
     k, l = np.triu_indices(K)
     F = W[:, k] * W[:, l]  # the distinct columns of the face-split W • W, formed directly
     if _is_scipy_sparse(weights): H = like(weights.T.astype(F.dtype, copy=False) @ to_numpy(F), W)
@@ -177,10 +179,8 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
         Ft = to_tensor(F)
         H = like(weights.t().to(Ft) @ Ft, W)
     else: H = like(weights, F).T @ F
-    G = namespace(H).zeros((H.shape[0], K * K), dtype=H.dtype, **({"device": H.device} if is_tensor(H) else {}))
-    G[:, lower] = H
-    G[:, upper] = H
-    return G.reshape(-1, K, K)
+    if is_tensor(H): return H.index_select(1, torch.from_numpy(pair_of).to(H.device)).reshape(-1, K, K)
+    return H.take(pair_of, axis=1).reshape(-1, K, K)  # one gather mirrors the pairs into every K×K position
 
 # %% ../nbs/00a_kernels.ipynb #146ce124
 def solve_weighted_columns(W,  # factor (M, K)
