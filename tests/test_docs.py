@@ -267,6 +267,18 @@ def test_every_figure_has_a_caption_and_alt_text():
     assert not missing, f"{len(missing)} figure(s) without caption/alt text:\n" + "\n".join(missing)
 
 
+def test_figures_draw_no_number_of_their_own():
+    "No figure writes a 'Figure N' title into its image: the build numbers figures from their captions."
+    import json
+    found = []
+    for nb in CHAPTERS:
+        for cell in json.loads(nb.read_text())["cells"]:
+            if cell["cell_type"] != "code": continue
+            for m in re.finditer(r"""["']Figure\s*[\d{]""", "".join(cell["source"])):
+                found.append(f"{nb.name} cell {cell.get('id')}: {m.group(0)}")
+    assert not found, "figures numbered in their own titles:\n" + "\n".join(found)
+
+
 def test_captions_are_numbered_and_alt_text_set(site):
     "The build numbers every caption per chapter (`Figure 3.1: ...`) and writes its alt text."
     for name in pages(site):
