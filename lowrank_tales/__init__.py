@@ -17,16 +17,16 @@ from .hadamard import hadamard_als
 from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
 from .khatri_rao_decomposition import khatri_rao_als, nearest_partition_khatri_rao
 from .adapters import Adapter, Update, LoRA, LoHA, LoKr, LoKH
-from .models import (inject, set_adapter, adapter_names, active_adapters, delete_adapter, disable_adapters,
-                                  merge, unmerge, merge_and_unload, unload, save_adapter, load_adapter, export_peft,
-                                  import_peft, trainable_parameters)
-from .compress import (Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter,
-                                    FactoredLinear, KroneckerSumLinear, KhatriRaoLinear)
+from .injection import (inject, set_adapter, adapter_names, active_adapters, delete_adapter,
+                                     disable_adapters, merge, unmerge, merge_and_unload, unload, trainable_parameters)
+from .adapter_files import save_adapter, load_adapter
+from .peft_interop import export_peft, import_peft
+from .extraction import Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter
+from .compression import compress, FactoredLinear, KroneckerSumLinear, KhatriRaoLinear
 from .distributed import (launch, adapter_ddp, shard_batch, shard_loader, distributed_als, spark_als,
                                        from_spark, as_triplets)
 from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
                                     khatri_rao_matvec, khatri_rao_rmatvec, kruskal_rank, matrix_rank)
-from .compress import compress  # likewise: the function, not the chapter module `lowrank_tales.compress`
 
 from types import ModuleType as _Module
 __all__ = [_n for _n, _v in dict(globals()).items() if not _n.startswith('_') and not isinstance(_v, _Module)]

@@ -28,7 +28,7 @@ from .core import (Factorization, as_float_array, as_generator, check_choice, ch
                                 check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
                                 to_numpy)
 from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
-from .models import adapters, check_model, saved_modules
+from .injection import adapter_layers as adapters, check_model, saved_modules
 
 # %% auto #0
 __all__ = ['world', 'require_process_group', 'free_port', 'launch', 'shard_batch', 'shard_loader', 'check_same_across_ranks',

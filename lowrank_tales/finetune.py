@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import check_int, iterations
-from .models import SavedModule, adapters, inject, merge, trainable_parameters, unmerge
+from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
 # %% auto #0
 __all__ = ['ATTENTION_AND_MLP', 'BASELINES', 'LEARNING_RATES', 'HEAD_LR', 'load_reviews', 'load_minilm', 'TextClassifier',

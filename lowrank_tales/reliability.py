@@ -25,8 +25,9 @@ from .completion import als, predict
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als
 from .khatri_rao_decomposition import khatri_rao_als
-from .models import (adapters, export_peft, import_peft, inject, load_adapter, merge, save_adapter,
-                                  trainable_parameters, unmerge)
+from .injection import adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
+from .adapter_files import load_adapter, save_adapter
+from .peft_interop import export_peft, import_peft
 
 # %% auto #0
 __all__ = ['Misuse', 'finite', 'check_misuse', 'small_model', 'trained', 'state', 'same_state', 'unchanged_after',

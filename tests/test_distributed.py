@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 from lowrank_tales.completion import als
 from lowrank_tales.distributed import (adapter_ddp, all_reduce_sum, distributed_als, launch, shard_batch, shard_loader,
                                        world)
-from lowrank_tales.models import factor_tensors, inject
+from lowrank_tales.adapter_files import factor_tensors
+from lowrank_tales.injection import inject
 
 TIMEOUT = 60  # seconds; every launch is killed past this, so a broken collective cannot hang the suite
 

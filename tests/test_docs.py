@@ -185,10 +185,10 @@ def test_contents_lists_stay_short(site):
 def test_parameter_tables_fit_the_column(browser, server, site):
     """Documented arguments show as a table, and no table or signature runs past the right edge of the text column (a
     long printed output may scroll)."""
-    name = "compress.html"
+    name = "compression.html"
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{server}/{name}")
-    assert page.locator("main table th:text-is('parameter')").count() > 0, "no parameter table on compress.html"
+    assert page.locator("main table th:text-is('parameter')").count() > 0, "no parameter table on compression.html"
     over = page.evaluate("""() => {
         const main = document.querySelector('main').getBoundingClientRect();
         return [...document.querySelectorAll('main table, .cell-output-markdown pre')].filter(e => e.scrollWidth > e.clientWidth + 2 ||

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_tales.models import adapters, inject, merge
+from lowrank_tales.injection import adapter_layers, inject, merge
 from tolerance import assert_close
 
 
@@ -12,7 +12,7 @@ def model(method, **kw):
     torch.manual_seed(0)
     m = inject(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)), method, targets=["0", "2"], **kw)
     with torch.no_grad():
-        for a in adapters(m).values():
+        for a in adapter_layers(m).values():
             for f in a.factors: f.normal_(0, 0.2)
     return m
 

@@ -8,7 +8,8 @@ from torch import nn
 
 peft = pytest.importorskip("peft")
 
-from lowrank_tales.models import adapters, export_peft, import_peft, inject  # noqa: E402
+from lowrank_tales.injection import adapter_layers, inject  # noqa: E402
+from lowrank_tales.peft_interop import export_peft, import_peft  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
 
@@ -49,11 +50,11 @@ def randomize(params, seed=1):
 @pytest.mark.parametrize("method,targets,kw,config,peft_kw", CASES)
 def test_ours_to_peft(tmp_path, dtype, method, targets, kw, config, peft_kw):
     ours = inject(base(dtype), method, targets=targets, **kw)
-    randomize([f for a in adapters(ours).values() for f in a.factors])
+    randomize([f for a in adapter_layers(ours).values() for f in a.factors])
     export_peft(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(base(dtype), tmp_path)
     n_peft = sum(p.numel() for n, p in theirs.named_parameters() if any(s in n for s in ("lora_", "hada_", "lokr_")))
-    assert n_peft == sum(a.n_params for a in adapters(ours).values())
+    assert n_peft == sum(a.n_params for a in adapter_layers(ours).values())
     with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
 
 
@@ -64,7 +65,7 @@ def test_peft_to_ours(tmp_path, dtype, method, targets, kw, config, peft_kw):
     randomize([p for p in theirs.parameters() if p.requires_grad])
     theirs.save_pretrained(tmp_path)
     ours = import_peft(base(dtype), tmp_path)
-    assert sorted(adapters(ours)) == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "base_layer"))
+    assert sorted(adapter_layers(ours)) == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "base_layer"))
     with torch.no_grad(): assert_close(ours(IDS), theirs(IDS))
 
 
@@ -74,8 +75,8 @@ def test_peft_suffix_targets_and_merge(tmp_path):
     randomize([p for p in theirs.parameters() if p.requires_grad])
     theirs.save_pretrained(tmp_path)
     ours = import_peft(base(torch.float64), tmp_path)
-    assert sorted(adapters(ours)) == ["mlp.0", "mlp.2"]
-    from lowrank_tales.models import merge
+    assert sorted(adapter_layers(ours)) == ["mlp.0", "mlp.2"]
+    from lowrank_tales.injection import merge
     with torch.no_grad():
         y = ours(IDS)
         merge(ours)
@@ -85,8 +86,8 @@ def test_peft_suffix_targets_and_merge(tmp_path):
 
 def randomize_all(model, seed=1):
     "Random factors for every adapter and random weights for every saved copy (`modules_to_save`)."
-    from lowrank_tales.models import saved_modules
-    params = [f for a in adapters(model).values() for u in a.updates.values() for f in u.factors]
+    from lowrank_tales.injection import saved_modules
+    params = [f for a in adapter_layers(model).values() for u in a.updates.values() for f in u.factors]
     params += [p for s in saved_modules(model).values() for c in s.copies.values() for p in c.parameters()]
     randomize(params, seed)
     return model
@@ -119,8 +120,8 @@ def test_options_both_ways(tmp_path, method, kw, config, peft_kw):
     back = import_peft(base(dtype), tmp_path / "theirs").eval()
     theirs.eval()
     with torch.no_grad(): assert_close(back(IDS), theirs(IDS))
-    from lowrank_tales.models import peft_rank
-    assert peft_rank(adapters(back)["conv3"].updates["default"]) == kw.get("rank_pattern", {}).get("conv3", kw["rank"])
+    from lowrank_tales.peft_interop import peft_rank
+    assert peft_rank(adapter_layers(back)["conv3"].updates["default"]) == kw.get("rank_pattern", {}).get("conv3", kw["rank"])
 
 
 def test_named_adapters_in_peft_layout(tmp_path):
@@ -134,7 +135,7 @@ def test_named_adapters_in_peft_layout(tmp_path):
     theirs = peft.PeftModel.from_pretrained(base(dtype), tmp_path / "ours")
     theirs.load_adapter(tmp_path / "ours" / "other", adapter_name="other")
     for name in ("default", "other"):
-        from lowrank_tales.models import set_adapter
+        from lowrank_tales.injection import set_adapter
         set_adapter(ours, name)
         theirs.set_adapter(name)
         with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
@@ -170,9 +171,9 @@ def test_gpt2_conv1d_both_ways(tmp_path):
 
 def test_init_from_weight_exports_relative_to_the_original(tmp_path):
     "A PiSSA-started LoRA (base W0 − s·B0A0) exports as PEFT's rank-2r LoRA of the untouched model, as PEFT converts it."
-    from lowrank_tales.compress import init_from_weight
+    from lowrank_tales.extraction import init_from_weight
     ours = init_from_weight(base(torch.float64), "lora", targets=["conv3", "0", "2"], rank=2, alpha=4.0)
-    randomize([a.B for a in adapters(ours).values()], seed=3)
+    randomize([a.B for a in adapter_layers(ours).values()], seed=3)
     export_peft(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path)
     assert theirs.peft_config["default"].r == 4
@@ -184,7 +185,7 @@ def test_dora_both_ways(tmp_path):
     targets = ["0", "2"]  # DoRA adapts linear layers here
     ours = randomize_all(inject(base(torch.float64), "lora", targets=targets, rank=3, alpha=6, dora=True))
     with torch.no_grad():
-        for a in adapters(ours).values(): a.magnitude.mul_(1.3)
+        for a in adapter_layers(ours).values(): a.magnitude.mul_(1.3)
     export_peft(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path / "ours")
     with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
@@ -195,5 +196,5 @@ def test_dora_both_ways(tmp_path):
     with torch.no_grad():
         y = back(IDS)
         assert_close(y, theirs(IDS))
-        from lowrank_tales.models import merge
+        from lowrank_tales.injection import merge
         assert_close(merge(back)(IDS), y)

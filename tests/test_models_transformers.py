@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import lowrank_tales as lt  # noqa: E402
-from lowrank_tales.models import adapters  # noqa: E402
+from lowrank_tales.injection import adapter_layers  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -36,7 +36,7 @@ def test_inject_train_merge_on_bert(method):
     before = hidden(model).detach()
     lt.inject(model, method, targets=TARGETS, **OPTIONS[method])
     assert torch.equal(hidden(model).detach(), before), "the update must start at zero"
-    injected = adapters(model)
+    injected = adapter_layers(model)
     assert len(injected) == 2 * len(TARGETS), sorted(injected)  # two layers, six projections each
     factors = {f"{name}.{n}" for name, ad in injected.items() for n, _ in ad.named_parameters() if not n.startswith("base.")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == factors, "only the adapters' factors train"
@@ -68,7 +68,7 @@ def test_lora_on_bert_round_trips_through_peft(tmp_path):
 def randomize(model, seed=2, std=0.2):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a in adapters(model).values():
+        for a in adapter_layers(model).values():
             for u in a.updates.values():
                 for f in u.factors: f.copy_(std * torch.randn(f.shape, generator=gen, dtype=f.dtype))
     return model
@@ -81,7 +81,7 @@ def test_merge_and_unload_round_trips_through_save_pretrained(tmp_path, method):
     expected = hidden(model).detach()
     keys = list(tiny_bert().state_dict())
     plain = lt.merge_and_unload(model)
-    assert not adapters(plain) and list(plain.state_dict()) == keys
+    assert not adapter_layers(plain) and list(plain.state_dict()) == keys
     assert [type(m) for m in plain.modules()] == [type(m) for m in tiny_bert().modules()]
     plain.save_pretrained(tmp_path)
     back = transformers.BertModel.from_pretrained(tmp_path).eval()
@@ -100,7 +100,7 @@ def test_two_named_adapters_on_bert(tmp_path):
         outs[str(active)] = hidden(model).detach()
         ref = tiny_bert()  # the reference: the plain model with the active updates added to its weights
         with torch.no_grad():
-            for n, a in adapters(model).items():
+            for n, a in adapter_layers(model).items():
                 for k in a.active: ref.get_submodule(n).weight += a.updates[k].delta_weight()
         assert_close(outs[str(active)], hidden(ref).detach(), ulps=256)
     with lt.disable_adapters(model): assert torch.equal(hidden(model).detach(), hidden(tiny_bert()).detach())
@@ -122,6 +122,6 @@ def test_t5_wo_read_through_weight():
     randomize(model)
     y = model(input_ids=ids).last_hidden_state
     y.square().sum().backward()
-    assert all(a.B.grad is not None for a in adapters(model).values())
+    assert all(a.B.grad is not None for a in adapter_layers(model).values())
     lt.merge(model)
     assert_close(model(input_ids=ids).last_hidden_state.detach(), y.detach())

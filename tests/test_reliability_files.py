@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import save_file
 
 import lowrank_tales as lt
-from lowrank_tales.models import factor_tensors
+from lowrank_tales.adapter_files import factor_tensors
 from lowrank_tales.reliability import (damaged, fixture_folder, fuzz_adapter_files, fuzz_case, same_state, small_model,
                                        state, trained)
 
@@ -66,7 +66,7 @@ def test_import_peft_truncations_leave_model_unchanged():
 
 
 def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
-    from lowrank_tales.models import write_atomic
+    from lowrank_tales.adapter_files import write_atomic
     target = tmp_path / "f.txt"
     target.write_text("old")
     def fail(f):
@@ -79,7 +79,7 @@ def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
 def test_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
     "A save is atomic as a whole: a write that fails half-way leaves the previous folder, every file of it, as it was."
     from pathlib import Path
-    from lowrank_tales.models import write_folder
+    from lowrank_tales.adapter_files import write_folder
     model = trained("lora")
     lt.save_adapter(model, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}

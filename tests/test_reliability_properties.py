@@ -14,7 +14,8 @@ from torch import nn
 import lowrank_tales as lt
 from lowrank_tales.core import to_numpy, to_tensor
 from lowrank_tales.kronecker import rearrange
-from lowrank_tales.models import adapters, factor_tensors
+from lowrank_tales.adapter_files import factor_tensors
+from lowrank_tales.injection import adapter_layers
 
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
 SLOWER = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True, database=None)
@@ -278,7 +279,7 @@ METHOD_KW = {"lora": dict(rank=2, alpha=4.0), "loha": dict(rank=2, alpha=4.0), "
 def randomized(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a in adapters(model).values():
+        for a in adapter_layers(model).values():
             for f in a.factors: f.copy_(0.2 * torch.randn(f.shape, generator=g, dtype=f.dtype))
     return model
 
@@ -297,7 +298,7 @@ def test_zero_update_at_initialisation(method, layer, seed):
     base, x = model_for(layer, seed), inputs_for(layer, seed)
     m = adapted(method, layer, seed)
     torch.testing.assert_close(m(x), base(x), rtol=0, atol=1e-6)
-    assert all(float(a.delta_weight().abs().max()) == 0 for a in adapters(m).values())
+    assert all(float(a.delta_weight().abs().max()) == 0 for a in adapter_layers(m).values())
 
 
 @FAST
@@ -354,7 +355,7 @@ def same_full(a, b) -> bool:
 
 
 def _nan_in_last(m):
-    with torch.no_grad(): adapters(m)["2"].updates["default"].factors[-1].view(-1)[0] = float("nan")
+    with torch.no_grad(): adapter_layers(m)["2"].updates["default"].factors[-1].view(-1)[0] = float("nan")
 
 
 def _wide_folder(d):
@@ -394,7 +395,7 @@ FAILING = {  # name → (prepare(model) or None, call(model, folder)); every cal
 def randomized_all(model, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for a in adapters(model).values():
+        for a in adapter_layers(model).values():
             for u in a.updates.values():
                 for f in u.factors: f.copy_(0.2 * torch.randn(f.shape, generator=g, dtype=f.dtype))
     return model
