@@ -18,6 +18,7 @@ from torch import nn
 
 from . import __version__
 from .adapters import UPDATES, Adapter, Update
+from .products import face_split, khatri_rao, kron
 from .injection import (SavedModule, _holders, _names, active_adapters, adapter_layers, check_model,
                                      check_name, replace_module, saved_modules, shadow)
 
@@ -143,23 +144,79 @@ def _folder_of(path: Path, name: str) -> Path:
     "PEFT's layout: adapter `'default'` in `path`, any other in the subfolder `path/name`."
     return path if name == "default" else path / name
 
-def _as_original(base: nn.Module, u: Update) -> Update:
-    "`u` as an update of the original layer: itself, or after `init_from_weight` the LoRA `[B, −B0][A; A0]`."
-    init = [getattr(u, f"initial_{i}", None) for i in range(len(u.factors))]
-    if init[0] is None: return u
-    if u.method != "lora":
-        raise ValueError(f"a {u.method} adapter started by init_from_weight keeps W0 − P in its base: only LoRA "
-                         f"converts exactly to an "
-                         "adapter of the original weights (rank 2r, as PEFT converts PiSSA); "
-                         "merge_and_unload() and save "
-                         "the model")
-    r2 = 2 * u.rank
-    alpha = None if u.spec["alpha"] is None else u.scale * (r2 ** 0.5 if u.rslora else r2)
-    try: v = UPDATES["lora"](base, **dict(u.spec, rank=r2, alpha=alpha))
-    except ValueError as e: raise ValueError(f"the rank-{r2} LoRA of the original weights does not fit: {e}") from None
-    with torch.no_grad(): v.A.copy_(torch.cat([u.A, init[1]])); v.B.copy_(torch.cat([u.B, -init[0]], 1))
+# %% ../nbs/07a_adapter_files.ipynb #967bcb33
+def _low_rank_pair(V: torch.Tensor, U: torch.Tensor) -> tuple:
+    "`(V, U)` with the same product `V U`, of inner size at most `min(d_out, d_in)` (`I` and the product beyond it)."
+    (d_out, R), d_in = V.shape, U.shape[1]
+    if R <= min(d_out, d_in): return V, U
+    D = V @ U
+    eye = torch.eye(min(d_out, d_in), dtype=D.dtype, device=D.device)
+    return (eye, D) if d_out <= d_in else (D, eye)
+
+# %% ../nbs/07a_adapter_files.ipynb #1a10738f
+def _original_lora(base: nn.Module, u: Update, init: list) -> Update:
+    "LoRA: `s(BA − B0A0) = s[B, −B0][A; A0]`, rank 2r (PEFT's PiSSA conversion)."
+    V, U = _low_rank_pair(torch.cat([u.B, -init[0]], 1), torch.cat([u.A, init[1]]))
+    R = V.shape[1]
+    alpha = None if u.spec["alpha"] is None else u.scale * (R ** 0.5 if u.rslora else R)
+    v = UPDATES["lora"](base, **dict(u.spec, rank=R, alpha=alpha))
+    with torch.no_grad(): v.B.copy_(V); v.A.copy_(U)
     return v
 
+# %% ../nbs/07a_adapter_files.ipynb #86f6261f
+def _original_loha(base: nn.Module, u: Update, init: list) -> Update:
+    "LoHA: `s(P1∘P2 − Q1∘Q2) = s V U` (face-splitting and Khatri-Rao), as the LoHA `(V U) ∘ 11ᵀ` of rank 2 r1 r2."
+    (B1, A1, B2, A2), (C1, D1, C2, D2) = u.factors, init
+    V, U = _low_rank_pair(torch.cat([face_split(B1, B2), -face_split(C1, C2)], 1),
+                          torch.cat([khatri_rao(A1, A2), khatri_rao(D1, D2)]))
+    R = V.shape[1]
+    v = UPDATES["loha"](base, **dict(u.spec, rank=R, alpha=None if u.spec["alpha"] is None else u.scale * R))
+    with torch.no_grad():
+        v.B1.copy_(V); v.A1.copy_(U); v.B2.fill_(1.0); v.A2.zero_(); v.A2[0].fill_(1.0)
+    return v
+
+# %% ../nbs/07a_adapter_files.ipynb #49842332
+def _original_lokr(base: nn.Module, u: Update, init: list) -> Update:
+    "LoKr: `s(A⊗B1B2 − A0⊗C1C2) = s[A⊗B1, −A0⊗C1][I⊗B2; I⊗C2]`, as a LoKr `[1] ⊗ (low-rank or full)`."
+    A, *B = u.factors
+    A0, *C = init
+    if len(B) == 2:  # B = B1 B2: the difference factors through the Kronecker products of the pieces
+        eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
+        V, U = _low_rank_pair(torch.cat([kron(A, B[0]), -kron(A0, C[0])], 1), torch.cat([kron(eye, B[1]),
+                                                                                          kron(eye, C[1])]))
+        if V.shape[1] < min(V.shape[0], U.shape[1]):
+            R = V.shape[1]
+            v = UPDATES["lokr"](base, **dict(u.spec, rank=R, shape=[1, 1], factor=1, low_rank=True,
+                                             alpha=None if u.spec["alpha"] is None else u.scale * R))
+            with torch.no_grad(): v.A.fill_(1.0); v.B1.copy_(V); v.B2.copy_(U)
+            return v
+        D = V @ U
+    else: D = kron(A, B[0]) - kron(A0, C[0])
+    v = UPDATES["lokr"](base, **dict(u.spec, shape=[1, 1], factor=1, low_rank=False))  # rank and alpha: same scale
+    with torch.no_grad(): v.A.fill_(1.0); v.B.copy_(D)
+    return v
+
+# %% ../nbs/07a_adapter_files.ipynb #f2c10c11
+def _original_lokh(base: nn.Module, u: Update, init: list) -> Update:
+    "LoKH: `s(⊙W − ⊙W0)` as the one-factor LoKH (p = 1) holding the difference itself."
+    D = khatri_rao(*u.factors) - khatri_rao(*init)
+    v = UPDATES["lokh"](base, **dict(u.spec, dims=[D.shape[0]]))
+    with torch.no_grad(): v.W[0].copy_(D)
+    return v
+
+# %% ../nbs/07a_adapter_files.ipynb #d18151e4
+_ORIGINAL = {"lora": _original_lora, "loha": _original_loha, "lokr": _original_lokr, "lokh": _original_lokh}
+
+def _as_original(base: nn.Module, u: Update) -> Update:
+    "`u` as an update of the original layer: itself, or after `init_from_weight` the same method's `s(ΔW − ΔW0)`."
+    init = [getattr(u, f"initial_{i}", None) for i in range(len(u.factors))]
+    if init[0] is None: return u
+    v = _ORIGINAL[u.method](base, u, init)
+    if u.dora:
+        with torch.no_grad(): v.magnitude.copy_(u.magnitude)  # it normalises the same matrix W0 + s(ΔW − ΔW0)
+    return v
+
+# %% ../nbs/07a_adapter_files.ipynb #61c9e1cc
 def _save_one(model: nn.Module, path: Path, name: str) -> Path:
     "Write adapter `name` of `model` into folder `path` as a whole."
     ups = {n: _as_original(a.base, a.updates[name]) for n, a in adapter_layers(model).items() if name in a.updates}

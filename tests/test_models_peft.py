@@ -180,6 +180,17 @@ def test_init_from_weight_exports_relative_to_the_original(tmp_path):
     with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
 
 
+
+def test_init_from_weight_loha_exports_relative_to_the_original(tmp_path):
+    "A LoHA started from W0 exports as the LoHA (V U) ∘ 11ᵀ of rank 2 r² of the untouched model; PEFT computes the same."
+    from lowrank_tales.extraction import init_from_weight
+    ours = init_from_weight(base(torch.float64), "loha", targets=["0", "2"], rank=2, alpha=4.0, max_iter=5)
+    randomize([a.B1 for a in adapter_layers(ours).values()], seed=3)
+    export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(base(torch.float64), tmp_path)
+    assert theirs.peft_config["default"].r == 8
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+
 def test_dora_both_ways(tmp_path):
     "DoRA (LoRA with a trained magnitude per output) computes exactly as PEFT's, both ways; merged, the same outputs."
     targets = ["0", "2"]  # DoRA adapts linear layers here
