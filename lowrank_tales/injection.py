@@ -304,17 +304,19 @@ def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    "Within the block, `model` computes as its base model (PEFT's `disable_adapter`); merged adapters are refused."
+    """Within the block, `model` computes as its base model (PEFT's `disable_adapter`). Merged adapters are taken
+    out of the weights on entry (`W0` restored exactly) and merged back on exit, bit for bit as they were."""
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to disable: inject() first")
-    if merged := [n for n, a in ads.items() if a.merged]:
-        raise ValueError(f"adapters of {merged[:4]} are merged: unmerge() before disabling")
+    was_merged = {n: list(a.merged) for n, a in ads.items() if a.merged}
     holders = _holders(model)
     before = [h.disabled for h in holders]
+    for n in was_merged: ads[n].unmerge()  # W0 comes back from its saved copy: nothing to fail half-way
     for h in holders: h.disabled = True
     try: yield model
     finally:
         for h, d in zip(holders, before): h.disabled = d
+        for n, names in was_merged.items(): ads[n].merge(names)  # recomputed from W0 in the same order: identical
 
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     "Remove adapter `name` from every layer; a layer left with none becomes its base module again; returns `model`."
