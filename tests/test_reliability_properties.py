@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import PretrainedConfig
 from torch import nn
 
 import lowrank_tales as lt
@@ -338,10 +339,13 @@ def test_peft_export_import_is_identical(method, layer, seed):
 
 # ---------------------------------------------------------------- a failing call changes nothing
 def full_state(model: nn.Module):
-    "What a failed call must leave as it was: module types, requires_grad, every tensor's bits, active and merged names."
+    """What a failed call must leave as it was: module types, requires_grad, every tensor's bits, active and merged
+    names, and the model's `config` (a Hugging Face model's, as JSON)."""
+    config = getattr(model, "config", None)
     return ([(n, type(m)) for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()],
             {k: v.detach().clone() for k, v in model.state_dict().items()},
-            [(n, list(getattr(m, "active", [])), list(getattr(m, "merged", []))) for n, m in model.named_modules()])
+            [(n, list(getattr(m, "active", [])), list(getattr(m, "merged", []))) for n, m in model.named_modules()],
+            None if config is None else config.to_json_string())
 
 
 def same_bits(x, y) -> bool:
@@ -350,7 +354,7 @@ def same_bits(x, y) -> bool:
 
 
 def same_full(a, b) -> bool:
-    return a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and a[2].keys() == b[2].keys() and \
+    return a[0] == b[0] and a[1] == b[1] and a[3] == b[3] and a[4] == b[4] and a[2].keys() == b[2].keys() and \
         all(same_bits(a[2][k], b[2][k]) for k in a[2])
 
 
@@ -406,6 +410,7 @@ def randomized_all(model, seed):
 def test_a_failing_call_leaves_the_model_bit_identical(case, method, seed, second):
     "Random failing calls on randomly trained models (one adapter, or two named ones): each raises, nothing changes."
     m = randomized(adapted(method, "linear", seed), seed)
+    m.config = PretrainedConfig(tie_word_embeddings=False, note=f"seed {seed}")  # a config, as a Hugging Face model has
     if second:
         lt.inject(m, "lora", targets=["2"], name="second", rank=2)
         lt.set_adapter(m, ["default", "second"])
