@@ -34,18 +34,21 @@ def _one_name(model: nn.Module, name, what: str) -> str:
     if len(active) != 1: raise ValueError(f"model has active adapters {active}: pass name= to choose the one to {what}")
     return active[0]
 
+# %% ../nbs/07a_adapter_files.ipynb #9bea4da8
 def factor_tensors(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     "The factors of adapter `name` (default: the only active one), named `<module>.<factor>`."
     name = _one_name(model, name, "read")
     ups = {n: a.updates[name] for n, a in adapter_layers(model).items() if name in a.updates}
     return {f"{n}.{k}": p for n, u in ups.items() for k, p in u.named_parameters()}
 
+# %% ../nbs/07a_adapter_files.ipynb #5353e3c2
 def jsonable(v):
     "`v` with dtypes as strings and tuples as lists, for JSON."
     if isinstance(v, torch.dtype): return str(v)
     if isinstance(v, dict): return {k: jsonable(x) for k, x in v.items()}
     return [jsonable(x) for x in v] if isinstance(v, (list, tuple)) else v
 
+# %% ../nbs/07a_adapter_files.ipynb #9011f8d6
 def from_json(v):
     "The inverse of `jsonable` for options: `'torch.float32'` back to a dtype."
     if isinstance(v, str) and v.startswith("torch."): return getattr(torch, v[6:])
@@ -68,6 +71,7 @@ def write_atomic(path: Path, write) -> None:
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
+# %% ../nbs/07a_adapter_files.ipynb #c72c5094
 def check_folder(path) -> Path:
     "`path` as a `Path`, else `TypeError`."
     if not isinstance(path, (str, os.PathLike)):
@@ -81,12 +85,14 @@ def _fsync(path: Path) -> None:
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../nbs/07a_adapter_files.ipynb #ef2c8baa
 def _exchange(a: Path, b: Path) -> bool:
     "Swap the folders `a` and `b` in one atomic step (Linux `renameat2`); `False` where the system cannot."
     try: libc = ctypes.CDLL(None, use_errno=True); fn = libc.renameat2
     except (OSError, AttributeError): return False
     return fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, RENAME_EXCHANGE
 
+# %% ../nbs/07a_adapter_files.ipynb #f5dd6a81
 def write_folder(path: Path, files: dict, keep: tuple = ()) -> Path:
     "Make folder `path` hold `files` (name → `write(file)`) as a whole: built aside, flushed, swapped in at once."
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +117,7 @@ def file_digest(data: bytes) -> str:
     "The sha256 of `data`, in hex."
     return hashlib.sha256(data).hexdigest()
 
+# %% ../nbs/07a_adapter_files.ipynb #885e99f3
 def read_safetensors(file: Path, what: str) -> tuple[dict, dict, str]:
     """The tensors, metadata and sha256 of the safetensors `file`, checked.
 
@@ -136,10 +143,12 @@ def _spec(u: Update) -> dict:
     "What rebuilds update `u` exactly: its method and keyword arguments, as JSON."
     return jsonable(dict(u.spec, method=u.method))
 
+# %% ../nbs/07a_adapter_files.ipynb #0a4f1a34
 def _float_state(m: nn.Module) -> dict:
     "The floating-point entries of `m`'s state dict (parameters and buffers; counters left out)."
     return {k: t for k, t in m.state_dict().items() if t.is_floating_point()}
 
+# %% ../nbs/07a_adapter_files.ipynb #88bdfd88
 def _folder_of(path: Path, name: str) -> Path:
     "PEFT's layout: adapter `'default'` in `path`, any other in the subfolder `path/name`."
     return path if name == "default" else path / name
@@ -235,6 +244,7 @@ def _save_one(model: nn.Module, path: Path, name: str) -> Path:
     def config_file(f): Path(f).write_text(json.dumps(dict(config, sha256=blob["sha256"]), indent=2))
     return write_folder(path, {"adapter.safetensors": tensors_file, "adapter_config.json": config_file})
 
+# %% ../nbs/07a_adapter_files.ipynb #bcba7250
 def save_adapter(model: nn.Module, path, name=None) -> Path:
     "Write adapters `name` (a name or list; default: the active ones) into folder `path`, each folder as a whole."
     path = check_folder(path)
@@ -254,6 +264,7 @@ def check_tensors(expected: dict, found: dict, what: str) -> None:
             raise ValueError(f"{what}: tensor {k!r} has shape {tuple(t.shape)}, "
                              f"but the model expects {tuple(expected[k])}")
 
+# %% ../nbs/07a_adapter_files.ipynb #d1a736c9
 def shapes(ups: dict[str, Update]) -> dict[str, tuple]:
     "Factor shapes of the updates `ups`, named `<module>.<factor>`."
     return {f"{n}.{k}": tuple(p.shape) for n, u in ups.items() for k, p in u.named_parameters()}
@@ -267,6 +278,7 @@ def _build(layer: nn.Module, spec: dict, where: str) -> Update:
     try: return UPDATES[method](layer, **kw)
     except (TypeError, ValueError) as e: raise ValueError(f"{where}: {e}") from None
 
+# %% ../nbs/07a_adapter_files.ipynb #1c72b06b
 def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[dict, bool]:
     "The updates a load fills: adapter `name` where the model has it (checked against `specs`), else shadows."
     have = {n: a.updates[name] for n, a in adapter_layers(model).items() if name in a.updates}
@@ -291,6 +303,7 @@ def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[
         raise ValueError(f"adapters {merged[:4]} are merged: unmerge() before loading")
     return have, True
 
+# %% ../nbs/07a_adapter_files.ipynb #1b9f758e
 def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, what: str) -> dict:
     "The state-dict shapes of the modules a load saves beside adapter `name`, named `modules_to_save.<module>.<key>`."
     mods, out = dict(model.named_modules()), {}
@@ -305,6 +318,7 @@ def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, wha
         out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
     return out
 
+# %% ../nbs/07a_adapter_files.ipynb #ece0543b
 def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: dict, existing: bool,
              saved: list = ()) -> nn.Module:
     "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into it and its saved modules."
@@ -339,6 +353,7 @@ def read_config(path: Path, name: str) -> dict:
         raise ValueError(f"{name} in {str(path)!r} must hold a JSON object, got {type(config).__name__}")
     return config
 
+# %% ../nbs/07a_adapter_files.ipynb #557d9c6b
 def check_seal(config: dict, meta: dict, digest: str, what: str) -> None:
     """`ValueError` unless the tensor file matches the checksum in `config` and carries the same configuration.
 
@@ -353,6 +368,7 @@ def check_seal(config: dict, meta: dict, digest: str, what: str) -> None:
         raise ValueError(f"{what}: adapter_config.json differs from the configuration recorded inside "
                          "adapter.safetensors (corrupted or edited)")
 
+# %% ../nbs/07a_adapter_files.ipynb #4995a438
 def _check_modules(config: dict, what: str) -> dict:
     "The `modules` record of a saved config (module → spec and shapes), checked for its form."
     mods = config.get("modules")
@@ -364,6 +380,7 @@ def _check_modules(config: dict, what: str) -> dict:
                              f"or edited): save it again")
     return mods
 
+# %% ../nbs/07a_adapter_files.ipynb #4d5272d9
 def load_adapter(model: nn.Module, path, name: str | None = None) -> nn.Module:
     "Load the adapter saved in folder `path` into `model` as `name` (default: its saved name), added if new."
     path = check_folder(path)

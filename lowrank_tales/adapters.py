@@ -30,26 +30,31 @@ def _is_conv1d_hf(m) -> bool:
     "Whether `m` is transformers' `Conv1D` (GPT-2's linear layer, its weight stored `d_in × d_out`)."
     return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers")
 
+# %% ../nbs/06_adapters.ipynb #67b29954
 def layer_kind(base) -> str | None:
     "`'linear'` (`nn.Linear`, transformers' `Conv1D`), `'conv'` (`nn.Conv1d/2d/3d`), `'embedding'`, or `None`."
     if isinstance(base, nn.Linear) or _is_conv1d_hf(base): return "linear"
     if isinstance(base, CONVS): return "conv"
     return "embedding" if isinstance(base, nn.Embedding) else None
 
+# %% ../nbs/06_adapters.ipynb #1aef62f1
 def _transposed(base) -> bool:
     "Whether `base.weight` stores `W0ᵀ` (embeddings, transformers' `Conv1D`)."
     return isinstance(base, nn.Embedding) or _is_conv1d_hf(base)
 
+# %% ../nbs/06_adapters.ipynb #47688bb2
 def layer_shape(base: nn.Module) -> tuple[int, int]:
     "`(d_out, d_in)` of the matrix `W0` that `base` applies (conv weights flattened, embeddings transposed)."
     if _transposed(base): return base.weight.shape[1], base.weight.shape[0]
     return base.weight.shape[0], math.prod(base.weight.shape[1:])
 
+# %% ../nbs/06_adapters.ipynb #05f79ffb
 def weight_matrix(base: nn.Module, W: torch.Tensor | None = None) -> torch.Tensor:
     "`W` (default `base.weight`) as the `d_out × d_in` matrix the layer applies (a view)."
     W = base.weight if W is None else W
     return W.T if _transposed(base) else W.reshape(W.shape[0], -1)
 
+# %% ../nbs/06_adapters.ipynb #5b0fce30
 def as_layer_weight(base: nn.Module, D: torch.Tensor) -> torch.Tensor:
     "The `d_out × d_in` matrix `D` in the layout of `base.weight`."
     return D.T if _transposed(base) else D.reshape(base.weight.shape)
@@ -61,6 +66,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if x.is_floating_point() and torch.is_autocast_enabled(dev): return torch.get_autocast_dtype(dev)
     return x.dtype
 
+# %% ../nbs/06_adapters.ipynb #ece72967
 def _autocast_off(t: torch.Tensor):
     "A context with autocast off on `t`'s device (a no-op where it is off already)."
     dev = t.device.type
@@ -73,6 +79,7 @@ def fold_macs(tokens: int, d_out: int, d_in: int, form: int, training: bool) -> 
     "Multiply-adds the folded path adds to the frozen layer: forming `ΔW` (`form`), plus `G = gᵀx` in training."
     return tokens * d_out * d_in + 4 * form if training else form
 
+# %% ../nbs/06_adapters.ipynb #424e5132
 def factored_macs(tokens: int, per_token: int, form: int, training: bool) -> int:
     "Multiply-adds the factored path adds: `per_token` per token (plus `form` per step), three times that in training."
     return (3 if training else 1) * (tokens * per_token + form)
@@ -173,21 +180,25 @@ def _folded_matrix(W0: torch.Tensor, updates: list, factors: list) -> torch.Tens
     for u, fs in zip(updates, factors): W = W + _dora_delta(W0, u, fs) if u.dora else u.add_delta(W, fs, u.scale)
     return W
 
+# %% ../nbs/06_adapters.ipynb #521dd630
 def _dora_delta(W0: torch.Tensor, u, factors) -> torch.Tensor:
     "DoRA's update `diag(m / ‖W0 + s·ΔW‖)(W0 + s·ΔW) − W0`, the norm per output and detached (PEFT's `dora.py`)."
     V = u.add_delta(W0, factors, u.scale)
     return (u.magnitude.to(V.dtype) / V.detach().norm(dim=1))[:, None] * V - W0
 
+# %% ../nbs/06_adapters.ipynb #e23ab4ad
 def _split(updates: list, flat: tuple) -> list:
     "`flat` cut into one tuple of factors per update."
     out, i = [], 0
     for u in updates: n = len(u.factors); out.append(tuple(flat[i:i + n])); i += n
     return out
 
+# %% ../nbs/06_adapters.ipynb #91b6b8ef
 def _scaled_outer(g, x, scale: float) -> torch.Tensor:
     "`scale·gᵀx` in one matmul (the scale applied by the GEMM, not by another pass over the result)."
     return torch.addmm(g.new_zeros(()), g.T, x, beta=0, alpha=scale)
 
+# %% ../nbs/06_adapters.ipynb #c183d3d3
 class FoldedLinear(torch.autograd.Function):
     "`F.linear(x, W0 + Σ s_i ΔW_i, b)`, saving `x` and the factors; backward pulls `G = gᵀx` back to the factors."
     @staticmethod
@@ -444,6 +455,7 @@ class LoRAUpdate(Update):
         h = F.embedding(x, self.A.T.to(y.dtype), padding_idx=base.padding_idx)
         return y + self.scale * (h @ self.B.T.to(y.dtype))
 
+# %% ../nbs/06_adapters.ipynb #de7711f4
 class LoRA(Adapter):
     "A layer with one LoRA adapter, `name` (default `'default'`); the other arguments are `LoRAUpdate`'s."
     update_class = LoRAUpdate
@@ -493,6 +505,7 @@ class LoHAUpdate(Update):
             return M1 @ A1.T, B1.T @ M1, M2 @ A2.T, B2.T @ M2
         return P1 * P2, grads
 
+# %% ../nbs/06_adapters.ipynb #8d2dbf5d
 class LoHA(Adapter):
     "A layer with one LoHA adapter, `name` (default `'default'`); the other arguments are `LoHAUpdate`'s."
     update_class = LoHAUpdate
@@ -542,6 +555,7 @@ def _check_divides(a, n: int, name: str, shape) -> None:
         raise ValueError(f"shape {tuple(shape)} cannot split {name} = {n}: {a} does not divide it; "
                          f"nearest valid: {near}")
 
+# %% ../nbs/06_adapters.ipynb #619d0c84
 class LoKrUpdate(Update):
     "LoKr: `ΔW = A ⊗ B` (optionally `B = B1 B2` of rank `r`); scale `alpha / r` (PEFT's convention)."
     method = "lokr"
@@ -583,6 +597,7 @@ class LoKrUpdate(Update):
         B = self.B1 @ self.B2 if self.low_rank else self.B
         return KronLinear.apply(x, W0, bias, self.A.to(x.dtype), B.to(x.dtype), self.scale)
 
+# %% ../nbs/06_adapters.ipynb #750c80d0
 class LoKr(Adapter):
     "A layer with one LoKr adapter, `name` (default `'default'`); the other arguments are `LoKrUpdate`'s."
     update_class = LoKrUpdate
@@ -596,6 +611,7 @@ def balanced_dims(n: int, p: int) -> tuple | None:
     splits = [tuple(sorted((d, *rest))) for d, rest in splits if rest is not None]
     return min(splits, key=sum, default=None)
 
+# %% ../nbs/06_adapters.ipynb #17f8f998
 def max_factors(n: int) -> int:
     "Number of prime factors of `n` counted with multiplicity: the largest valid `p` for a dimension `n`."
     count, k = 0, 2
@@ -653,6 +669,7 @@ class LoKHUpdate(Update):
     def delta(self, *Ws): return khatri_rao(*Ws) if self.along == "output" else khatri_rao(*Ws).T
     def form_macs(self): return 0  # the Khatri-Rao product is elementwise: no matrix product to count
 
+# %% ../nbs/06_adapters.ipynb #ef6d66cc
 class LoKH(Adapter):
     "A layer with one LoKH adapter, `name` (default `'default'`); the other arguments are `LoKHUpdate`'s."
     update_class = LoKHUpdate

@@ -39,6 +39,7 @@ def update_Z(A,  # data (M, N)
     "The exact Z-step: `Z = (WᵀW + λI)⁻¹ WᵀA`."
     return gram_solve(W.T @ W, W.T @ A, reg)
 
+# %% ../nbs/01_als.ipynb #a1e69e7e
 def update_W(A,  # data (M, N)
              Z,  # right factor (K, N), held fixed
              reg=0.0,  # ridge λ_w
@@ -56,10 +57,12 @@ def _inner(X, Y) -> float:
     "The Frobenius inner product ⟨X, Y⟩ = Σ X∘Y, as a Python float."
     return float((X * Y).sum())
 
+# %% ../nbs/01_als.ipynb #032c2b65
 def _trace(G) -> float:
     "tr G as a Python float."
     return float(G.diagonal().sum())
 
+# %% ../nbs/01_als.ipynb #cf563ef9
 def _torch_views(A, *xs):
     "Zero-copy torch views of a CPU numpy `A` and its factors, or `None` when `A` is a tensor or cannot be viewed."
     if is_tensor(A) or A.dtype not in (np.float32, np.float64): return None
@@ -67,6 +70,7 @@ def _torch_views(A, *xs):
     if any(is_tensor(x) or x.dtype != A.dtype for x in xs): return None
     return [torch.from_numpy(x if x.flags.writeable and min(x.strides) >= 0 else x.copy()) for x in (A, *xs)]
 
+# %% ../nbs/01_als.ipynb #e8e3a2fe
 def als_sweep(A,  # data (M, N)
               W,  # current left factor (M, K)
               Z,  # current right factor (K, N)
@@ -99,6 +103,7 @@ def _initial_factors(A, K, init, rng, ref=None):
     scale = (_norm2(A) / (M * N * K)) ** 0.25 or 1.0
     return random_normal((M, K), ref, rng, scale), random_normal((K, N), ref, rng, scale)
 
+# %% ../nbs/01_als.ipynb #26e97402
 def _norm2(A) -> float:
     "‖A‖² as a Python float, accumulated in float64 (dense arrays, tensors and scipy.sparse)."
     return _sum_squares(A) if not hasattr(A, "tocsr") else float(A.multiply(A).sum(dtype=np.float64))
@@ -113,6 +118,7 @@ def _check_dense(A, rank, reg):
     reg = tuple(check_nonnegative(r, "reg") for r in _reg_pair(reg))
     return A, rank, reg
 
+# %% ../nbs/01_als.ipynb #24772e78
 def _residual_norm2(A, W, Z, block: int = 1 << 20) -> float:
     "‖A − WZ‖² computed directly, a block of rows at a time (no M×N temporary), accumulated in float64."
     rows = max(1, block // A.shape[1])
@@ -174,6 +180,7 @@ def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), floa
     rel = (fit / s.norm2) ** 0.5 if s.norm2 else 0.0
     return fit_result((s.W, s.Z), _matmul, losses, rel, "als", e, 2)
 
+# %% ../nbs/01_als.ipynb #80813586
 def _matmul(W, Z):
     "W @ Z."
     return W @ Z

@@ -44,11 +44,13 @@ def _scipy_sparse_module():
         return scipy.sparse
     except ImportError: return None
 
+# %% ../nbs/02_completion.ipynb #a5c0b7d3
 def _cumsum0(counts):
     "`[0, c0, c0+c1, ...]`: a CSR index pointer from per-row counts."
     if is_tensor(counts): return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return np.concatenate([[0], np.cumsum(counts)])
 
+# %% ../nbs/02_completion.ipynb #bd8b4b7c
 def _bincount(x, n: int):
     "How many times each of 0..n-1 occurs in `x`."
     return torch.bincount(x, minlength=n) if is_tensor(x) else np.bincount(x, minlength=n)
@@ -85,6 +87,7 @@ class _Observed:
         ones = self.vals * 0 + 1
         self.mask_r, self.mask_c = self.by_row(ones), self.by_col(ones)  # Ω as CSR, and Ωᵀ as CSR
 
+# %% ../nbs/02_completion.ipynb #c5a4675c
 def _transpose(S):
     "The transpose of a sparse matrix as a view (CSR ↔ CSC)."
     return S.t() if is_tensor(S) else S.T
@@ -101,6 +104,7 @@ def _from_coo(rows, cols, vals, shape, ref) -> _Observed:
     rows, cols, vals = rows[order], cols[order], vals[order]
     return _Observed(rows, cols, vals, (M, N), argsort(cols * M + rows), ref)
 
+# %% ../nbs/02_completion.ipynb #8b0bb67b
 def _observed(A, mask) -> _Observed:
     "The observed entries of `A`: its stored entries when sparse, else the entries where `mask` is true."
     if _is_scipy_sparse(A):
@@ -127,10 +131,12 @@ def _with_ones(X):
     "`[X, 1]`: X (n, k) with a column of ones appended."
     return namespace(X).hstack([X, like(np.ones((X.shape[0], 1)), X)])
 
+# %% ../nbs/02_completion.ipynb #ea2c733b
 def _penalty(reg_rows, reg_cols, Wb, Zc) -> float:
     "Σ_m λ_m‖w̃_m‖² + Σ_n λ_n‖z̃_n‖² for the (augmented) free factors Wb (M, k) and Zc (k, N)."
     return float((reg_rows * (Wb * Wb).sum(1)).sum() + (reg_cols * (Zc * Zc).sum(0)).sum())
 
+# %% ../nbs/02_completion.ipynb #97dfdbfa
 def _half_step(F, weights, T, t2, reg):
     "Solve every column's ridge regression on F (n, k), targets T (sparse, columns × n): X (k, columns), the fit."
     rhs = (T @ F).T
@@ -149,6 +155,7 @@ def _sampled(obs, L, R):
         out[sl] = np.einsum("ij,ji->i", L[obs.rows[sl]], R[:, obs.cols[sl]])
     return out
 
+# %% ../nbs/02_completion.ipynb #03d2a89d
 def _cg(apply, rhs, X):
     "Conjugate-gradient steps (as many as `apply` allows) on every column system `apply(X) = rhs`, from X."
     R = rhs - apply(X); P = R; rr = (R * R).sum(0)
@@ -161,11 +168,13 @@ def _cg(apply, rhs, X):
         P, rr = R + (rr_new / (rr + (rr == 0))) * P, rr_new
     return X
 
+# %% ../nbs/02_completion.ipynb #5ec88072
 def _sampled_gram(mask, F, V):
     "`G_n v_n = Σ_m (f_m·v_n) f_m` for every system n, with `mask` the CSR pattern (systems × rows of F), on torch."
     S = torch.sparse.sampled_addmm(mask.to(F.dtype), V.T.contiguous(), F.T.contiguous(), beta=0.0)
     return (S @ F).T
 
+# %% ../nbs/02_completion.ipynb #130978df
 def _cg_columns(obs, F, T, reg, X0, steps):
     "The Z-step by `steps` CG steps: `(G_n + λ_n I) x_n = Σ_m a_mn f_m` from X0 (k, N), G_n never formed."
     if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_c, F, V) + reg * V
@@ -173,6 +182,7 @@ def _cg_columns(obs, F, T, reg, X0, steps):
     apply.steps = steps
     return _cg(apply, (T @ F).T, X0)
 
+# %% ../nbs/02_completion.ipynb #393c5471
 def _cg_rows(obs, F, T, reg, Y0, steps):
     "The W-step by `steps` CG steps, on the rows: `(G_m + λ_m I) y_m = Σ_n a_mn f_n` from Y0 (k, M)."
     if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_r, F, V) + reg * V
@@ -216,6 +226,7 @@ def predict(f: Factorization,  # a fitted ALS model
     W, Z = f.factors
     return _predict(f, _check_index(rows, "rows", W.shape[0]), _check_index(cols, "cols", Z.shape[1]))
 
+# %% ../nbs/02_completion.ipynb #92db241c
 def _predict(f, rows, cols):
     "`predict` for indices known to be valid."
     W, Z = f.factors
@@ -223,6 +234,7 @@ def _predict(f, rows, cols):
     if f.extras: p = p + f.extras["mean"] + f.extras["row_bias"][rows] + f.extras["col_bias"][cols]
     return p
 
+# %% ../nbs/02_completion.ipynb #80738b1f
 def _check_index(idx, name: str, n: int):
     "`idx` as integer indices in [0, n); `TypeError`/`IndexError` naming `name` otherwise."
     if not is_tensor(idx): idx = np.asarray(idx)
@@ -233,6 +245,7 @@ def _check_index(idx, name: str, n: int):
                          f"got values from {int(idx.min())} to {int(idx.max())}")
     return idx
 
+# %% ../nbs/02_completion.ipynb #ef282d33
 def _masked_loss(obs, W, Z, reg_rows, reg_cols, mean=0.0, b=None, c=None) -> float:
     "The masked loss computed directly over the observed entries (accumulated in float64)."
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
@@ -247,6 +260,7 @@ class _SparseOperator:
     @property
     def T(self): return _SparseOperator(self.St, self.S)
 
+# %% ../nbs/02_completion.ipynb #a44cfff9
 def _masked_start(obs, rank, mean, init, rng):
     "Initial (W, Z) for masked ALS: randomized SVD of the scaled, centred, zero-filled data, or random."
     M, N = obs.shape
@@ -286,6 +300,7 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
                       (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
                       f"als (masked{', biases' if biases else ''})" + (", cg" if cg_steps else ""), e, 2, extras)
 
+# %% ../nbs/02_completion.ipynb #b27bad9c
 def _biased_product(extras):
     "`combine(W, Z)`: W Z plus the mean and the row and column biases stored in `extras` (when there are any)."
     def combine(W, Z):

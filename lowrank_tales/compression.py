@@ -75,12 +75,14 @@ def check_linear(layer) -> nn.Linear:
     if not isinstance(layer, nn.Linear): raise TypeError(f"layer must be an nn.Linear, got {type(layer).__name__}")
     return layer
 
+# %% ../nbs/09a_compression.ipynb #6ce99984
 def _finish(module: nn.Module, layer: nn.Linear) -> nn.Module:
     "`module` in `layer`'s dtype and device, with `rel_error` = ‖W − Ŵ‖/‖W‖."
     module = module.to(layer.weight.device, layer.weight.dtype)
     with torch.no_grad(): module.rel_error = relative_error(layer.weight.float(), module.weight_matrix().float())
     return module
 
+# %% ../nbs/09a_compression.ipynb #bf74bf55
 def _bias(layer: nn.Linear): return None if layer.bias is None else layer.bias.detach().float().clone()
 
 # %% ../nbs/09a_compression.ipynb #6156bb2f
@@ -90,6 +92,7 @@ def svd_linear(layer: nn.Linear, rank: int) -> FactoredLinear:
     rank = check_int(rank, "rank", 1, min(W.shape), f" for a {W.shape[0]}×{W.shape[1]} layer")
     return _finish(FactoredLinear(*balanced_tsvd(W, rank), _bias(layer)), layer)
 
+# %% ../nbs/09a_compression.ipynb #af312c11
 def kronecker_linear(layer: nn.Linear,
                      terms: int = 1,  # number T of Kronecker products
                      shape: tuple | None = None,  # `(m1, n1)`, the shape of each B_t; default: the splits nearest √d
@@ -99,6 +102,7 @@ def kronecker_linear(layer: nn.Linear,
     shape = shape or (split_dim(W.shape[0])[0], split_dim(W.shape[1])[0])
     return _finish(KroneckerSumLinear(*kronecker_als(W, shape, terms=terms).factors, _bias(layer)), layer)
 
+# %% ../nbs/09a_compression.ipynb #b03cc300
 def khatri_rao_linear(layer: nn.Linear,
                       k: int = 2,  # number of factors in the cascade
                       dims: tuple | None = None,  # factor sizes (product d_out; d_in along the input); None: balanced

@@ -23,6 +23,7 @@ def is_tensor(x) -> bool:
     "Whether `x` is a torch tensor (dense or sparse)."
     return isinstance(x, torch.Tensor)
 
+# %% ../nbs/00_core.ipynb #ff3433de
 def namespace(x):
     "The array library of `x`: `torch` for tensors, `numpy` otherwise."
     return torch if is_tensor(x) else np
@@ -33,11 +34,13 @@ def to_numpy(x) -> np.ndarray:
     if is_tensor(x): return x.detach().cpu().numpy()
     return np.asarray(x)
 
+# %% ../nbs/00_core.ipynb #025e1980
 def to_tensor(x, device=None, dtype=None) -> torch.Tensor:
     "`x` as a torch tensor (shares memory with a CPU numpy array where it can)."
     t = x if is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x))
     return t.to(device=device, dtype=dtype)
 
+# %% ../nbs/00_core.ipynb #76046148
 def like(x, ref):
     "`x` converted to the array kind, dtype and device of `ref`."
     if is_tensor(ref): return to_tensor(x, device=ref.device, dtype=ref.dtype)
@@ -52,6 +55,7 @@ def _describe(x) -> str:
         return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
 
+# %% ../nbs/00_core.ipynb #71f5da09
 def as_float_array(x, name: str = "A", ndim: int | None = 2):
     "`x` as a floating-point numpy array or torch tensor with `ndim` dimensions; `TypeError`/`ValueError` otherwise."
     if not is_tensor(x):
@@ -88,6 +92,7 @@ def unit_exponent(A, limit: int = 16) -> int:
     e = int(np.frexp(m)[1])
     return e if abs(e) > limit else 0
 
+# %% ../nbs/00_core.ipynb #aee2578e
 def scale_pow2(x, e: float):
     "`x·2ᵉ`, in steps of at most `2^±60` so the multiplier never overflows (exact for integer `e` unless subnormal)."
     while e != 0:
@@ -123,6 +128,7 @@ def check_int(value, name: str, low: int = 1, high: int | None = None, why: str 
         raise ValueError(f"{name} must be {bound}{why}, got {value}")
     return int(value)
 
+# %% ../nbs/00_core.ipynb #a5ecbf9c
 def check_nonnegative(value, name: str) -> float:
     "`value` as a finite `float` >= 0; `ValueError` naming `name` otherwise."
     try: v = float(value)
@@ -180,6 +186,7 @@ def check_choice(value, name: str, allowed: tuple):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
 
+# %% ../nbs/00_core.ipynb #2441a1ac
 def check_tol(tol) -> float:
     "`tol` as a float in [0, 1): the relative decrease of the loss below which a fit stops."
     tol = check_nonnegative(tol, "tol")
@@ -193,6 +200,7 @@ def as_generator(seed=None) -> np.random.Generator:
     except (TypeError, ValueError):
         raise TypeError(f"seed must be None, a nonnegative integer or a numpy Generator, got {seed!r}") from None
 
+# %% ../nbs/00_core.ipynb #13139da2
 def random_normal(shape: tuple, ref, seed=None, scale: float = 1.0):
     "Standard normal samples of `shape` (times `scale`) with the kind, dtype and device of `ref`."
     return like(as_generator(seed).standard_normal(shape) * scale, ref)
@@ -209,6 +217,7 @@ def n_elements(x) -> int:
     "Number of entries of an array or tensor."
     return int(x.numel()) if is_tensor(x) else int(np.size(x))
 
+# %% ../nbs/00_core.ipynb #1f519e80
 @dataclass
 class Factorization:
     "The result of a decomposition: factors, how to combine them, and how the fit went."
@@ -240,6 +249,7 @@ def _sum_squares(X) -> float:
     "Σ X², squared and summed in float64 (float32 squares overflow near 1e19 and a float32 sum loses digits)."
     return float(X.double().square().sum()) if is_tensor(X) else float(np.square(X, dtype=np.float64).sum())
 
+# %% ../nbs/00_core.ipynb #1b2339f5
 def relative_error(A, approx, mask=None) -> float:
     "‖A − approx‖/‖A‖ in the Frobenius norm, over the entries where `mask` is true (all when `mask` is None)."
     R = A - approx

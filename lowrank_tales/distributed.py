@@ -41,6 +41,7 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+# %% ../nbs/12_distributed.ipynb #54fec1ab
 def require_process_group(what: str) -> None:
     "`RuntimeError` unless a `torch.distributed` process group is initialised."
     if not (dist.is_available() and dist.is_initialized()):
@@ -61,6 +62,7 @@ def _dumps(obj) -> bytes:
     except ImportError: return pickle.dumps(obj)
     return cloudpickle.dumps(obj)
 
+# %% ../nbs/12_distributed.ipynb #89e03ebb
 def _worker(folder: str, env: dict) -> None:
     "One launched process: output to files, join the group from the environment, run the function, save its result."
     os.environ.update(env)
@@ -76,12 +78,14 @@ def _worker(folder: str, env: dict) -> None:
     (folder / f"result{rank}.tmp").rename(folder / f"result{rank}.pkl")
     sys.stdout.flush()
 
+# %% ../nbs/12_distributed.ipynb #603a80ed
 def _worker_env(rank: int, world_size: int, port: int, backend: str, timeout: float, threads: int) -> dict:
     "The environment `torchrun` would give rank `rank` (plus the backend, deadline and thread count)."
     return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                 WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), LT_BACKEND=backend,
                 LT_TIMEOUT=str(timeout), OMP_NUM_THREADS=str(threads), LOWRANK_TALES_PROGRESS="0")
 
+# %% ../nbs/12_distributed.ipynb #307571d5
 def _tail(path: Path, n: int = 3000) -> str:
     "The last `n` characters of a text file."
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
@@ -93,6 +97,7 @@ def _report(procs: list, folder: Path, what: str) -> str:
                      for r, p in enumerate(procs) if p.exitcode != 0)
     return f"launch: {what}; every worker was stopped.\n{logs}"
 
+# %% ../nbs/12_distributed.ipynb #8121829a
 def _wait(procs: list, folder: Path, deadline: float) -> None:
     "Wait for every worker; on a failure or at the deadline kill them all and raise with the workers' error output."
     while any(p.exitcode is None for p in procs):
@@ -108,11 +113,13 @@ def _wait(procs: list, folder: Path, deadline: float) -> None:
     if failed := [r for r, p in enumerate(procs) if p.exitcode != 0]:
         raise RuntimeError(_report(procs, folder, f"rank(s) {failed} failed"))
 
+# %% ../nbs/12_distributed.ipynb #317c59ac
 def _worker_target():
     "`_worker` from the installed module (so that workers find it by name also when this code runs in the notebook)."
     import importlib
     return importlib.import_module("lowrank_tales.distributed")._worker
 
+# %% ../nbs/12_distributed.ipynb #de310eea
 def _fork_server():
     "The multiprocessing context whose workers fork from a server that has imported this module (and torch) once."
     ctx = multiprocessing.get_context("forkserver")
@@ -212,6 +219,7 @@ def adapter_factors(model: nn.Module) -> dict[str, nn.Parameter]:
               for k, _ in s.copies[n].named_parameters()}
     return {n: p for n, p in model.named_parameters() if n in names}
 
+# %% ../nbs/12_distributed.ipynb #8f67e784
 def adapter_ddp(model: nn.Module,  # a model with adapters (`inject` first), on this rank's device
                 *,
                 also_train: str | None = None,  # full-match regex of other parameter names to train (e.g. a head)
@@ -240,6 +248,7 @@ def _ids(x, name: str) -> np.ndarray:
     if x.size and x.min() < 0: raise ValueError(f"{name} must be non-negative ids, got {x.min()}")
     return x.astype(np.int64)
 
+# %% ../nbs/12_distributed.ipynb #cef28206
 def _frame_columns(df, columns) -> list:
     "The three columns of a DataFrame that hold (row id, column id, value)."
     if columns is None:
@@ -324,6 +333,7 @@ def distributed_sweep(shard: RatingShard,  # this rank's observations
     W = ridge_solve(*all_reduce_sum(*shard.statistics_t(np.ascontiguousarray(Z.T))), reg_rows).T
     return W, Z, distributed_loss(shard, W, Z, reg_rows, reg_cols)
 
+# %% ../nbs/12_distributed.ipynb #2672a227
 def distributed_loss(shard, W, Z, reg_rows, reg_cols) -> float:
     "Σ over every rank's observations of (a_mn − w_mᵀ z_n)², plus the ridge penalty."
     r = shard.vals - np.einsum("ik,ki->i", W[shard.rows], Z[:, shard.cols])
@@ -338,6 +348,7 @@ class _SummedOperator:
     @property
     def T(self): return _SummedOperator(self.St, self.S)
 
+# %% ../nbs/12_distributed.ipynb #dd66eca7
 def _start(shard, rank, init, seed, n_obs, sum_sq, dtype):
     "Initial (W, Z), the same on every rank and as `als` would use: randomized SVD of the scaled data, or random."
     M, N = shard.shape
@@ -361,16 +372,19 @@ def _global_shape(rows, cols, shape, across_ranks=True):
     if top.min() < 0: raise ValueError("ratings are empty on every rank: there is nothing to factorise")
     return int(top[0]) + 1, int(top[1]) + 1
 
+# %% ../nbs/12_distributed.ipynb #a00d15d1
 def _result_kind(ratings, dtype):
     "A 0-size array of the kind (numpy or torch, device) the caller gave the ratings in, with `dtype`."
     given = ratings[2] if isinstance(ratings, tuple) else ratings
     if is_tensor(given): return torch.zeros(0, dtype=getattr(torch, str(dtype)), device=given.device)
     return np.zeros(0, dtype)
 
+# %% ../nbs/12_distributed.ipynb #3cac5062
 def matrix_product(W, Z):
     "`W @ Z` (a module-level function, so that a `Factorization` can be pickled and sent between processes)."
     return W @ Z
 
+# %% ../nbs/12_distributed.ipynb #4183d2a7
 def _shared_seed(seed):
     "`seed`, or (when None) a seed drawn on rank 0 and shared with every rank."
     if seed is not None or world()[1] == 1: return seed
@@ -450,6 +464,7 @@ def spark_factor_matrix(frame,  # a Spark DataFrame with columns `id` and `featu
     out[ids] = F
     return out
 
+# %% ../nbs/12_distributed.ipynb #1c31d0d1
 def from_spark(model,  # a fitted `pyspark.ml.recommendation.ALSModel`
                n_rows: int,  # M, number of users (row ids 0..M-1)
                n_cols: int,  # N, number of items

@@ -32,6 +32,7 @@ def meta_layer(d_out: int, d_in: int) -> nn.Linear:
     "A storage-free `nn.Linear` with a `d_out × d_in` weight."
     return nn.Linear(d_in, d_out, bias=False, device="meta")
 
+# %% ../nbs/09_compress.ipynb #6319f466
 def split_options(method: str, options: dict, fit) -> tuple[dict, dict]:
     """`options` split into the adapter's keyword arguments and those of the fitting function `fit`.
 
@@ -50,11 +51,13 @@ def check_method(method) -> str:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     return method.lower()
 
+# %% ../nbs/09_compress.ipynb #10d263c1
 def size_ladder(method: str, max_rank: int, max_p: int) -> list[dict]:
     "Keyword arguments of the adapters of `method` to try under a budget (ranks 1…`max_rank`, or LoKH's `p = max_p…1`)."
     if method == "lokh": return [dict(p=p) for p in range(max_p, 0, -1)]
     return [dict(rank=r) for r in range(1, max_rank + 1)]
 
+# %% ../nbs/09_compress.ipynb #066cc325
 def largest_fitting(ladder: list, size, budget: int, what: str):
     """The last rung of `ladder` with `size(rung)` ≤ `budget`, by bisection.
 
@@ -68,6 +71,7 @@ def largest_fitting(ladder: list, size, budget: int, what: str):
         raise ValueError(f"budget={budget} is smaller than the smallest {what}, which has {size(ladder[0])} parameters")
     return ladder[lo - 1]
 
+# %% ../nbs/09_compress.ipynb #fe0b281b
 def lokh_max_p(shapes: list, along: str = "auto") -> int:
     "The largest LoKH `p` that every `(d_out, d_in)` in `shapes` can take on the side(s) `along` allows."
     sides = {"output": (0,), "input": (1,), "auto": (0, 1)}[along]
@@ -79,6 +83,7 @@ def build_shadow(method: str, base: nn.Module, kw: dict) -> Adapter | None:
     try: return METHODS[method](base, **kw)
     except ValueError: return None
 
+# %% ../nbs/09_compress.ipynb #ac92fe40
 def shadow_adapter(method: str, base: nn.Module, rank=None, budget=None,
                    adapter_options: dict | None = None) -> Adapter:
     "The (meta) adapter whose factors an extraction fills: given `rank`, or the largest one within `budget` parameters."
@@ -105,6 +110,7 @@ def balanced_tsvd(D: torch.Tensor, r: int) -> tuple:
     q = s[:r].sqrt()
     return U[:, :r] * q, q[:, None] * Vh[:r]
 
+# %% ../nbs/09_compress.ipynb #601590da
 def lora_factors(D: torch.Tensor, ad: LoRA) -> tuple:
     "LoRA's `(B, A)` closest to `D`: the truncated SVD."
     return balanced_tsvd(D, ad.rank)
@@ -147,6 +153,7 @@ class Extraction(Factorization):
     options: dict = field(default_factory=dict)  # keyword arguments of the matching adapter (`rank`, `shape`, ...)
     shape: tuple = ()  # `(d_out, d_in)` of the update it approximates
 
+# %% ../nbs/09_compress.ipynb #4b934df8
 def adapter_options(ad: Adapter) -> dict:
     "Keyword arguments that rebuild the factor shapes of adapter `ad` exactly."
     if isinstance(ad, LoKH): return dict(dims=ad.dims, along=ad.along)
@@ -213,6 +220,7 @@ def fill_adapter(adapter: Adapter, ex: Extraction) -> Adapter:
             p.copy_(to_tensor(f) / (adapter.scale if i == 0 else 1.0))
     return adapter
 
+# %% ../nbs/09_compress.ipynb #9a112e8d
 def _to_adapter(self, base: nn.Module, alpha: float | None = None) -> Adapter:
     "A new adapter around `base` (built with `options` and `alpha`) holding these factors."
     return fill_adapter(METHODS[self.method](base, alpha=alpha, **self.options), self)
@@ -226,6 +234,7 @@ def weights_of(finetuned) -> dict:
     if isinstance(finetuned, dict): return finetuned
     raise TypeError(f"finetuned must be a torch.nn.Module or a state dict, got {type(finetuned).__name__}")
 
+# %% ../nbs/09_compress.ipynb #6cb28e1e
 def target_updates(model: nn.Module, finetuned, names: list) -> dict:
     """`W_ft − W0` (float32, `d_out × d_in`) for every module in `names`.
 
@@ -278,6 +287,7 @@ def inject_fitted(model: nn.Module, method: str, kw: dict, alpha, updates_of, fi
     model.extraction_errors = {n: ex.rel_error for n, ex in fits.items()}
     return model
 
+# %% ../nbs/09_compress.ipynb #b3752ed5
 def extract_adapters(model: nn.Module,  # the pretrained model (weights W0); adapters are injected into it
                      finetuned,  # the fine-tuned model, or its state dict (weights W_ft)
                      method: str,  # "lora", "loha", "lokr" or "lokh"

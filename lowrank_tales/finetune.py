@@ -110,6 +110,7 @@ def autocast_context(model: nn.Module, dtype: torch.dtype | None):
     if dtype is None: return nullcontext()
     return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
+# %% ../nbs/08_finetune.ipynb #ad130964
 def train_classifier(model: TextClassifier, data: tuple,  # `(texts, labels)`, e.g. `load_reviews()['train']`
                      *, epochs: int = 1, batch_size: int = 16,
                      lr: float = 1e-3,  # learning rate of the encoder's trainable parameters (adapters, or all)

@@ -22,24 +22,29 @@ def _cholesky_solve_batch(G, B):
     L, info = torch.linalg.cholesky_ex(G)
     return spd_solve(G, B) if bool(info.any()) else torch.cholesky_solve(B, L)
 
+# %% ../nbs/03_hadamard.ipynb #88e01535
 def _block_terms(A, Om, H) -> tuple:
     "The weights `Ω ∘ H ∘ H` and the data `A ∘ H` of the problems with `H` fixed (A is zero where Ω is false)."
     return (H * H if Om is None else Om * H * H), A * H
 
+# %% ../nbs/03_hadamard.ipynb #00d9bfbb
 def _solve_right(W, weights, AH, reg: float):
     "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖², all columns at once, from the block terms."
     G = weighted_grams(W, weights)  # the shared kernel (its dense small-K form here)
     if reg: G.diagonal(dim1=-2, dim2=-1).add_(reg)
     return _cholesky_solve_batch(G, (W.T @ AH).T[:, :, None])[:, :, 0].T
 
+# %% ../nbs/03_hadamard.ipynb #f8acccb4
 def _solve_left(Z, weights, AH, reg: float):
     "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²: the column problem on the transposes."
     return _solve_right(Z.T, weights.T, AH.T, reg).T
 
+# %% ../nbs/03_hadamard.ipynb #e95e784f
 def _update_right(A, Om, W, H, reg: float):
     "The exact minimiser Z of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖Z‖² (A is zero where Ω is false)."
     return _solve_right(W, *_block_terms(A, Om, H), reg)
 
+# %% ../nbs/03_hadamard.ipynb #12513d16
 def _update_left(A, Om, Z, H, reg: float):
     "The exact minimiser W of ‖Ω ∘ (A − (W Z) ∘ H)‖² + reg‖W‖²."
     return _solve_left(Z, *_block_terms(A, Om, H), reg)
@@ -57,6 +62,7 @@ def _als_sweep(A, Om, F: list, reg: float = 0.0, beta: float = 0.0) -> tuple:
     w1 = _solve_left(Z1, *terms, reg); W1 = step(w1, W1)
     return [W1, Z1, W2, Z2], [w1, z1, w2, z2]
 
+# %% ../nbs/03_hadamard.ipynb #8486f629
 def _loss(A, Om, F: list, reg: float) -> float:
     "‖Ω ∘ (A − (W1 Z1) ∘ (W2 Z2))‖² + reg Σ‖F‖²."
     W1, Z1, W2, Z2 = F
@@ -73,6 +79,7 @@ def _gd_right(A, Om, W, Z, H, reg: float):
     L = float(torch.linalg.matrix_norm(W, ord=2)) ** 2 * float((H * H if Om is None else Om * H * H).max()) + reg
     return Z - (W.T @ (E * H) + reg * Z) / max(L, torch.finfo(A.dtype).tiny)
 
+# %% ../nbs/03_hadamard.ipynb #6563df3d
 def _gd_sweep(A, Om, F: list, reg: float = 0.0, beta: float = 0.0) -> tuple:
     "One block gradient-descent sweep, in the order of the ALS sweep."
     W1, Z1, W2, Z2 = F
@@ -89,6 +96,7 @@ def _tsvd_factors(X, r: int):
     U, s, Vh = batched_svd(X)
     return balanced_factors(U[:, :r], s[:r], Vh[:r])
 
+# %% ../nbs/03_hadamard.ipynb #a2b3fc35
 def _rescale(A, Om, F: list) -> list:
     "Multiply the start by the best scalar α, spreading |α|^(1/4) over the four factors and the sign onto W1."
     X = (F[0] @ F[1]) * (F[2] @ F[3])
@@ -98,6 +106,7 @@ def _rescale(A, Om, F: list) -> list:
     a = abs(alpha) ** 0.25 if alpha != 0 else 1.0
     return [F[0] * (a if alpha >= 0 else -a)] + [f * a for f in F[1:]]
 
+# %% ../nbs/03_hadamard.ipynb #1dfb1920
 def _init(A, Om, r1: int, r2: int, init: str, rng) -> list:
     "Starting factors [W1, Z1, W2, Z2]: SVD of the magnitude/sign split of A, or Gaussian; best-scaled."
     if init == "svd":
@@ -124,12 +133,14 @@ def _check_ranks(ranks, shape) -> tuple:
     high = min(shape)
     return tuple(check_int(r, "ranks", high=high, why=f" (min(M, N) for A of shape {tuple(shape)})") for r in pair)
 
+# %% ../nbs/03_hadamard.ipynb #abc69b0d
 def _check_momentum(momentum) -> float:
     "`momentum` as a float in [0, 1)."
     momentum = check_nonnegative(momentum, "momentum")
     if momentum >= 1: raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     return momentum
 
+# %% ../nbs/03_hadamard.ipynb #e1bf353f
 def _hadamard(W1, Z1, W2, Z2):
     "(W1 Z1) ∘ (W2 Z2)."
     return (W1 @ Z1) * (W2 @ Z2)

@@ -29,12 +29,14 @@ def target_matches(name: str, targets: str | list) -> bool:
     if isinstance(targets, str): return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
 
+# %% ../nbs/07_models.ipynb #52746a1f
 def pattern_value(pattern: dict | None, name: str, default):
     "PEFT's per-module value: that of the first key `k` of `pattern` with `name` matching `(.*\\.)?k$`, else `default`."
     for k, v in (pattern or {}).items():
         if re.match(rf"(.*\.)?({k})$", name): return v
     return default
 
+# %% ../nbs/07_models.ipynb #d7203ffd
 def exact_targets(names) -> str:
     "A regex that fully matches exactly the module `names`."
     return "|".join(re.escape(n) for n in names)
@@ -44,27 +46,33 @@ def adapter_layers(model: nn.Module) -> dict[str, Adapter]:
     "The adapted layers inside `model`, by module name."
     return {name: m for name, m in model.named_modules() if isinstance(m, Adapter)}
 
+# %% ../nbs/07_models.ipynb #ed3f3456
 def check_model(model) -> nn.Module:
     "`model` if it is an `nn.Module`, else `TypeError`."
     if not isinstance(model, nn.Module): raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return model
 
+# %% ../nbs/07_models.ipynb #d045afe5
 def saved_modules(model: nn.Module) -> dict:
     "The modules trained in full beside the adapters (`SavedModule`s, see `inject`'s `modules_to_save`), by name."
     return {name: m for name, m in model.named_modules() if isinstance(m, SavedModule)}
 
+# %% ../nbs/07_models.ipynb #8480b020
 def _holders(model: nn.Module) -> list:
     "Every adapted layer and saved module of `model`."
     return list(adapter_layers(check_model(model)).values()) + list(saved_modules(model).values())
 
+# %% ../nbs/07_models.ipynb #73862f53
 def adapter_names(model: nn.Module) -> list[str]:
     "The names of the adapters `model` holds, in the order they were added."
     return list(dict.fromkeys(n for h in _holders(model) for n in getattr(h, "updates", getattr(h, "copies", {}))))
 
+# %% ../nbs/07_models.ipynb #1a4140f3
 def active_adapters(model: nn.Module) -> list[str]:
     "The names of the active adapters of `model`."
     return list(dict.fromkeys(n for h in _holders(model) for n in h.active))
 
+# %% ../nbs/07_models.ipynb #49d3578c
 def _names(model: nn.Module, name, default: list) -> list[str]:
     "`name` (a name or a list of names) checked against `model`'s adapters, or `default` when `None`."
     names = default if name is None else [name] if isinstance(name, str) else list(name)
@@ -89,6 +97,7 @@ def _update_kwargs(method: str, rank, alpha, options: dict) -> dict:
     if method == "lokh": return dict(options, alpha=alpha)
     return dict(options, rank=8 if rank is None else rank, alpha=alpha)
 
+# %% ../nbs/07_models.ipynb #bba3b50c
 def make_adapter(method: str, layer: nn.Module, rank: int | None, alpha: float | None, options: dict,
                  name: str = "") -> Adapter:
     "The layer `method` builds around `layer` (a single adapter); errors name the module `name`."
@@ -105,16 +114,19 @@ def check_targets(targets) -> str | list:
     if not targets: raise ValueError("targets must name at least one module, got an empty list")
     return list(targets)
 
+# %% ../nbs/07_models.ipynb #3681fda6
 def unmatched(names: list[str], targets) -> list[str]:
     "The target patterns that match none of `names`."
     if isinstance(targets, str): return [] if any(target_matches(n, targets) for n in names) else [targets]
     return [t for t in targets if not any(target_matches(n, [t]) for n in names)]
 
+# %% ../nbs/07_models.ipynb #dee0d462
 def _outer_names(model: nn.Module) -> list[str]:
     "Names of `model`'s modules, leaving out those inside an adapted layer or a saved module."
     inner = [n + "." for n, m in model.named_modules() if isinstance(m, (Adapter, SavedModule))]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inner)]
 
+# %% ../nbs/07_models.ipynb #0cada494
 def check_name(name) -> str:
     "`name` if it can name an adapter (a non-empty string without '.'), else `ValueError`."
     if not isinstance(name, str) or not name or "." in name:
@@ -185,17 +197,20 @@ class SavedModule(nn.Module):
             if name.startswith("_") or "copies" not in mods: raise
             return getattr(self.live(), name)
 
+# %% ../nbs/07_models.ipynb #41bf518d
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     "Put `new` at path `name` in `model`."
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent), leaf, new)
 
+# %% ../nbs/07_models.ipynb #8eda8829
 def _method_options(method: str, dropout, rslora, dora, options: dict) -> dict:
     "`options` with the keyword arguments every method shares; `ValueError` for those `method` lacks."
     if rslora and method != "lora":
         raise ValueError(f"rslora=True is LoRA's option (PEFT's use_rslora), got method={method!r}")
     return dict(options, dropout=dropout, **(dict(rslora=True) if rslora else {}), **(dict(dora=True) if dora else {}))
 
+# %% ../nbs/07_models.ipynb #7552c1c5
 def inject(model: nn.Module, method: str, *,
            targets: str | list,  # a full-match regex, or module names (a name matches itself and any `*.name`)
            name: str = "default",  # the adapter's name; another name adds another adapter (PEFT's `add_adapter`)
@@ -233,6 +248,7 @@ def inject(model: nn.Module, method: str, *,
         m.add(name, active=first)
     return model
 
+# %% ../nbs/07_models.ipynb #34ebe891
 def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
     "The modules `modules_to_save` names (a name matches itself and any `*.name`), checked: none holds an adapter."
     if not modules_to_save: return []
@@ -261,6 +277,7 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
             raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
                              "them too; untie them first (give the module a copy of the weight)")
 
+# %% ../nbs/07_models.ipynb #bcce1701
 def merge(model: nn.Module, name=None) -> nn.Module:
     "Fold adapters `name` (a name or list; default: the active ones) into the weights (float32, rounded once)."
     ads = adapter_layers(check_model(model))
@@ -279,6 +296,7 @@ def merge(model: nn.Module, name=None) -> nn.Module:
         raise
     return model
 
+# %% ../nbs/07_models.ipynb #46b450c4
 def unmerge(model: nn.Module, name=None) -> nn.Module:
     "Take adapters `name` (default: every merged one) out of the weights, restoring `W0` exactly when none is left."
     ads = adapter_layers(check_model(model))
@@ -302,6 +320,7 @@ def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
     for h in _holders(model): h.set_active(names)
     return model
 
+# %% ../nbs/07_models.ipynb #38276c6b
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Within the block, `model` computes as its base model (PEFT's `disable_adapter`). Merged adapters are taken
@@ -318,6 +337,7 @@ def disable_adapters(model: nn.Module):
         for h, d in zip(holders, before): h.disabled = d
         for n, names in was_merged.items(): ads[n].merge(names)  # recomputed from W0 in the same order: identical
 
+# %% ../nbs/07_models.ipynb #6a0ed4a9
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     "Remove adapter `name` from every layer; a layer left with none becomes its base module again; returns `model`."
     ads = adapter_layers(check_model(model))
@@ -347,6 +367,7 @@ def unload(model: nn.Module) -> nn.Module:
     for n, s in saved_modules(model).items(): replace_module(model, n, s.original)
     return model
 
+# %% ../nbs/07_models.ipynb #428d2708
 def merge_and_unload(model: nn.Module) -> nn.Module:
     "Merge the active adapters, then put every layer's original module back holding the merged weight; returns `model`."
     ads = adapter_layers(check_model(model))

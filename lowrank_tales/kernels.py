@@ -156,6 +156,7 @@ def _is_scipy_sparse(x) -> bool:
     sp = sys.modules.get("scipy.sparse")
     return sp is not None and sp.issparse(x)
 
+# %% ../nbs/00a_kernels.ipynb #786a6e00
 def _pair_columns(K: int):
     "For every flat position (k, l) of a K×K matrix, the column of its pair {k, l} among `np.triu_indices(K)`."
     k, l = np.triu_indices(K)
@@ -197,6 +198,7 @@ def divisors(n: int) -> list:
     small = [d for d in range(1, int(n ** 0.5) + 1) if n % d == 0]
     return small + [n // d for d in reversed(small) if d * d != n]
 
+# %% ../nbs/00a_kernels.ipynb #1c96cead
 def prime_factors(n: int) -> list:
     "The prime factors of `n`, with multiplicity, largest first."
     out, p = [], 2
@@ -205,6 +207,7 @@ def prime_factors(n: int) -> list:
         p += 1
     return sorted(out + ([n] if n > 1 else []), reverse=True)
 
+# %% ../nbs/00a_kernels.ipynb #93d0967f
 def balanced_split(n: int, k: int) -> tuple:
     "A balanced factorisation of `n` into `k` factors, largest first (each prime onto the smallest factor so far)."
     dims = [1] * k

@@ -36,6 +36,7 @@ def _column_tensors(A, dims):
     "The columns of `A` as a batch (N, d1, ..., dk) of reshaped tensors."
     return A.T.reshape(A.shape[1], *dims)
 
+# %% ../nbs/05_khatri_rao.ipynb #5c95f843
 def _from_column_tensors(X):
     "The inverse of `_column_tensors`: a batch (N, d1, ..., dk) back to a matrix (d1⋯dk, N)."
     return X.reshape(X.shape[0], -1).T
@@ -45,6 +46,7 @@ def _fix_signs(ws: list) -> list:
     "Flip signs so that, in each column, the largest-magnitude entry of every factor but the last is positive."
     return fix_signs(ws, dim=1)
 
+# %% ../nbs/05_khatri_rao.ipynb #2e35cfcf
 def _rank_one_svd(X):
     "Balanced leading singular pairs `(√σ₁ u₁, √σ₁ v₁)` of a batch of matrices (N, d1, d2), as (N, d1) and (N, d2)."
     U, s, Vh = batched_svd(X)
@@ -94,6 +96,7 @@ def _outer(ws: list, skip: int | None = None):
         P = w.reshape(shape) if P is None else P * w.reshape(shape)
     return P
 
+# %% ../nbs/05_khatri_rao.ipynb #1d7f4929
 def _mode_update(X, Om, ws: list, i: int):
     "The exact least-squares update of factor `i` for every column: HOPM, weighted by the mask `Om` when given."
     P = _outer(ws, skip=i)
@@ -104,6 +107,7 @@ def _mode_update(X, Om, ws: list, i: int):
     else: num, den = (Om * X * P).sum(axes), (Om * P * P).sum(axes)
     return num / den.clamp_min(torch.finfo(X.dtype).tiny)
 
+# %% ../nbs/05_khatri_rao.ipynb #197d3cf9
 def _hopm_sweep(X, Om, ws: list) -> list:
     "One ALS sweep: update every factor in turn."
     ws = list(ws)
@@ -117,6 +121,7 @@ def _balance(ws: list) -> list:
     scale = math.prod(norms) ** (1 / len(ws))
     return _fix_signs([w / n.clamp_min(torch.finfo(w.dtype).tiny) * scale for w, n in zip(ws, norms)])
 
+# %% ../nbs/05_khatri_rao.ipynb #590389b9
 def _hosvd_start(X) -> list:
     "Rank-one factors of each tensor in the batch `X` (N, d1, ..., dk): truncated HOSVD (leading vector per mode)."
     N, k, tiny = X.shape[0], X.ndim - 1, torch.finfo(X.dtype).tiny
@@ -136,6 +141,7 @@ def _sq_residual(X, Om, approx) -> float:
     "‖Ω ∘ (X − approx)‖², accumulated in float64."
     return _sum_squares(X - approx if Om is None else (X - approx) * Om)
 
+# %% ../nbs/05_khatri_rao.ipynb #26b0aef0
 def _ridge_mode_update(X, Om, ws: list, i: int, reg: float):
     "The exact update of factor `i` for every column, with a ridge λ‖w_i‖² (HOPM when λ = 0)."
     if not reg: return _mode_update(X, Om, ws, i)
@@ -145,6 +151,7 @@ def _ridge_mode_update(X, Om, ws: list, i: int, reg: float):
     else: num, den = (Om * X * P).sum(axes), (Om * P * P).sum(axes)
     return num / (den + reg)
 
+# %% ../nbs/05_khatri_rao.ipynb #ecb72283
 def _khatri_rao_loss(X, Om, ws, reg) -> float:
     return _sq_residual(X, Om, _outer(ws)) + reg * sum(_sum_squares(w) for w in ws)
 
@@ -153,6 +160,7 @@ def _partition_product(R: int, *factors):
     "`[B_1 ⊗ C_1, …, B_R ⊗ C_R]` from the factors (B_1, …, B_R, C_1, …, C_R)."
     return partition_khatri_rao(list(factors[:R]), list(factors[R:]))
 
+# %% ../nbs/05_khatri_rao.ipynb #b69bd907
 def _check_widths(widths, n_cols: int) -> list:
     "`widths` as a list of (s_r, t_r) pairs whose Σ s_r·t_r is A's column count."
     pair = lambda w: isinstance(w, (list, tuple)) and len(w) == 2
@@ -164,6 +172,7 @@ def _check_widths(widths, n_cols: int) -> list:
                          f"but A has {n_cols}")
     return pairs
 
+# %% ../nbs/05_khatri_rao.ipynb #c7558c65
 def _partition_fit(A, mask, dims, widths, **options) -> Factorization:
     "Partition-wise Khatri-Rao: one `kronecker_als` per column block, gathered into one `Factorization`."
     p, q = dims

@@ -42,6 +42,7 @@ def rearrange(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor
     (m1, n1), (m2, n2) = _kronecker_shapes(A.shape, shape)
     return _swap_middle(A.reshape(m1, m2, n1, n2)).reshape(m1 * n1, m2 * n2)
 
+# %% ../nbs/04_kronecker.ipynb #6da2082c
 def unrearrange(R,  # rearranged matrix (m1·n1, m2·n2)
                 shape,  # B's shape (m1, n1)
                 c_shape,  # C's shape (m2, n2)
@@ -78,10 +79,12 @@ def _svd_factors(R, terms: int, reg: float, method: str, seed=None):
     else: U, s, Vh = truncated_svd(R, terms)
     return _factors_from_svd(U, s, Vh, reg)
 
+# %% ../nbs/04_kronecker.ipynb #a1c4ed01
 def _stack(Bm, Cm, shape, c_shape):
     "Flattened factors (P, T), (Q, T) as stacks (T, m1, n1), (T, m2, n2)."
     return Bm.T.reshape(-1, *shape), Cm.T.reshape(-1, *c_shape)
 
+# %% ../nbs/04_kronecker.ipynb #3cceb72c
 def _check_terms(terms, P, Q):
     why = f" (the rank of the rearranged matrix R(A), of shape {(P, Q)}, is at most {min(P, Q)})"
     return check_int(terms, "terms", high=min(P, Q), why=why)
@@ -111,6 +114,7 @@ def _masked_sweep(R, Om, Bm, Cm, reg: float = 0.0):
     Cm = solve_weighted_columns(Bm, Wt, Bm.T @ (Wt * R), reg).T
     return Bm, Cm
 
+# %% ../nbs/04_kronecker.ipynb #89474462
 def _loss(R, Om, X, Bm, Cm, reg: float) -> float:
     "‖Ω ∘ (R − X)‖² + λ(‖B‖² + ‖C‖²)."
     E = R - X if Om is None else (R - X) * Om

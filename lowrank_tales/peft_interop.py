@@ -35,6 +35,7 @@ def peft_name(u: Update, factor: str) -> str:
     if u.method == "lora" and u.kind == "embedding": return f"lora_embedding_{factor}"
     return PEFT_NAMES[u.method][factor]
 
+# %% ../nbs/07b_peft.ipynb #ddd4e19f
 def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
     "The shape PEFT gives the `factor` of update `u` on layer `base` (convolutions keep kernel dimensions in places)."
     shape = tuple(getattr(u, factor).shape)
@@ -66,10 +67,12 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
             return "its factor shapes (options shape= or low_rank=) differ from those PEFT's decompose_factor gives"
     return None
 
+# %% ../nbs/07b_peft.ipynb #33bd39d4
 def peft_rank(u: Update) -> int:
     "The `r` PEFT records for update `u`."
     return u.ranks[0] if isinstance(u, UPDATES["loha"]) else u.rank
 
+# %% ../nbs/07b_peft.ipynb #55c49170
 def peft_alpha(u: Update) -> float:
     "The alpha PEFT needs to give update `u` its scale (`alpha / r`, or `alpha / √r` with rsLoRA)."
     r = peft_rank(u)
@@ -81,12 +84,14 @@ def _common(values: dict, what: str):
     vals = list(values.values())
     return max(vals, key=lambda v: (vals.count(v), -vals.index(v)))
 
+# %% ../nbs/07b_peft.ipynb #8e7c60af
 def _one_value(values: dict, what: str):
     "The one value every module shares for PEFT's field `what`, else `ValueError`."
     if len(set(values.values())) > 1:
         raise ValueError(f"PEFT has one {what} per adapter; these modules differ: {values}")
     return next(iter(values.values()))
 
+# %% ../nbs/07b_peft.ipynb #dcf1b4b5
 def peft_config(ups: dict, bases: dict) -> dict:
     "PEFT's `adapter_config.json` for the updates `ups` (module → update, one method) on layers `bases`."
     u0 = next(iter(ups.values()))
@@ -139,6 +144,7 @@ def _export_one(model: nn.Module, path: Path, name: str) -> Path:
     return write_folder(path, {"adapter_model.safetensors": lambda f: save_file(tensors, f, metadata={"format": "pt"}),
                                "adapter_config.json": lambda f: Path(f).write_text(json.dumps(config, indent=2))})
 
+# %% ../nbs/07b_peft.ipynb #d09b23c0
 def export_peft(model: nn.Module, path, name=None) -> Path:
     "Write adapters `name` (default: the active ones) as PEFT folders: `default` in `path`, others in `path/<name>`."
     path = check_folder(path)
@@ -166,6 +172,7 @@ def check_peft_config(config: dict, what: str) -> str:
             raise ValueError(f"{what} uses {key}={config[key]!r}, which lowrank_tales does not support")
     return methods[config["peft_type"]]
 
+# %% ../nbs/07b_peft.ipynb #22c185a8
 def split_peft_key(key: str, method: str, what: str) -> tuple[str, str]:
     "`(module, factor)` for a PEFT tensor name."
     embedding_names = {"lora_embedding_A": "A", "lora_embedding_B": "B"} if method == "lora" else {}
@@ -195,6 +202,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
+# %% ../nbs/07b_peft.ipynb #2630013f
 def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     "Load a Hugging Face PEFT LoRA/LoHa/LoKr folder into `model` as adapter `name` (adding it if new); returns `model`."
     path = check_folder(path)
@@ -218,6 +226,7 @@ def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     ours |= {"modules_to_save." + k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if k in of_saved}
     return _install(model, name, specs, ours, ups, existing, saved)
 
+# %% ../nbs/07b_peft.ipynb #662116c9
 def _peft_saved(model: nn.Module, modules_to_save, what: str) -> list[str]:
     "The modules a PEFT config's `modules_to_save` picks, by PEFT's rule (every module whose name ends in an entry)."
     if not modules_to_save: return []

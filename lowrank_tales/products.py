@@ -29,10 +29,12 @@ def _same_kind(arrays: list, names: list) -> list:
     dtype = np.result_type(*arrays)
     return [a.astype(dtype, copy=False) for a in arrays]
 
+# %% ../nbs/00_products.ipynb #c213cf21
 def _matrices(Ms, names) -> list:
     "The operands `Ms` as 2-D float arrays of one kind and dtype, checked under `names`."
     return _same_kind([as_float_array(M, n) for M, n in zip(Ms, names)], list(names))
 
+# %% ../nbs/00_products.ipynb #25ed11d4
 def _shapes(Ms) -> str:
     "The shapes of `Ms` for an error message."
     return ", ".join(str(tuple(M.shape)) for M in Ms)
@@ -76,6 +78,7 @@ def _factors(Ms, what: str) -> list:
     if not Ms: raise ValueError(f"{what} needs at least one factor, got none")
     return _matrices(Ms, [f"M{k + 1}" for k in range(len(Ms))])
 
+# %% ../nbs/00_products.ipynb #675cf2c8
 def _check_equal(Ms, axis: int, what: str) -> None:
     "Raise `ValueError` unless every matrix in `Ms` has the same size along `axis`."
     if len({M.shape[axis] for M in Ms}) > 1:
@@ -87,6 +90,7 @@ def _khatri_rao2(B, C):
     "Khatri-Rao product of two checked factors."
     return (B[:, None, :] * C[None, :, :]).reshape(B.shape[0] * C.shape[0], B.shape[1])
 
+# %% ../nbs/00_products.ipynb #41b50a1d
 def khatri_rao(*Ms):
     "Column-wise Kronecker product `M1 ⊙ M2 ⊙ ⋯`: column `n` is `M1[:, n] ⊗ M2[:, n] ⊗ ⋯`."
     Ms = _factors(Ms, "khatri_rao")
@@ -99,6 +103,7 @@ def _float64_and_eps(A):
     eps = float(torch.finfo(A.dtype).eps) if is_tensor(A) else float(np.finfo(A.dtype).eps)
     return to_numpy(A.detach().double() if is_tensor(A) else A).astype(np.float64), eps
 
+# %% ../nbs/00_products.ipynb #c3dba03f
 def _ranks(S, tol, eps: float):
     "Numerical ranks of a stack of matrices `S` `(..., m, n)`: singular values above `tol`, else `σ_max·max(m, n)·eps`."
     sv = np.linalg.svd(S, compute_uv=False)
@@ -132,6 +137,7 @@ def kruskal_rank(M,  # matrix (I, N), numpy array or torch tensor
             if (_ranks(M[:, subsets].transpose(1, 0, 2), tol, eps) < k).any(): return k - 1
     return min(M.shape)
 
+# %% ../nbs/00_products.ipynb #b3559580
 def _chunks(iterable, size: int):
     "Arrays of up to `size` consecutive items of `iterable`."
     it = iter(iterable)
@@ -142,6 +148,7 @@ def _face_split2(B, C):
     "Face-splitting product of two checked factors."
     return (B[:, :, None] * C[:, None, :]).reshape(B.shape[0], B.shape[1] * C.shape[1])
 
+# %% ../nbs/00_products.ipynb #c663b3d8
 def face_split(*Ms):
     "Row-wise Kronecker product `M1 • M2 • ⋯`: row `m` is `M1[m] ⊗ M2[m] ⊗ ⋯`."
     Ms = _factors(Ms, "face_split")
@@ -168,6 +175,7 @@ def _einsum(spec: str, *ops):
     "`einsum` in the library of the operands (numpy with path optimisation)."
     return torch.einsum(spec, *ops) if is_tensor(ops[0]) else np.einsum(spec, *ops, optimize=True)
 
+# %% ../nbs/00_products.ipynb #992d7a1b
 def _kr_operands(Ms, X, what: str):
     "Checked factors (equal column counts) and operand `X` of one kind and dtype."
     if not isinstance(Ms, (list, tuple)) or not Ms:

@@ -38,10 +38,12 @@ def _optional(module: str):
                           "it comes with the `widgets` extra, "
                           "pip install 'lowrank_tales[widgets]'") from e
 
+# %% ../nbs/10_explore.ipynb #eaee6bdc
 def _plt():
     "matplotlib's pyplot, imported when a figure is first drawn."
     return _optional("matplotlib.pyplot")
 
+# %% ../nbs/10_explore.ipynb #dde040d1
 def _widgets():
     "ipywidgets, imported when an explorer is first built."
     return _optional("ipywidgets")
@@ -75,14 +77,17 @@ class Approximation(NamedTuple):
     error: float
     n_params: int
 
+# %% ../nbs/10_explore.ipynb #80fab8be
 @functools.lru_cache(maxsize=4)
 def _camera_svd(size: int):
     return np.linalg.svd(camera_image(size), full_matrices=False)
 
+# %% ../nbs/10_explore.ipynb #1b7a7522
 def _truncated_svd(A, k):
     U, s, Vh = _camera_svd(A.shape[0])  # the image is square and cached: so is its SVD
     return (U[:, :k] * s[:k]) @ Vh[:k], k * sum(A.shape)
 
+# %% ../nbs/10_explore.ipynb #2fc0c3a2
 def _fitted(f):
     return f.approx(), f.n_params
 
@@ -153,6 +158,7 @@ def _set_range(self, method: str):
         self.k.observe(lambda change: self.update(), "value")
     self.update()
 
+# %% ../nbs/10_explore.ipynb #c377643c
 def _update(self):
     "Recompute (cached) and show the numbers and, with `draw`, the picture."
     self.result = approximate(self.method.value, self.k.value, self.size)
@@ -225,6 +231,7 @@ def completion_problem(M: int = 60, N: int = 50, true_rank: int = 4, noise: floa
     A = rng.standard_normal((M, true_rank)) @ rng.standard_normal((true_rank, N)) / math.sqrt(true_rank)
     return A + noise * rng.standard_normal((M, N)), rng.random((M, N))
 
+# %% ../nbs/10_explore.ipynb #5b12a037
 @functools.lru_cache(maxsize=512)
 def completion_rmse(hidden: float,  # fraction of entries hidden (0.05 … 0.9)
                     rank: int,  # rank of the ALS model
@@ -306,6 +313,7 @@ def _build(cls, key, value, base):
     try: return cls(base, **{key: value})
     except ValueError: return None  # e.g. LoKH with more factors than d has prime factors
 
+# %% ../nbs/10_explore.ipynb #e3770a83
 def _largest_fit(cls, key, values, base, budget):
     "The `(value, adapter)` with the most parameters within `budget`, scanning `values` upwards while they fit."
     best = (None, None)

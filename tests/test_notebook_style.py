@@ -56,3 +56,17 @@ def test_exported_lines_fit_120_characters():
             if py.name != "_modidx.py"
             for i, line in enumerate(py.read_text().splitlines(), 1) if len(line) > MAX_LINE and not nbdev_all_line(line)]
     assert not long, f"{len(long)} exported line(s) longer than {MAX_LINE} characters:\n" + "\n".join(long[:60])
+
+
+def definitions(src: str) -> list[str]:
+    "Names of the top-level functions and classes a cell defines (directive lines are comments to `ast`)."
+    try: tree = ast.parse("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError: return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_definition_per_export_cell(nb):
+    "fastcore's and nbdev's own rhythm: each exported function or class has its cell, its prose and its tests."
+    crowded = [d for src in cells(nb, "code") if is_directive_export(src) and len(d := definitions(src)) > 1]
+    assert not crowded, f"{nb.name}: export cells defining more than one name (split them): {crowded[:3]}"
