@@ -324,7 +324,7 @@ class Adapter(nn.Module):
         drop = self.training and kind != "embedding"
         paths = ["dora" if u.dora else "dropout" if drop and u.dropout > 0 else u.choose_path(x) for u in live]
         folded = [u for u, p in zip(live, paths) if p == "folded"]
-        y = None
+        y = plain = None  # plain: W0 x without the bias, computed once and reused by every DoRA term (as PEFT)
         if folded and kind == "linear":
             y = FoldedLinear.apply(x, W0, bias, folded, *[f for u in folded for f in u.factors])
         elif folded:
@@ -333,19 +333,24 @@ class Adapter(nn.Module):
         for u, p in zip(live, paths):
             if p == "folded": continue
             if y is None and p == "factored": y = u.factored(base, x, Wc, bias); continue
-            if y is None: y = self._base_only(x, Wc, bias)
             xi = F.dropout(x, u.dropout) if drop and u.dropout > 0 else x
-            y = y + (self._dora(u, xi, Wc, dt) if p == "dora" else self._update_only(u, xi, dt))
+            if p == "dora" and y is None and xi is x:  # the layer's own output, its bias taken off again (PEFT)
+                y = F.linear(x, Wc, bias)
+                plain = y if bias is None else y - bias
+            if y is None: y = self._base_only(x, Wc, bias)
+            if p == "dora": y = y + self._dora(u, xi, Wc, dt, plain if xi is x else None)
+            else: y = y + self._update_only(u, xi, dt)
         return y
 
-    def _dora(self, u: Update, x, Wc, dt):
-        "DoRA's term `(c − 1)·W0 x + c·s·ΔW x`, `c = m / ‖W0 + s·ΔW‖` per output with the norm detached, as PEFT."
+    def _dora(self, u: Update, x, Wc, dt, plain=None):
+        """DoRA's term `(c − 1)·W0 x + c·s·ΔW x`, `c = m / ‖W0 + s·ΔW‖` per output with the norm detached, as PEFT;
+        `plain` is `W0 x` when the caller has it already (no dropout on this adapter's input)."""
         with torch.no_grad():
             W0 = weight_matrix(self.base)
             W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
             norm = u.add_delta(W0, [f.detach() for f in u.factors], u.scale).norm(dim=1)
         c = (u.magnitude / norm).to(dt)
-        return (c - 1) * F.linear(x, Wc) + c * self._update_only(u, x, dt)
+        return (c - 1) * (F.linear(x, Wc) if plain is None else plain) + c * self._update_only(u, x, dt)
 
     def merge(self, names: list | None = None) -> None:
         "Write `W0 + Σ s_i ΔW_i` over adapters `names` (default: the active ones) and those merged before."
