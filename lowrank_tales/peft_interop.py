@@ -56,8 +56,11 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
     if u.method != "lora" and u.dropout:
         return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
     if u.method != "lora" and u.dora: return f"PEFT's {PEFT_TYPES[u.method]} has no DoRA (ours has: use save_adapter())"
-    if u.method != "lora" and not isinstance(base, (nn.Linear, nn.Conv2d)):
-        return f"PEFT's {PEFT_TYPES[u.method]} adapts nn.Linear and nn.Conv2d, not {type(base).__name__}"
+    if u.method != "lora" and not isinstance(base, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        return f"PEFT's {PEFT_TYPES[u.method]} adapts nn.Linear, nn.Conv1d and nn.Conv2d, not {type(base).__name__}"
+    if u.method == "lokr" and isinstance(base, nn.Conv1d) and not u.low_rank:  # peft/tuners/lokr/layer.py make_kron
+        return ("PEFT's LoKr on nn.Conv1d with a full second factor forms torch.kron(w1, w2) of a 2-d w1 and a 3-d "
+                "w2, a different matrix from A ⊗ B: choose a rank that makes the second factor low-rank")
     if u.kind == "conv" and u.method == "lora" and (set(base.dilation) != {1} or base.groups != 1):
         return (f"PEFT's LoRA ignores a convolution's dilation and groups "
                 f"(dilation={base.dilation}, groups={base.groups})")
@@ -217,6 +220,8 @@ def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
     ups, existing = _load_targets(model, check_name(name), specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
+    for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning
+        if why := peft_problem(bases[n], u): raise ValueError(f"{what}: module {n!r} cannot be imported: {why}")
     expected = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": peft_shape(bases[n], u, k)
                 for n, u in ups.items() for k, _ in u.named_parameters()}
     saved_shapes = _saved_targets(model, name, saved, existing, what)

@@ -209,3 +209,56 @@ def test_dora_both_ways(tmp_path):
         assert_close(y, theirs(IDS))
         from lowrank_tales.injection import merge
         assert_close(merge(back)(IDS), y)
+
+
+class Conv1dNet(nn.Module):
+    "Embedding → 1-wide and 3-wide (padded, dilated) 1-d convolutions → a linear layer."
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.conv1 = nn.Conv1d(8, 12, 1)
+        self.conv3 = nn.Conv1d(12, 16, 3, padding=2, dilation=2)
+        self.out = nn.Linear(16 * 4, 10)
+
+    def forward(self, ids):  # ids: (batch, 4)
+        h = self.conv3(torch.relu(self.conv1(self.emb(ids).transpose(1, 2))))
+        return self.out(h.flatten(1))
+
+
+def conv1d_net(dtype):
+    torch.manual_seed(0)
+    return Conv1dNet().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method,kw,config,peft_kw", [("loha", dict(rank=3, alpha=6), peft.LoHaConfig, dict(alpha=6)),
+                                                      ("lokr", dict(rank=1, alpha=5), peft.LoKrConfig, dict(alpha=5))])
+def test_loha_lokr_on_conv1d_both_ways(tmp_path, dtype, method, kw, config, peft_kw):
+    "PEFT's LoHa and LoKr take nn.Conv1d (flattened kernels, as for Conv2d): ours exports to them and imports from them."
+    targets = ["conv1", "conv3", "out"]
+    ours = inject(conv1d_net(dtype), method, targets=targets, **kw)
+    randomize([f for a in adapter_layers(ours).values() for f in a.factors])
+    export_peft(ours, tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(conv1d_net(dtype), tmp_path / "ours")
+    with torch.no_grad(): assert_close(theirs(IDS), ours(IDS))
+    theirs = peft.get_peft_model(conv1d_net(dtype), config(r=kw["rank"], target_modules=targets, **peft_kw))
+    randomize([p for p in theirs.parameters() if p.requires_grad], seed=2)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = import_peft(conv1d_net(dtype), tmp_path / "theirs")
+    assert sorted(adapter_layers(back)) == sorted(targets)
+    with torch.no_grad():
+        assert_close(back(IDS), theirs(IDS))
+        assert not torch.allclose(back(IDS), conv1d_net(dtype)(IDS))  # the adapters do change the model
+
+
+def test_lokr_with_a_full_factor_on_conv1d_is_refused_both_ways(tmp_path):
+    "PEFT's make_kron widens w1 only for 4-d kernels: on nn.Conv1d a full w2 means another matrix, refused both ways."
+    ours = inject(conv1d_net(torch.float64), "lokr", targets=["conv1"], rank=2)
+    with pytest.raises(ValueError, match="module 'conv1' cannot be exported to PEFT: PEFT's LoKr on nn.Conv1d"):
+        export_peft(ours, tmp_path / "ours")
+    theirs = peft.get_peft_model(conv1d_net(torch.float64), peft.LoKrConfig(r=2, target_modules=["conv1"]))
+    theirs.save_pretrained(tmp_path / "theirs")
+    plain = conv1d_net(torch.float64)
+    with pytest.raises(ValueError, match="module 'conv1' cannot be imported: PEFT's LoKr on nn.Conv1d"):
+        import_peft(plain, tmp_path / "theirs")
+    assert type(plain.conv1) is nn.Conv1d  # nothing was changed
