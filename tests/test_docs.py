@@ -37,8 +37,10 @@ def page_name(nb: Path) -> str:
 def site(tmp_path_factory):
     if os.environ.get("LOWRANK_TALES_SITE"): return Path(os.environ["LOWRANK_TALES_SITE"]).resolve()  # a site built already
     out = tmp_path_factory.mktemp("site") / "_docs"
-    cmd = [sys.executable, str(ROOT / "tools" / "build_docs.py"), "--out", str(out), "--check-readme"]
-    run = subprocess.run(NO_NETWORK + cmd, cwd=ROOT, capture_output=True, text=True)
+    tool = [sys.executable, str(ROOT / "tools" / "build_docs.py")]
+    fetch = subprocess.run(tool + ["--fetch"], cwd=ROOT, capture_output=True, text=True)  # the set-up, with network
+    assert fetch.returncode == 0, fetch.stdout[-3000:] + fetch.stderr[-3000:]
+    run = subprocess.run(NO_NETWORK + tool + ["--out", str(out), "--check-readme"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return out
 

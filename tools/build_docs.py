@@ -460,5 +460,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "_docs"), help="where to write the site")
     parser.add_argument("--check-readme", action="store_true", help="fail if README.md is stale instead of rewriting it")
+    parser.add_argument("--fetch", action="store_true", help="only the set-up that needs the network (KaTeX into .cache/)")
     args = parser.parse_args()
+    if args.fetch: sys.exit(print(f"KaTeX in {katex_dist()}"))
     sys.exit(1 if build(Path(args.out).resolve(), args.check_readme) else 0)
