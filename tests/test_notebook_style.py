@@ -21,10 +21,14 @@ def is_directive_export(src: str) -> bool:
     return any(line.strip().startswith(("#| export", "#|export", "#| exporti", "#| exports")) for line in src.splitlines()[:3])
 
 
+def parsed(src: str) -> ast.Module | None:
+    "A code cell's syntax tree (magics and shell lines left out; directive lines are comments), or None."
+    try: return ast.parse("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!"))))
+    except SyntaxError: return None
+
+
 def mixes_imports(src: str) -> bool:
-    body = "\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!")))
-    try: tree = ast.parse(body)
-    except SyntaxError: return False
+    if (tree := parsed(src)) is None: return False
     nodes = list(ast.walk(tree))
     has_import = any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in nodes)
     return has_import and any(isinstance(n, (ast.Expr, ast.Assign)) for n in nodes)
@@ -59,10 +63,9 @@ def test_exported_lines_fit_120_characters():
 
 
 def definitions(src: str) -> list[str]:
-    "Names of the top-level functions and classes a cell defines (directive lines are comments to `ast`)."
-    try: tree = ast.parse("\n".join(line for line in src.splitlines() if not line.lstrip().startswith(("%", "!"))))
-    except SyntaxError: return []
-    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    "Names of the top-level functions and classes a cell defines."
+    body = getattr(parsed(src), "body", [])
+    return [n.name for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
