@@ -5,6 +5,7 @@
 # %% ../nbs/00a_kernels.ipynb #83b91f3a
 from __future__ import annotations
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -17,24 +18,54 @@ __all__ = ['spd_solve', 'gram_solve', 'ridge_solve', 'batched_svd', 'truncated_s
 
 # %% ../nbs/00a_kernels.ipynb #5fb1d054
 def _cholesky_with_jitter(G: torch.Tensor) -> torch.Tensor:
-    "The Cholesky factor of the batch `G`, with a growing diagonal jitter where a matrix is not positive definite."
+    "The Cholesky factors of the batch `G`; a matrix that is not positive definite gets a growing diagonal jitter."
     L, info = torch.linalg.cholesky_ex(G)
     if not bool((info > 0).any()): return L
     k = G.shape[-1]
-    eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    tiny = torch.finfo(G.dtype).tiny
-    scale = (G.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k).clamp_min(tiny)[..., None]
+    Gf, Lf, eye = G.reshape(-1, k, k), L.reshape(-1, k, k), torch.eye(k, dtype=G.dtype, device=G.device)
+    bad = (info.reshape(-1) > 0).nonzero().flatten()  # the matrices that failed so far
     for power in range(-12 if G.dtype == torch.float64 else -6, 1):
-        L, info = torch.linalg.cholesky_ex(G + (10.0 ** power) * scale * eye)
-        if not bool((info > 0).any()): return L
+        Gb = Gf[bad]
+        scale = (Gb.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k).clamp_min(torch.finfo(G.dtype).tiny)
+        Lf[bad], info_b = torch.linalg.cholesky_ex(Gb + (10.0 ** power) * scale[..., None] * eye)
+        bad = bad[info_b > 0]
+        if len(bad) == 0: return Lf.reshape(G.shape)
     raise np.linalg.LinAlgError("Gram matrix is not positive semidefinite (did the data contain NaN or inf?)")
+
+# %% ../nbs/00a_kernels.ipynb #b7c1d2e1
+def _ldl_solve(G: torch.Tensor, B: torch.Tensor):
+    "`G⁻¹ B` for many small SPD matrices G (n, K, K) by LDLᵀ across the batch; also which matrices had positive pivots."
+    K = G.shape[-1]
+    A, y = G.permute(1, 2, 0).contiguous(), B.permute(1, 2, 0).contiguous()  # (K, K, n) and (K, R, n)
+    for j in range(K - 1):
+        col = A[j + 1:, j] / A[j, j]  # the multipliers l_ij of every matrix, i > j
+        A[j + 1:, j + 1:].addcmul_(A[j + 1:, j, None], col[None], value=-1)  # trailing update (upper half unused)
+        y[j + 1:].addcmul_(col[:, None], y[j, None], value=-1)  # L⁻¹ b, as the elimination goes
+        A[j + 1:, j] = col
+    pivots = A.diagonal(dim1=0, dim2=1).T  # D, (K, n)
+    y /= pivots[:, None]
+    for j in range(K - 2, -1, -1): y[j] -= (A[j + 1:, j, None] * y[j + 1:]).sum(0)  # Lᵀ x = D⁻¹ L⁻¹ b
+    ok = (pivots > 0).all(0) & y.isfinite().flatten(0, 1).all(0)
+    return y.permute(2, 0, 1), ok
+
+# %% ../nbs/00a_kernels.ipynb #b7c1d2e3
+def _cholesky_solve(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    "`G⁻¹ B` by Cholesky for a batch (..., K, K): LDLᵀ across the batch for many small matrices on the CPU."
+    K = G.shape[-1]
+    if not (G.ndim == 3 and G.device.type == "cpu" and K <= 16 and G.shape[0] >= 2048):
+        return torch.cholesky_solve(B, _cholesky_with_jitter(G))
+    X, ok = _ldl_solve(G, B)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()  # semidefinite: LAPACK with a jitter, for these matrices only
+        X[bad] = torch.cholesky_solve(B[bad], _cholesky_with_jitter(G[bad]))
+    return X.contiguous()
 
 # %% ../nbs/00a_kernels.ipynb #3623129c
 def spd_solve(G,  # symmetric positive (semi)definite (..., K, K)
               B,  # right-hand sides (..., K, R)
              ):  # X with G X = B, the kind of B
     "Solve `G X = B` by Cholesky, batched over leading dimensions."
-    X = torch.cholesky_solve(to_tensor(B), _cholesky_with_jitter(to_tensor(G)))
+    X = _cholesky_solve(to_tensor(G), to_tensor(B))
     return X if is_tensor(B) else X.numpy()
 
 # %% ../nbs/00a_kernels.ipynb #630a95fd
@@ -164,6 +195,22 @@ def _pair_columns(K: int):
     pair_of[k * K + l] = pair_of[l * K + k] = np.arange(len(k))  # (k, l) and (l, k) read the same pair
     return pair_of
 
+# %% ../nbs/00a_kernels.ipynb #c4e9a7d0
+def _gram_pairs(W, weights):
+    "Column p of the result is Σ_m weights[m, n] W[m, k] W[m, l] for the pair (k, l) = `np.triu_indices(K)`[·][p]."
+    k, l = (torch.from_numpy(x) for x in np.triu_indices(W.shape[1]))
+    Wt = to_tensor(W).T.contiguous()  # (K, M): numpy W is viewed, then transposed once
+    F = (Wt[k.to(Wt.device)] * Wt[l.to(Wt.device)]).T  # the distinct columns of the face-split W • W, (M, P)
+    if _is_scipy_sparse(weights):  # weightsᵀ as a torch CSR tensor over scipy's own index arrays
+        S = sys.modules["scipy.sparse"].csr_array(weights.T)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch calls its sparse CSR support "beta"
+            St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
+                                         torch.from_numpy(S.data).to(F.dtype), size=S.shape)
+        return like(St @ F, W)
+    if is_tensor(weights) and weights.layout != torch.strided: return like(weights.t().to(F) @ F, W)
+    return like(to_tensor(weights, device=F.device, dtype=F.dtype).T @ F, W)
+
 # %% ../nbs/00a_kernels.ipynb #22ebb973
 def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
                    weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse (a mask is the 0/1 case)
@@ -172,14 +219,7 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
     M, K = W.shape
     if K <= 16 and is_tensor(W) and is_tensor(weights) and weights.layout == torch.strided:  # small K, dense: all K²
         return (weights.to(W).T @ (W[:, :, None] * W[:, None, :]).reshape(M, K * K)).reshape(-1, K, K)  # pairs at once
-    pair_of = _pair_columns(K)
-    k, l = np.triu_indices(K)
-    F = W[:, k] * W[:, l]  # the distinct columns of the face-split W • W, formed directly
-    if _is_scipy_sparse(weights): H = like(weights.T.astype(F.dtype, copy=False) @ to_numpy(F), W)
-    elif is_tensor(weights) and weights.layout != torch.strided:
-        Ft = to_tensor(F)
-        H = like(weights.t().to(Ft) @ Ft, W)
-    else: H = like(weights, F).T @ F
+    H, pair_of = _gram_pairs(W, weights), _pair_columns(K)
     if is_tensor(H): return H.index_select(1, torch.from_numpy(pair_of).to(H.device)).reshape(-1, K, K)
     return H.take(pair_of, axis=1).reshape(-1, K, K)  # one gather mirrors the pairs into every K×K position
 
@@ -189,8 +229,16 @@ def solve_weighted_columns(W,  # factor (M, K)
                            rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
                            reg=0.0,  # ridge: a number, or one per column (N,)
                           ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
-    "Solve every column's weighted, ridge-regularised normal equations by batched Cholesky."
-    return ridge_solve(weighted_grams(W, weights), rhs, reg)
+    "Solve every column's weighted, ridge-regularised normal equations by one batched Cholesky."
+    K, N = rhs.shape
+    H = to_tensor(_gram_pairs(W, weights))
+    k, l = np.triu_indices(K)
+    G = H.new_zeros(N, K * K)
+    G[:, torch.from_numpy(l * K + k).to(G.device)] = H  # the lower triangles: all that Cholesky reads
+    G = G.view(N, K, K)
+    G.diagonal(dim1=1, dim2=2).add_(like(np.broadcast_to(to_numpy(reg), (N,)).astype(np.float64), G)[:, None])
+    X = _cholesky_solve(G, to_tensor(rhs).T[:, :, None])[:, :, 0].T
+    return X if is_tensor(rhs) else X.numpy()
 
 # %% ../nbs/00a_kernels.ipynb #6ae9e44e
 def divisors(n: int) -> list:
