@@ -12,7 +12,8 @@ import torch
 
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
                                 check_nonnegative, check_solvable, check_tol, fit_loop, fit_result, is_tensor, like,
-                                namespace, observed_data, random_normal, scale_problem, to_numpy, _sum_squares)
+                                namespace, observed_data, random_normal, scale_problem, to_numpy, to_tensor,
+                                _sum_squares)
 from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
                                    weighted_grams)
 from .alternating import dense_als
@@ -79,6 +80,12 @@ class _Observed:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch calls its sparse CSR support "beta"
             return torch.sparse_csr_tensor(indptr, indices, v, size=shape)
+
+    def sampling_pattern(self, dtype):
+        "Ω as a torch CSR tensor of `dtype`, for `torch.sparse.sampled_addmm` (numpy observations: index views)."
+        if is_tensor(self.mask_r): return self.mask_r.to(dtype)
+        indptr, indices = (torch.from_numpy(np.asarray(x)) for x in (self._indptr_r, self.cols))
+        return self._csr(torch.ones(len(indices), dtype=dtype), indptr, indices, self.shape)
 
     def __post_init__(self):
         M, N = self.shape
@@ -148,12 +155,9 @@ def _half_step(F, weights, T, t2, reg):
 # %% ../nbs/02_completion.ipynb #7cf54bc8
 def _sampled(obs, L, R):
     "`(L R)[m, n]` at every observation (row-major order) for L (M, k), R (k, N), without forming L R."
-    if is_tensor(L): return torch.sparse.sampled_addmm(obs.mask_r.to(L.dtype), L, R, beta=0.0).values()
-    out = np.empty(len(obs.rows), np.result_type(L, R))
-    for a in range(0, len(out), 1 << 16):
-        sl = slice(a, a + (1 << 16))
-        out[sl] = np.einsum("ij,ji->i", L[obs.rows[sl]], R[:, obs.cols[sl]])
-    return out
+    Lt, Rt = to_tensor(L), to_tensor(R)  # numpy factors: torch views of the same memory
+    out = torch.sparse.sampled_addmm(obs.sampling_pattern(Lt.dtype), Lt, Rt, beta=0.0).values()
+    return out if is_tensor(L) else out.numpy()
 
 # %% ../nbs/02_completion.ipynb #03d2a89d
 def _cg(apply, rhs, X):
@@ -283,16 +287,24 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     W, Z = _masked_start(obs, rank, mean, init, as_generator(seed))
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
     state = [W, Z, b, c]
-    def sweep():  # the loss from the residual over the observations: |Ω|K, against the sweep's |Ω|K²
-        *state[:], loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
-        if cg_steps: return loss  # the CG sweep computed it from the residual already
-        return _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
     eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
-    amax = float(abs(obs.vals).max())
-    precision = lambda loss: 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
-    loss0 = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
+    amax, loss0 = float(abs(obs.vals).max()), _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
+    fit = {"last": loss0, "noise": 0.0, "direct": bool(cg_steps)}  # the CG sweep measures its loss from the residual
+    def sweep():  # the W-step's identity while it resolves the decrease, then the residual over Ω (|Ω|K)
+        *state[:], loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
+        t = obs.vals - mean - (state[3][obs.cols] if biases else 0)  # the W-step's targets: the identity's scale
+        fit["noise"] = 16 * eps * _sum_squares(t)
+        if not fit["direct"] and (loss < 1e4 * fit["noise"] or fit["last"] - loss < 1e2 * fit["noise"]):
+            fit["direct"] = True
+        if fit["direct"] and not cg_steps: loss = _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
+        fit["last"] = loss
+        return loss
+    def precision(loss):  # the smallest decrease the current loss formula resolves
+        if not fit["direct"]: return fit["noise"]
+        return 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
     losses = fit_loop(sweep, loss0, max_iter, tol, progress, "als", precision)
     W, Z, b, c = state
+    if not fit["direct"]: losses[-1] = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)  # the last: residual
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     norm2 = _sum_squares(obs.vals)
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}
