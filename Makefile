@@ -57,7 +57,8 @@ slow: $(STAMP)
 	for nb in $(SLOW_NBS); do echo "== $$nb"; $(VENV)/bin/nbdev_test --flags slow --path $$nb || exit 1; done
 
 slow-save: $(STAMP)
-	for nb in $(SLOW_NBS); do echo "== $$nb"; $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $$nb \
+	for nb in $(SLOW_NBS); do echo "== $$nb"; LOWRANK_TALES_PROGRESS=0 $(VENV)/bin/jupyter nbconvert --to notebook \
+	  --execute --inplace $$nb \
 	  && $(VENV)/bin/nbdev_clean --fname $$nb || exit 1; done
 
 cuda: $(STAMP)
