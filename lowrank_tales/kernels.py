@@ -87,6 +87,15 @@ def gram_solve(G,  # Gram matrix (K, K), symmetric positive semidefinite
     except np.linalg.LinAlgError: return spd_solve(G, B)  # singular: Cholesky with a tiny jitter
     return _triangular_solve(L.T, _triangular_solve(L, B, lower=True), lower=False)
 
+# %% ../nbs/00a_kernels.ipynb #4fc7530d
+def _ridges(reg, N: int, G):
+    "The ridge of each of `N` systems (`reg` one number or one per system), in the kind, dtype and device of `G`."
+    r = np.asarray(to_numpy(reg), dtype=np.float64)
+    if r.ndim > 1 or r.size not in (1, N):
+        raise ValueError(f"reg must be one number or one per system ({N}), got shape {r.shape}")
+    return like(np.broadcast_to(r.reshape(-1), (N,)).copy(), G)
+
+
 # %% ../nbs/00a_kernels.ipynb #c15538b3
 def ridge_solve(G,  # batch of Gram matrices (N, K, K)
                 rhs,  # right-hand sides (K, N), one column per system
@@ -94,8 +103,7 @@ def ridge_solve(G,  # batch of Gram matrices (N, K, K)
                ):  # X (K, N) with (G[n] + reg[n] I) x_n = rhs[:, n]
     "Solve every system `(G[n] + reg[n] I) x_n = rhs[:, n]` by one batched Cholesky; `G` is left unchanged."
     N, K = G.shape[0], G.shape[-1]
-    reg = like(np.broadcast_to(to_numpy(reg), (N,)).astype(np.float64), G)
-    G = G + reg[:, None, None] * like(np.eye(K), G)
+    G = G + _ridges(reg, N, G)[:, None, None] * like(np.eye(K), G)
     return spd_solve(G, rhs.T[:, :, None])[:, :, 0].T
 
 # %% ../nbs/00a_kernels.ipynb #1d56ce9d
@@ -236,7 +244,7 @@ def solve_weighted_columns(W,  # factor (M, K)
     G = H.new_zeros(N, K * K)
     G[:, torch.from_numpy(l * K + k).to(G.device)] = H  # the lower triangles: all that Cholesky reads
     G = G.view(N, K, K)
-    G.diagonal(dim1=1, dim2=2).add_(like(np.broadcast_to(to_numpy(reg), (N,)).astype(np.float64), G)[:, None])
+    G.diagonal(dim1=1, dim2=2).add_(_ridges(reg, N, G)[:, None])
     X = _cholesky_solve(G, to_tensor(rhs).T[:, :, None])[:, :, 0].T
     return X if is_tensor(rhs) else X.numpy()
 
