@@ -73,3 +73,27 @@ def test_one_definition_per_export_cell(nb):
     "fastcore's and nbdev's own rhythm: each exported function or class has its cell, its prose and its tests."
     crowded = [d for src in cells(nb, "code") if is_directive_export(src) and len(d := definitions(src)) > 1]
     assert not crowded, f"{nb.name}: export cells defining more than one name (split them): {crowded[:3]}"
+
+
+MAX_PROSE_WORDS = 300
+
+
+def prose_runs(nb_path: Path) -> list[tuple[int, list[str]]]:
+    "Words in each run of consecutive prose cells a reader meets (hidden code cells do not break a run), with their ids."
+    runs, words, ids = [], 0, []
+    for c in json.loads(nb_path.read_text())["cells"]:
+        src = "".join(c["source"])
+        if c["cell_type"] == "markdown": words, ids = words + len(src.split()), ids + [c.get("id")]
+        elif not any(line.strip() in ("#| hide", "#|hide") for line in src.splitlines()[:3]):
+            if ids: runs.append((words, ids))
+            words, ids = 0, []
+    return runs + ([(words, ids)] if ids else [])
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_prose_comes_in_short_runs(nb):
+    """d2l's rhythm: a derivation step, then the code that implements or checks it. No prose cell, and (the front
+    page's table of contents aside) no run of prose cells without code between, is longer than about 300 words."""
+    runs = prose_runs(nb)
+    long = [(w, ids) for w, ids in runs if w > MAX_PROSE_WORDS and (nb.name != "index.ipynb" or len(ids) == 1)]
+    assert not long, f"{nb.name}: prose runs over {MAX_PROSE_WORDS} words (words, cell ids): {long}"
