@@ -97,3 +97,17 @@ def test_prose_comes_in_short_runs(nb):
     runs = prose_runs(nb)
     long = [(w, ids) for w, ids in runs if w > MAX_PROSE_WORDS and (nb.name != "index.ipynb" or len(ids) == 1)]
     assert not long, f"{nb.name}: prose runs over {MAX_PROSE_WORDS} words (words, cell ids): {long}"
+
+
+def only_imports(src: str) -> bool:
+    tree = parsed(src)
+    return tree is not None and all(isinstance(n, (ast.Import, ast.ImportFrom)) for n in tree.body)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_slow_cells_carry_their_saved_outputs(nb):
+    "No target of the test suite runs `#| slow` cells, so `make slow-save` saves their results: every one shows them."
+    code = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+    slow = [c for c in code if "#| slow" in [line.strip() for line in "".join(c["source"]).splitlines()[:3]]]
+    missing = [c.get("id") for c in slow if not c.get("outputs") and not only_imports("".join(c["source"]))]
+    assert not missing, f"{nb.name}: slow cells without saved outputs (run `make slow-save`): {missing}"
