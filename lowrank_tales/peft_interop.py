@@ -5,23 +5,26 @@
 # %% ../nbs/07b_peft.ipynb #f0c50863
 from __future__ import annotations
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from .adapters import UPDATES, Adapter, Update, layer_kind
-from .injection import (_outer_names, adapter_layers, check_model, check_name, exact_targets,
-                                     pattern_value, saved_modules, shadow)
-from .adapter_files import (_as_original, _build, _float_state, _folder_of, _install, _load_targets,
-                                         _saved_targets, _spec, _to_write, check_folder, check_tensors, read_config,
-                                         read_safetensors, write_folder)
+from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
+                                     saved_modules, shadow)
+from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
+                                         _install, _load_targets, _saved_targets, _spec, _target_dtypes, _to_write,
+                                         check_adapter_name, check_folder, check_tensors, parse_config,
+                                         parse_safetensors, read_files, write_files)
 
 # %% auto #0
-__all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'peft_name', 'peft_shape', 'peft_problem', 'peft_rank',
-           'peft_alpha', 'peft_config', 'export_peft', 'check_peft_config', 'split_peft_key', 'import_peft']
+__all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_INERT', 'PEFT_APPLIED', 'peft_name', 'peft_shape',
+           'peft_problem', 'peft_rank', 'peft_alpha', 'peft_config', 'export_peft', 'check_peft_config',
+           'split_peft_key', 'import_peft']
 
 # %% ../nbs/07b_peft.ipynb #f991fbd8
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
@@ -122,8 +125,8 @@ def peft_config(ups: dict, bases: dict) -> dict:
     return dict(lycoris, decompose_both=False, decompose_factor=factor, rank_dropout_scale=False)
 
 # %% ../nbs/07b_peft.ipynb #924a09dc
-def _export_one(model: nn.Module, path: Path, name: str) -> Path:
-    "Write adapter `name` of `model` as one PEFT folder `path`, as a whole."
+def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
+    "The two PEFT files of adapter `name` of `model`, by their path in the export's folder."
     ads = {n: a for n, a in adapter_layers(model).items() if name in a.updates}
     ups, bases = {n: _as_original(a.base, a.updates[name]) for n, a in ads.items()}, {n: a.base for n, a in ads.items()}
     for n, u in ups.items():
@@ -144,36 +147,87 @@ def _export_one(model: nn.Module, path: Path, name: str) -> Path:
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to export a diverged "
                          f"adapter")
-    return write_folder(path, {"adapter_model.safetensors": lambda f: save_file(tensors, f, metadata={"format": "pt"}),
-                               "adapter_config.json": lambda f: Path(f).write_text(json.dumps(config, indent=2))})
+    return {_in_folder(name, "adapter_model.safetensors"): safetensors_save(tensors, metadata={"format": "pt"}),
+            _in_folder(name, "adapter_config.json"): json.dumps(config, indent=2).encode()}
 
 # %% ../nbs/07b_peft.ipynb #d09b23c0
 def export_peft(model: nn.Module, path, name=None) -> Path:
-    "Write adapters `name` (default: the active ones) as PEFT folders: `default` in `path`, others in `path/<name>`."
-    path = check_folder(path)
-    names = _to_write(model, name, "export")
-    for n in names:  # every check before the first write
-        for m, a in adapter_layers(model).items():
-            if n in a.updates and (why := peft_problem(a.base, a.updates[n])):
-                raise ValueError(f"module {m!r} cannot be exported to PEFT: {why}")
-    for n in sorted(names, key=lambda n: n == "default"): _export_one(model, _folder_of(path, n), n)
-    return path
+    """Write adapters `name` (default: the active ones) as PEFT folders, `default` in `path`, others in `path/<name>`.
+
+    One save, as `save_adapter`'s: every check before the first write, and only our files change."""
+    path, files = check_folder(path), {}
+    for n in _to_write(model, name, "export"): files |= _export_files(model, n)
+    return write_files(path, files)
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
 UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
                         rank_dropout=0.0, module_dropout=0.0, layers_to_transform=None,
                         layers_pattern=None, trainable_token_indices=None, alora_invocation_tokens=None, bias="none",
-                        target_parameters=None, layer_replication=None, use_qalora=False)
+                        target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
+                        velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
+                        kasa_config=None, ensure_weight_tying=False)
 
+# %% ../nbs/07b_peft.ipynb #01d1f2b2
+PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+              "inference_mode", "target_modules", "exclude_modules", "megatron_core", "runtime_config", "loftq_config",
+              "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
+PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
+                "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
+
+# %% ../nbs/07b_peft.ipynb #0fd50bac
+def _field_rules(method: str) -> dict:
+    "For each PEFT field whose value we use: a test of its type and what it must be, in words."
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    pos = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0
+    flag = lambda v: isinstance(v, bool)
+    names = lambda v: v is None or isinstance(v, list) and all(isinstance(t, str) for t in v)
+    pattern = lambda ok: lambda v: v is None or isinstance(v, dict) and all(isinstance(k, str) and ok(x)
+                                                                             for k, x in v.items())
+    return {"r": (pos, "a positive integer"), ("lora_alpha" if method == "lora" else "alpha"): (num, "a number"),
+            "lora_dropout": (num, "a number"), "use_rslora": (flag, "true or false"), "use_dora": (flag, "true or false"),
+            "fan_in_fan_out": (flag, "true or false"), "decompose_factor": (lambda v: pos(v) or v == -1, "an integer"),
+            "rank_pattern": (pattern(pos), "a map from module patterns to positive integers"),
+            "alpha_pattern": (pattern(num), "a map from module patterns to numbers"),
+            "target_modules": (lambda v: isinstance(v, str) or names(v), "a list of module names or a pattern"),
+            "modules_to_save": (names, "a list of module names"),
+            "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name")}
+
+# %% ../nbs/07b_peft.ipynb #b20bc2aa
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # they leave the base weights changed
+
+def _check_init(value, what: str) -> None:
+    "`ValueError` unless `init_lora_weights=value` leaves the saved factors a delta of the original base weights."
+    if isinstance(value, bool) or value in ("gaussian", "eva", "orthogonal"): return
+    if value in _RESIDUAL_INITS or value.startswith("pissa_niter_"):
+        raise ValueError(f"{what} has init_lora_weights={value!r}: PEFT saved these factors against the base weights "
+                         f"that initialisation changed (the residual ones), so on the original model they mean "
+                         f"something else. Save them again with PEFT's save_pretrained(..., "
+                         f"path_initial_model_for_weight_conversion=<folder of the initial adapter>), which writes a "
+                         f"plain LoRA delta of the original weights, and import that")
+    raise ValueError(f"{what} has init_lora_weights={value!r}, which lowrank_tales does not support (accepted: true, "
+                     f"false, 'gaussian', 'eva', 'orthogonal')")
+
+# %% ../nbs/07b_peft.ipynb #7aa721df
 def check_peft_config(config: dict, what: str) -> str:
-    "Our method name for a PEFT `config`, or `ValueError` naming the feature we cannot represent."
+    "Our method name for a PEFT `config`, or `ValueError` naming the field whose meaning we cannot give exactly."
     methods = {v: k for k, v in PEFT_TYPES.items()}
     if config.get("peft_type") not in methods:
         raise ValueError(f"{what} has peft_type {config.get('peft_type')!r}; supported: {list(methods)}")
+    method = methods[config["peft_type"]]
+    if unknown := [k for k in config if k not in PEFT_INERT | PEFT_APPLIED | set(UNSUPPORTED_PEFT)]:
+        raise ValueError(f"{what} has fields {unknown[:4]} that lowrank_tales does not know (a newer PEFT?): "
+                         "refusing to guess what they mean")
     for key, default in UNSUPPORTED_PEFT.items():
         if config.get(key, default) not in (default, None, {}, [], False, 0):
             raise ValueError(f"{what} uses {key}={config[key]!r}, which lowrank_tales does not support")
-    return methods[config["peft_type"]]
+    alpha = "lora_alpha" if method == "lora" else "alpha"
+    if alpha in config and config[alpha] is None:
+        raise ValueError(f"{what} has {alpha}: null, which PEFT itself cannot load (it computes {alpha} / r)")
+    for key, (ok, want) in _field_rules(method).items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{what}: field {key} must be {want}, got {config[key]!r}")
+    if method == "lora": _check_init(config.get("init_lora_weights", True), what)
+    return method
 
 # %% ../nbs/07b_peft.ipynb #22c185a8
 def split_peft_key(key: str, method: str, what: str) -> tuple[str, str]:
@@ -206,19 +260,24 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
     return specs
 
 # %% ../nbs/07b_peft.ipynb #2630013f
-def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
-    "Load a Hugging Face PEFT LoRA/LoHa/LoKr folder into `model` as adapter `name` (adding it if new); returns `model`."
-    path = check_folder(path)
-    config, what = read_config(path, "adapter_config.json"), f"PEFT adapter {str(path)!r}"
+def import_peft(model: nn.Module, path, name: str = "default", *, trainable: bool = True) -> nn.Module:
+    """Load a Hugging Face PEFT LoRA/LoHa/LoKr folder into `model` as adapter `name` (added if new); returns `model`.
+
+    `trainable=False` loads it for inference (PEFT's `is_trainable=False`): factors frozen, their modules in eval mode."""
+    path, what = check_folder(path), f"PEFT adapter {str(path)!r}"
+    check_adapter_name(name, "name")
+    _check_flag(trainable, "trainable")
+    files = read_files(path, ["adapter_config.json", "adapter_model.safetensors"], what)
+    config = parse_config(files["adapter_config.json"], path, "adapter_config.json")
     method = check_peft_config(config, what)
     if lacking := [k for k in ("r", "lora_alpha" if method == "lora" else "alpha") if k not in config]:
         raise ValueError(f"{what}: adapter_config.json lacks {lacking} (truncated or edited?)")
-    tensors = read_safetensors(path / "adapter_model.safetensors", what)[0]
+    tensors = parse_safetensors(files["adapter_model.safetensors"], "adapter_model.safetensors", what)[0]
     saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
     keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
-    ups, existing = _load_targets(model, check_name(name), specs, what)
+    ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
     for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning
         if why := peft_problem(bases[n], u): raise ValueError(f"{what}: module {n!r} cannot be imported: {why}")
@@ -229,7 +288,8 @@ def import_peft(model: nn.Module, path, name: str = "default") -> nn.Module:
     check_tensors(expected, tensors, what)
     ours = {f"{n}.{k}": tensors[key].reshape(getattr(ups[n], k).shape) for key, (n, k) in keys.items()}
     ours |= {"modules_to_save." + k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if k in of_saved}
-    return _install(model, name, specs, ours, ups, existing, saved)
+    ours = _cast_checked(ours, _target_dtypes(model, ups, saved), what)  # finite in the model's dtype
+    return _install(model, name, specs, ours, ups, existing, saved, trainable)
 
 # %% ../nbs/07b_peft.ipynb #662116c9
 def _peft_saved(model: nn.Module, modules_to_save, what: str) -> list[str]:

@@ -41,7 +41,7 @@ def test_checksum_written_and_round_trip_exact(tmp_path):
     assert cfg["sha256"] == hashlib.sha256((tmp_path / "adapter.safetensors").read_bytes()).hexdigest()
     back = lt.load_adapter(small_model(), tmp_path)
     assert same_state(state(back), state(model))
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # write_atomic left no temporary files
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the save's journal is gone
 
 
 def test_files_without_checksum_still_load(tmp_path):
@@ -65,29 +65,24 @@ def test_import_peft_truncations_leave_model_unchanged():
         except ValueError: assert same_state(before, state(m))
 
 
-def test_write_atomic_keeps_old_file_when_writing_fails(tmp_path):
-    from lowrank_tales.adapter_files import write_atomic
-    target = tmp_path / "f.txt"
-    target.write_text("old")
-    def fail(f):
-        open(f, "w").write("partial")
-        raise OSError("disk full")
-    with pytest.raises(OSError): write_atomic(target, fail)
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
-
-
-def test_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
-    "A save is atomic as a whole: a write that fails half-way leaves the previous folder, every file of it, as it was."
-    from pathlib import Path
-    from lowrank_tales.adapter_files import write_folder
+def test_write_files_keeps_the_old_files_when_writing_fails(tmp_path, monkeypatch):
+    "A save is atomic as a whole: a write that fails half-way leaves the previous files, every one, as they were."
+    import os
+    from lowrank_tales import adapter_files
     model = trained("lora")
     lt.save_adapter(model, tmp_path / "a")
     before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-    def fail(f): Path(f).write_bytes(b"partial"); raise OSError("disk full")
-    with pytest.raises(OSError):
-        write_folder(tmp_path / "a", {"adapter.safetensors": lambda f: Path(f).write_bytes(b"new"), "adapter_config.json": fail})
-    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["a"]  # no temporary folder left behind
+    real, calls = os.write, []
+    def failing(fd, data):
+        calls.append(1)
+        if len(calls) == 2: raise OSError("disk full")
+        return real(fd, data)
+    monkeypatch.setattr(os, "write", failing)
+    with pytest.raises(OSError, match="disk full"):
+        adapter_files.write_files(tmp_path / "a", {"adapter.safetensors": b"new", "adapter_config.json": b"{}"})
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no journal left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
     assert same_state(state(lt.load_adapter(small_model(), tmp_path / "a")), state(model))
 
 
