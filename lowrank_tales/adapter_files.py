@@ -28,7 +28,7 @@ __all__ = ['check_adapter_name', 'factor_tensors', 'jsonable', 'from_json', 'che
            'file_digest', 'parse_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'parse_config', 'check_seal',
            'load_adapter']
 
-# %% ../nbs/07a_adapter_files.ipynb #0275fe5a
+# %% ../nbs/07a_adapter_files.ipynb #41775eef
 def check_adapter_name(name, what: str = "name") -> str:
     """`name` if it can name an adapter and its subfolder, else `ValueError` naming `what`.
 
@@ -104,13 +104,11 @@ def _check_target(folder: Path, files: list) -> None:
             raise ValueError(f"{str(q)!r} is a folder or a symbolic link, not a file: refusing to replace it")
 
 # %% ../nbs/07a_adapter_files.ipynb #f5dd6a81
-def _make_folders(folder: Path) -> list[Path]:
-    "Create `folder` and its missing parents; returns those it created, deepest first."
-    made = [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
-    folder.mkdir(parents=True, exist_ok=True)
-    return made
+def _missing(folder: Path) -> list[Path]:
+    "`folder` and those of its parents that do not exist yet, deepest first: what a save creates (and removes on failure)."
+    return [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
 
-# %% ../nbs/07a_adapter_files.ipynb #d0dc50e1
+# %% ../nbs/07a_adapter_files.ipynb #00714cb6
 def _write_file(path: Path, data: bytes) -> None:
     "Create the new file `path` holding `data`, flushed to disk."
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -120,7 +118,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #e3080ba4
+# %% ../nbs/07a_adapter_files.ipynb #0bcdbffb
 def _lock(folder: Path) -> int | None:
     "An open descriptor of `folder` holding an exclusive lock on it; `None` while another process holds it."
     if fcntl is None: return -1
@@ -128,12 +126,14 @@ def _lock(folder: Path) -> int | None:
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
     except OSError: os.close(fd); return None
 
-# %% ../nbs/07a_adapter_files.ipynb #6ecf4ff5
+# %% ../nbs/07a_adapter_files.ipynb #a6ab1acd
 def _unlock(fd: int | None) -> None:
-    "Release a lock `_lock` took."
-    if fd is not None and fd >= 0: os.close(fd)
+    "Release a lock `_lock` took (a descriptor that fails to close has released it as well)."
+    if fd is None or fd < 0: return
+    try: os.close(fd)
+    except OSError: pass
 
-# %% ../nbs/07a_adapter_files.ipynb #58982956
+# %% ../nbs/07a_adapter_files.ipynb #fa2a5e6f
 def _remove_tree(folder: Path) -> None:
     "Remove `folder`, a journal this module wrote, and all it holds."
     for d, dirs, files in os.walk(folder, topdown=False):
@@ -141,7 +141,7 @@ def _remove_tree(folder: Path) -> None:
         for s in dirs: os.rmdir(os.path.join(d, s))
     os.rmdir(folder)
 
-# %% ../nbs/07a_adapter_files.ipynb #0c1002ff
+# %% ../nbs/07a_adapter_files.ipynb #b8167180
 def _roll_forward(journal: Path, root: Path) -> None:
     "Move each file of the committed `journal` to its place in `root`, flush the folders, remove the journal."
     for d, _, files in sorted(os.walk(journal)):
@@ -151,7 +151,7 @@ def _roll_forward(journal: Path, root: Path) -> None:
         _fsync(dest)
     _remove_tree(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #202bd26c
+# %% ../nbs/07a_adapter_files.ipynb #1840f7b5
 def _finish_stale(root: Path) -> None:
     "Complete (if committed) or remove (if not) the journals in `root` of saves that died; live ones stay."
     for j in sorted(root.glob(_JOURNAL + "*")):
@@ -161,7 +161,7 @@ def _finish_stale(root: Path) -> None:
             else: _remove_tree(j)
         finally: _unlock(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #822c8af0
+# %% ../nbs/07a_adapter_files.ipynb #c040add4
 def _fill(journal: Path, files: dict) -> None:
     "Write `files` (relative path → bytes) into `journal`, flush them, then commit it in one step (its marker)."
     for r, data in files.items():
@@ -171,7 +171,7 @@ def _fill(journal: Path, files: dict) -> None:
     os.close(os.open(journal / _COMMIT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     _fsync(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #440fbb63
+# %% ../nbs/07a_adapter_files.ipynb #b43a81f8
 def write_files(root, files: dict[str, bytes]) -> Path:
     """Write `files` (path relative to folder `root` → bytes) as one save, touching nothing else in `root`.
 
@@ -180,54 +180,54 @@ def write_files(root, files: dict[str, bytes]) -> Path:
     root, folders = Path(root), {}
     for r in files: folders.setdefault((root / r).parent, []).append(Path(r).name)
     for d, names in folders.items(): _check_target(d, names)
-    made = _make_folders(root)
-    _finish_stale(root)
-    journal = root / f"{_JOURNAL}{time.time_ns():020d}-{secrets.token_hex(4)}"
-    journal.mkdir()
-    fd = _lock(journal)
+    made, journal, fd = _missing(root), root / f"{_JOURNAL}{time.time_ns():020d}-{secrets.token_hex(4)}", None
     try:
-        try: _fill(journal, files)
-        except BaseException:
-            _remove_tree(journal)
-            for p in made: p.rmdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _finish_stale(root)
+            journal.mkdir(); fd = _lock(journal); _fill(journal, files)
+        except BaseException:  # not committed: remove all this call wrote, the old files stay as they were
+            if journal.is_dir(): _remove_tree(journal)
+            for p in made:
+                if p.is_dir(): p.rmdir()
             raise
         try: _roll_forward(journal, root)
         except OSError: _roll_forward(journal, root)  # committed: finish it (a second failure leaves it to loaders)
     finally: _unlock(fd)
     return root
 
-# %% ../nbs/07a_adapter_files.ipynb #e6f7f526
+# %% ../nbs/07a_adapter_files.ipynb #42ddeb0f
 def _journals(folder: Path) -> list[tuple[Path, str]]:
     "The journals that may hold files of `folder`, each with the path prefix of those files in it."
     places = [(folder, "")] + ([(folder.parent, folder.name + "/")] if folder.parent != folder else [])
     return [(j, pre) for d, pre in places if d.is_dir() for j in sorted(d.glob(_JOURNAL + "*"))]
 
-# %% ../nbs/07a_adapter_files.ipynb #a15221b2
+# %% ../nbs/07a_adapter_files.ipynb #5e95001a
 def _source(folder: Path, f: str) -> Path:
     "Where file `f` of `folder` is now: in the newest committed journal that holds it, else in the folder."
     held = [j / (pre + f) for j, pre in _journals(folder) if (j / _COMMIT).is_file() and (j / (pre + f)).is_file()]
     return max(held, key=lambda p: p.as_posix().rsplit(_JOURNAL, 1)[1]) if held else folder / f
 
-# %% ../nbs/07a_adapter_files.ipynb #d7e62898
+# %% ../nbs/07a_adapter_files.ipynb #910e46e6
 def _stamp(p: Path) -> tuple:
     "The identity of the entry `p` (inode, change time, size), or `None` where it is absent."
     try: s = os.stat(p)
     except OSError: return (str(p), None)
     return (str(p), s.st_ino, s.st_mtime_ns, s.st_size)
 
-# %% ../nbs/07a_adapter_files.ipynb #d25f756d
+# %% ../nbs/07a_adapter_files.ipynb #442fedeb
 def _snapshot(folder: Path, files: list) -> list:
     "What a save changes as it goes, for `files` of `folder`: its journals, their markers, the files' identities."
     js = [_stamp(p) for j, _ in _journals(folder) for p in (j, j / _COMMIT)]
     return js + [_stamp(_source(folder, f)) for f in files] + [_stamp(folder / f) for f in files]
 
-# %% ../nbs/07a_adapter_files.ipynb #2b4fd1b7
+# %% ../nbs/07a_adapter_files.ipynb #5088bf9f
 def _read(p: Path) -> bytes | None:
     "The bytes of file `p`, `None` where there is no such file."
     try: return p.read_bytes() if p.is_file() else None
     except FileNotFoundError: return None
 
-# %% ../nbs/07a_adapter_files.ipynb #60aed839
+# %% ../nbs/07a_adapter_files.ipynb #09f02854
 def read_files(folder, files: list, what: str) -> dict:
     """The bytes of each of `files` in `folder` (`None` where absent), all as one save left them.
 
@@ -448,7 +448,7 @@ def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, wha
         out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #442371c8
+# %% ../nbs/07a_adapter_files.ipynb #7cfa64be
 def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
     "The dtype each loaded tensor takes in `model`: its factor's, or its saved module's."
     out = {f"{n}.{k}": p.dtype for n, u in ups.items() for k, p in u.named_parameters()}
@@ -458,7 +458,7 @@ def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
         out |= {f"modules_to_save.{n}.{k}": t.dtype for k, t in _float_state(src).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #55e24ecb
+# %% ../nbs/07a_adapter_files.ipynb #35f08c75
 def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
     "`tensors` cast to `dtypes` (the model's), `ValueError` naming any that leave the dtype's range."
     out = {k: t.to(dtypes[k]) for k, t in tensors.items()}
@@ -468,13 +468,13 @@ def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
                              f"(largest magnitude {tensors[k].abs().max().item():.3g}): it cannot be loaded there")
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #b93b8264
+# %% ../nbs/07a_adapter_files.ipynb #ad541037
 def _freeze(model: nn.Module, name: str, adapted: list, saved: list) -> None:
     "Adapter `name` for inference: its factors and saved copies frozen, the modules holding them in eval mode."
     for n in adapted: a = model.get_submodule(n); a.updates[name].requires_grad_(False); a.eval()
     for n in saved: s = model.get_submodule(n); s.copies[name].requires_grad_(False); s.eval()
 
-# %% ../nbs/07a_adapter_files.ipynb #3d1267cc
+# %% ../nbs/07a_adapter_files.ipynb #3cb10a14
 def _check_flag(value, what: str) -> bool:
     "`value` if it is `True` or `False`, else `TypeError` naming `what`."
     if not isinstance(value, bool): raise TypeError(f"{what} must be True or False, got {value!r}")
