@@ -28,7 +28,7 @@ __all__ = ['check_adapter_name', 'factor_tensors', 'jsonable', 'from_json', 'che
            'file_digest', 'parse_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'parse_config', 'check_seal',
            'load_adapter']
 
-# %% ../nbs/07a_adapter_files.ipynb #41775eef
+# %% ../nbs/07a_adapter_files.ipynb #60b6f592
 def check_adapter_name(name, what: str = "name") -> str:
     """`name` if it can name an adapter and its subfolder, else `ValueError` naming `what`.
 
@@ -108,7 +108,7 @@ def _missing(folder: Path) -> list[Path]:
     "`folder` and those of its parents that do not exist yet, deepest first: what a save creates (and removes on failure)."
     return [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
 
-# %% ../nbs/07a_adapter_files.ipynb #00714cb6
+# %% ../nbs/07a_adapter_files.ipynb #27a74ce6
 def _write_file(path: Path, data: bytes) -> None:
     "Create the new file `path` holding `data`, flushed to disk."
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -118,7 +118,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #0bcdbffb
+# %% ../nbs/07a_adapter_files.ipynb #1ded8cc6
 def _lock(folder: Path) -> int | None:
     "An open descriptor of `folder` holding an exclusive lock on it; `None` while another process holds it."
     if fcntl is None: return -1
@@ -126,14 +126,14 @@ def _lock(folder: Path) -> int | None:
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
     except OSError: os.close(fd); return None
 
-# %% ../nbs/07a_adapter_files.ipynb #a6ab1acd
+# %% ../nbs/07a_adapter_files.ipynb #4d3e42d3
 def _unlock(fd: int | None) -> None:
     "Release a lock `_lock` took (a descriptor that fails to close has released it as well)."
     if fd is None or fd < 0: return
     try: os.close(fd)
     except OSError: pass
 
-# %% ../nbs/07a_adapter_files.ipynb #fa2a5e6f
+# %% ../nbs/07a_adapter_files.ipynb #9f2cd41b
 def _remove_tree(folder: Path) -> None:
     "Remove `folder`, a journal this module wrote, and all it holds."
     for d, dirs, files in os.walk(folder, topdown=False):
@@ -141,7 +141,7 @@ def _remove_tree(folder: Path) -> None:
         for s in dirs: os.rmdir(os.path.join(d, s))
     os.rmdir(folder)
 
-# %% ../nbs/07a_adapter_files.ipynb #b8167180
+# %% ../nbs/07a_adapter_files.ipynb #4ab80f75
 def _roll_forward(journal: Path, root: Path) -> None:
     "Move each file of the committed `journal` to its place in `root`, flush the folders, remove the journal."
     for d, _, files in sorted(os.walk(journal)):
@@ -151,7 +151,7 @@ def _roll_forward(journal: Path, root: Path) -> None:
         _fsync(dest)
     _remove_tree(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #1840f7b5
+# %% ../nbs/07a_adapter_files.ipynb #92dcad29
 def _finish_stale(root: Path) -> None:
     "Complete (if committed) or remove (if not) the journals in `root` of saves that died; live ones stay."
     for j in sorted(root.glob(_JOURNAL + "*")):
@@ -161,7 +161,7 @@ def _finish_stale(root: Path) -> None:
             else: _remove_tree(j)
         finally: _unlock(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #c040add4
+# %% ../nbs/07a_adapter_files.ipynb #dfe5e66a
 def _fill(journal: Path, files: dict) -> None:
     "Write `files` (relative path → bytes) into `journal`, flush them, then commit it in one step (its marker)."
     for r, data in files.items():
@@ -171,7 +171,7 @@ def _fill(journal: Path, files: dict) -> None:
     os.close(os.open(journal / _COMMIT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     _fsync(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #b43a81f8
+# %% ../nbs/07a_adapter_files.ipynb #4f07b73d
 def write_files(root, files: dict[str, bytes]) -> Path:
     """Write `files` (path relative to folder `root` → bytes) as one save, touching nothing else in `root`.
 
@@ -196,38 +196,38 @@ def write_files(root, files: dict[str, bytes]) -> Path:
     finally: _unlock(fd)
     return root
 
-# %% ../nbs/07a_adapter_files.ipynb #42ddeb0f
+# %% ../nbs/07a_adapter_files.ipynb #28d8461d
 def _journals(folder: Path) -> list[tuple[Path, str]]:
     "The journals that may hold files of `folder`, each with the path prefix of those files in it."
     places = [(folder, "")] + ([(folder.parent, folder.name + "/")] if folder.parent != folder else [])
     return [(j, pre) for d, pre in places if d.is_dir() for j in sorted(d.glob(_JOURNAL + "*"))]
 
-# %% ../nbs/07a_adapter_files.ipynb #5e95001a
+# %% ../nbs/07a_adapter_files.ipynb #2b4ffc61
 def _source(folder: Path, f: str) -> Path:
     "Where file `f` of `folder` is now: in the newest committed journal that holds it, else in the folder."
     held = [j / (pre + f) for j, pre in _journals(folder) if (j / _COMMIT).is_file() and (j / (pre + f)).is_file()]
     return max(held, key=lambda p: p.as_posix().rsplit(_JOURNAL, 1)[1]) if held else folder / f
 
-# %% ../nbs/07a_adapter_files.ipynb #910e46e6
+# %% ../nbs/07a_adapter_files.ipynb #c1ac0195
 def _stamp(p: Path) -> tuple:
     "The identity of the entry `p` (inode, change time, size), or `None` where it is absent."
     try: s = os.stat(p)
     except OSError: return (str(p), None)
     return (str(p), s.st_ino, s.st_mtime_ns, s.st_size)
 
-# %% ../nbs/07a_adapter_files.ipynb #442fedeb
+# %% ../nbs/07a_adapter_files.ipynb #3a16c6bf
 def _snapshot(folder: Path, files: list) -> list:
     "What a save changes as it goes, for `files` of `folder`: its journals, their markers, the files' identities."
     js = [_stamp(p) for j, _ in _journals(folder) for p in (j, j / _COMMIT)]
     return js + [_stamp(_source(folder, f)) for f in files] + [_stamp(folder / f) for f in files]
 
-# %% ../nbs/07a_adapter_files.ipynb #5088bf9f
+# %% ../nbs/07a_adapter_files.ipynb #7b7c22f5
 def _read(p: Path) -> bytes | None:
     "The bytes of file `p`, `None` where there is no such file."
     try: return p.read_bytes() if p.is_file() else None
     except FileNotFoundError: return None
 
-# %% ../nbs/07a_adapter_files.ipynb #09f02854
+# %% ../nbs/07a_adapter_files.ipynb #30ad9294
 def read_files(folder, files: list, what: str) -> dict:
     """The bytes of each of `files` in `folder` (`None` where absent), all as one save left them.
 
@@ -448,7 +448,7 @@ def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, wha
         out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #7cfa64be
+# %% ../nbs/07a_adapter_files.ipynb #f5752eba
 def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
     "The dtype each loaded tensor takes in `model`: its factor's, or its saved module's."
     out = {f"{n}.{k}": p.dtype for n, u in ups.items() for k, p in u.named_parameters()}
@@ -458,7 +458,7 @@ def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
         out |= {f"modules_to_save.{n}.{k}": t.dtype for k, t in _float_state(src).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #35f08c75
+# %% ../nbs/07a_adapter_files.ipynb #1e6bfb71
 def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
     "`tensors` cast to `dtypes` (the model's), `ValueError` naming any that leave the dtype's range."
     out = {k: t.to(dtypes[k]) for k, t in tensors.items()}
@@ -468,13 +468,13 @@ def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
                              f"(largest magnitude {tensors[k].abs().max().item():.3g}): it cannot be loaded there")
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #ad541037
+# %% ../nbs/07a_adapter_files.ipynb #6bfb66a6
 def _freeze(model: nn.Module, name: str, adapted: list, saved: list) -> None:
     "Adapter `name` for inference: its factors and saved copies frozen, the modules holding them in eval mode."
     for n in adapted: a = model.get_submodule(n); a.updates[name].requires_grad_(False); a.eval()
     for n in saved: s = model.get_submodule(n); s.copies[name].requires_grad_(False); s.eval()
 
-# %% ../nbs/07a_adapter_files.ipynb #3cb10a14
+# %% ../nbs/07a_adapter_files.ipynb #70472f8d
 def _check_flag(value, what: str) -> bool:
     "`value` if it is `True` or `False`, else `TypeError` naming `what`."
     if not isinstance(value, bool): raise TypeError(f"{what} must be True or False, got {value!r}")

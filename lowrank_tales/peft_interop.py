@@ -167,14 +167,14 @@ UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_b
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
-# %% ../nbs/07b_peft.ipynb #01d1f2b2
+# %% ../nbs/07b_peft.ipynb #3bda473e
 PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
               "inference_mode", "target_modules", "exclude_modules", "megatron_core", "runtime_config", "loftq_config",
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
 
-# %% ../nbs/07b_peft.ipynb #0fd50bac
+# %% ../nbs/07b_peft.ipynb #bde5eb96
 def _field_rules(method: str) -> dict:
     "For each PEFT field whose value we use: a test of its type and what it must be, in words."
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -192,22 +192,22 @@ def _field_rules(method: str) -> dict:
             "modules_to_save": (names, "a list of module names"),
             "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name")}
 
-# %% ../nbs/07b_peft.ipynb #b20bc2aa
+# %% ../nbs/07b_peft.ipynb #ddfc9629
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # they leave the base weights changed
 
 def _check_init(value, what: str) -> None:
     "`ValueError` unless `init_lora_weights=value` leaves the saved factors a delta of the original base weights."
     if isinstance(value, bool) or value in ("gaussian", "eva", "orthogonal"): return
     if value in _RESIDUAL_INITS or value.startswith("pissa_niter_"):
-        raise ValueError(f"{what} has init_lora_weights={value!r}: PEFT saved these factors against the base weights "
-                         f"that initialisation changed (the residual ones), so on the original model they mean "
-                         f"something else. Save them again with PEFT's save_pretrained(..., "
-                         f"path_initial_model_for_weight_conversion=<folder of the initial adapter>), which writes a "
-                         f"plain LoRA delta of the original weights, and import that")
+        raise ValueError(f"{what} has init_lora_weights={value!r}: PEFT loads these factors onto base weights it "
+                         f"first replaces by residual ones, and lowrank_tales never changes base weights. Save them "
+                         f"with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<folder of the "
+                         f"initial adapter>), which writes them as a plain LoRA delta of the original weights, and "
+                         f"import that")
     raise ValueError(f"{what} has init_lora_weights={value!r}, which lowrank_tales does not support (accepted: true, "
                      f"false, 'gaussian', 'eva', 'orthogonal')")
 
-# %% ../nbs/07b_peft.ipynb #7aa721df
+# %% ../nbs/07b_peft.ipynb #a1c8907f
 def check_peft_config(config: dict, what: str) -> str:
     "Our method name for a PEFT `config`, or `ValueError` naming the field whose meaning we cannot give exactly."
     methods = {v: k for k, v in PEFT_TYPES.items()}
