@@ -167,14 +167,14 @@ UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_b
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
-# %% ../nbs/07b_peft.ipynb #3bda473e
+# %% ../nbs/07b_peft.ipynb #295e4c21
 PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
               "inference_mode", "target_modules", "exclude_modules", "megatron_core", "runtime_config", "loftq_config",
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
 
-# %% ../nbs/07b_peft.ipynb #bde5eb96
+# %% ../nbs/07b_peft.ipynb #e3d34e30
 def _field_rules(method: str) -> dict:
     "For each PEFT field whose value we use: a test of its type and what it must be, in words."
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -184,7 +184,8 @@ def _field_rules(method: str) -> dict:
     pattern = lambda ok: lambda v: v is None or isinstance(v, dict) and all(isinstance(k, str) and ok(x)
                                                                              for k, x in v.items())
     return {"r": (pos, "a positive integer"), ("lora_alpha" if method == "lora" else "alpha"): (num, "a number"),
-            "lora_dropout": (num, "a number"), "use_rslora": (flag, "true or false"), "use_dora": (flag, "true or false"),
+            "lora_dropout": (num, "a number"), "use_rslora": (flag, "true or false"),
+            "use_dora": (flag, "true or false"),
             "fan_in_fan_out": (flag, "true or false"), "decompose_factor": (lambda v: pos(v) or v == -1, "an integer"),
             "rank_pattern": (pattern(pos), "a map from module patterns to positive integers"),
             "alpha_pattern": (pattern(num), "a map from module patterns to numbers"),
@@ -192,7 +193,7 @@ def _field_rules(method: str) -> dict:
             "modules_to_save": (names, "a list of module names"),
             "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name")}
 
-# %% ../nbs/07b_peft.ipynb #ddfc9629
+# %% ../nbs/07b_peft.ipynb #52d289e7
 _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # they leave the base weights changed
 
 def _check_init(value, what: str) -> None:
@@ -207,7 +208,7 @@ def _check_init(value, what: str) -> None:
     raise ValueError(f"{what} has init_lora_weights={value!r}, which lowrank_tales does not support (accepted: true, "
                      f"false, 'gaussian', 'eva', 'orthogonal')")
 
-# %% ../nbs/07b_peft.ipynb #a1c8907f
+# %% ../nbs/07b_peft.ipynb #08f7d554
 def check_peft_config(config: dict, what: str) -> str:
     "Our method name for a PEFT `config`, or `ValueError` naming the field whose meaning we cannot give exactly."
     methods = {v: k for k, v in PEFT_TYPES.items()}
@@ -263,7 +264,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
 def import_peft(model: nn.Module, path, name: str = "default", *, trainable: bool = True) -> nn.Module:
     """Load a Hugging Face PEFT LoRA/LoHa/LoKr folder into `model` as adapter `name` (added if new); returns `model`.
 
-    `trainable=False` loads it for inference (PEFT's `is_trainable=False`): factors frozen, their modules in eval mode."""
+    `trainable=False` loads it for inference (PEFT's `is_trainable=False`): factors frozen, their modules in eval."""
     path, what = check_folder(path), f"PEFT adapter {str(path)!r}"
     check_adapter_name(name, "name")
     _check_flag(trainable, "trainable")
