@@ -28,7 +28,7 @@ __all__ = ['check_adapter_name', 'factor_tensors', 'jsonable', 'from_json', 'che
            'file_digest', 'parse_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'parse_config', 'check_seal',
            'load_adapter']
 
-# %% ../nbs/07a_adapter_files.ipynb #c5e19390
+# %% ../nbs/07a_adapter_files.ipynb #e3e86208
 def check_adapter_name(name, what: str = "name") -> str:
     """`name` if it can name an adapter and its subfolder, else `ValueError` naming `what`.
 
@@ -108,7 +108,7 @@ def _missing(folder: Path) -> list[Path]:
     "`folder` and its parents that do not exist yet, deepest first: what a save creates (and removes on failure)."
     return [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
 
-# %% ../nbs/07a_adapter_files.ipynb #ab640bc6
+# %% ../nbs/07a_adapter_files.ipynb #85212562
 def _write_file(path: Path, data: bytes) -> None:
     "Create the new file `path` holding `data`, flushed to disk."
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -118,7 +118,7 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally: os.close(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #de63becb
+# %% ../nbs/07a_adapter_files.ipynb #1375f016
 def _lock(folder: Path) -> int | None:
     "An open descriptor of `folder` holding an exclusive lock on it; `None` while another process holds it."
     if fcntl is None: return -1
@@ -126,14 +126,14 @@ def _lock(folder: Path) -> int | None:
     try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); return fd
     except OSError: os.close(fd); return None
 
-# %% ../nbs/07a_adapter_files.ipynb #c7d50d46
+# %% ../nbs/07a_adapter_files.ipynb #6823146d
 def _unlock(fd: int | None) -> None:
     "Release a lock `_lock` took (a descriptor that fails to close has released it as well)."
     if fd is None or fd < 0: return
     try: os.close(fd)
     except OSError: pass
 
-# %% ../nbs/07a_adapter_files.ipynb #03391a79
+# %% ../nbs/07a_adapter_files.ipynb #bc93afb8
 def _remove_tree(folder: Path) -> None:
     "Remove `folder`, a journal this module wrote, and all it holds."
     for d, dirs, files in os.walk(folder, topdown=False):
@@ -141,7 +141,7 @@ def _remove_tree(folder: Path) -> None:
         for s in dirs: os.rmdir(os.path.join(d, s))
     os.rmdir(folder)
 
-# %% ../nbs/07a_adapter_files.ipynb #1fbfe109
+# %% ../nbs/07a_adapter_files.ipynb #2cd2e9fa
 def _roll_forward(journal: Path, root: Path) -> None:
     "Move each file of the committed `journal` to its place in `root`, flush the folders, remove the journal."
     for d, _, files in sorted(os.walk(journal)):
@@ -151,7 +151,7 @@ def _roll_forward(journal: Path, root: Path) -> None:
         _fsync(dest)
     _remove_tree(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #cb112af5
+# %% ../nbs/07a_adapter_files.ipynb #29843f5d
 def _finish_stale(root: Path) -> None:
     "Complete (if committed) or remove (if not) the journals in `root` of saves that died; live ones stay."
     for j in sorted(root.glob(_JOURNAL + "*")):
@@ -161,7 +161,7 @@ def _finish_stale(root: Path) -> None:
             else: _remove_tree(j)
         finally: _unlock(fd)
 
-# %% ../nbs/07a_adapter_files.ipynb #67b63d4d
+# %% ../nbs/07a_adapter_files.ipynb #f61b99c5
 def _fill(journal: Path, files: dict) -> None:
     "Write `files` (relative path → bytes) into `journal`, flush them, then commit it in one step (its marker)."
     for r, data in files.items():
@@ -171,7 +171,7 @@ def _fill(journal: Path, files: dict) -> None:
     os.close(os.open(journal / _COMMIT, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     _fsync(journal)
 
-# %% ../nbs/07a_adapter_files.ipynb #2e83b547
+# %% ../nbs/07a_adapter_files.ipynb #09cd56fe
 def write_files(root, files: dict[str, bytes]) -> Path:
     """Write `files` (path relative to folder `root` → bytes) as one save, touching nothing else in `root`.
 
@@ -196,38 +196,38 @@ def write_files(root, files: dict[str, bytes]) -> Path:
     finally: _unlock(fd)
     return root
 
-# %% ../nbs/07a_adapter_files.ipynb #ba0ce806
+# %% ../nbs/07a_adapter_files.ipynb #cae006e0
 def _journals(folder: Path) -> list[tuple[Path, str]]:
     "The journals that may hold files of `folder`, each with the path prefix of those files in it."
     places = [(folder, "")] + ([(folder.parent, folder.name + "/")] if folder.parent != folder else [])
     return [(j, pre) for d, pre in places if d.is_dir() for j in sorted(d.glob(_JOURNAL + "*"))]
 
-# %% ../nbs/07a_adapter_files.ipynb #113a5b43
+# %% ../nbs/07a_adapter_files.ipynb #66e0614b
 def _source(folder: Path, f: str) -> Path:
     "Where file `f` of `folder` is now: in the newest committed journal that holds it, else in the folder."
     held = [j / (pre + f) for j, pre in _journals(folder) if (j / _COMMIT).is_file() and (j / (pre + f)).is_file()]
     return max(held, key=lambda p: p.as_posix().rsplit(_JOURNAL, 1)[1]) if held else folder / f
 
-# %% ../nbs/07a_adapter_files.ipynb #c93ae979
+# %% ../nbs/07a_adapter_files.ipynb #c123a0a5
 def _stamp(p: Path) -> tuple:
     "The identity of the entry `p` (inode, change time, size), or `None` where it is absent."
     try: s = os.stat(p)
     except OSError: return (str(p), None)
     return (str(p), s.st_ino, s.st_mtime_ns, s.st_size)
 
-# %% ../nbs/07a_adapter_files.ipynb #34e84760
+# %% ../nbs/07a_adapter_files.ipynb #ecb876f7
 def _snapshot(folder: Path, files: list) -> list:
     "What a save changes as it goes, for `files` of `folder`: its journals, their markers, the files' identities."
     js = [_stamp(p) for j, _ in _journals(folder) for p in (j, j / _COMMIT)]
     return js + [_stamp(_source(folder, f)) for f in files] + [_stamp(folder / f) for f in files]
 
-# %% ../nbs/07a_adapter_files.ipynb #412a22c7
+# %% ../nbs/07a_adapter_files.ipynb #93688638
 def _read(p: Path) -> bytes | None:
     "The bytes of file `p`, `None` where there is no such file."
     try: return p.read_bytes() if p.is_file() else None
     except FileNotFoundError: return None
 
-# %% ../nbs/07a_adapter_files.ipynb #da6e619c
+# %% ../nbs/07a_adapter_files.ipynb #1c629186
 def read_files(folder, files: list, what: str) -> dict:
     """The bytes of each of `files` in `folder` (`None` where absent), all as one save left them.
 
@@ -448,7 +448,7 @@ def _saved_targets(model: nn.Module, name: str, saved: list, existing: bool, wha
         out |= {f"modules_to_save.{n}.{k}": tuple(t.shape) for k, t in _float_state(orig).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #866b10f7
+# %% ../nbs/07a_adapter_files.ipynb #a971b082
 def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
     "The dtype each loaded tensor takes in `model`: its factor's, or its saved module's."
     out = {f"{n}.{k}": p.dtype for n, u in ups.items() for k, p in u.named_parameters()}
@@ -458,7 +458,7 @@ def _target_dtypes(model: nn.Module, ups: dict, saved: list) -> dict:
         out |= {f"modules_to_save.{n}.{k}": t.dtype for k, t in _float_state(src).items()}
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #1002560f
+# %% ../nbs/07a_adapter_files.ipynb #e309ffa5
 def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
     "`tensors` cast to `dtypes` (the model's), `ValueError` naming any that leave the dtype's range."
     out = {k: t.to(dtypes[k]) for k, t in tensors.items()}
@@ -468,13 +468,13 @@ def _cast_checked(tensors: dict, dtypes: dict, what: str) -> dict:
                              f"(largest magnitude {tensors[k].abs().max().item():.3g}): it cannot be loaded there")
     return out
 
-# %% ../nbs/07a_adapter_files.ipynb #5f379ba8
+# %% ../nbs/07a_adapter_files.ipynb #dafa4b52
 def _freeze(model: nn.Module, name: str, adapted: list, saved: list) -> None:
     "Adapter `name` for inference: its factors and saved copies frozen, the modules holding them in eval mode."
     for n in adapted: a = model.get_submodule(n); a.updates[name].requires_grad_(False); a.eval()
     for n in saved: s = model.get_submodule(n); s.copies[name].requires_grad_(False); s.eval()
 
-# %% ../nbs/07a_adapter_files.ipynb #da6ffe2d
+# %% ../nbs/07a_adapter_files.ipynb #bac52bcc
 def _check_flag(value, what: str) -> bool:
     "`value` if it is `True` or `False`, else `TypeError` naming `what`."
     if not isinstance(value, bool): raise TypeError(f"{what} must be True or False, got {value!r}")
@@ -541,7 +541,26 @@ def _check_modules(config: dict, what: str) -> dict:
         if not isinstance(v, dict) or not isinstance(v.get("spec"), dict) or not isinstance(v.get("shapes"), dict):
             raise ValueError(f"{what}: module {n!r} lacks its spec and shapes (written by an older lowrank_tales, "
                              f"or edited): save it again")
+        _check_shapes(v["shapes"], f"{what}: module {n!r}")
     return mods
+
+# %% ../nbs/07a_adapter_files.ipynb #323c0a80
+def _check_shapes(shapes, what: str) -> dict:
+    "`shapes` if it maps tensor names to lists of sizes, else `ValueError` naming `what`."
+    size = lambda d: isinstance(d, int) and not isinstance(d, bool) and d >= 0
+    if not isinstance(shapes, dict) or not all(isinstance(s, list) and all(map(size, s)) for s in shapes.values()):
+        raise ValueError(f"{what}: its shapes must map tensor names to lists of sizes, got {str(shapes)[:80]}")
+    return shapes
+
+# %% ../nbs/07a_adapter_files.ipynb #6c16845f
+def _saved_record(config: dict, what: str) -> dict:
+    "The `modules_to_save` record of a saved config (module → tensor shapes), checked for its form."
+    saved = config.get("modules_to_save") or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{what}: modules_to_save in adapter_config.json must map module names to shapes, "
+                         f"got {type(saved).__name__}")
+    for n, st in saved.items(): _check_shapes(st, f"{what}: saved module {n!r}")
+    return saved
 
 # %% ../nbs/07a_adapter_files.ipynb #4d5272d9
 def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: bool = True) -> nn.Module:
@@ -559,7 +578,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     tensors, meta, digest = parse_safetensors(files["adapter.safetensors"], "adapter.safetensors", what)
     check_seal(config, meta, digest, what)
     if name is None: name = check_adapter_name(config.get("name", "default"), f"the name in {what}")
-    saved = config.get("modules_to_save") or {}
+    saved = _saved_record(config, what)
     record = {f"{n}.{k}": tuple(s) for n, v in mods.items() for k, s in v["shapes"].items()}
     record |= {f"modules_to_save.{n}.{k}": tuple(s) for n, st in saved.items() for k, s in st.items()}
     check_tensors(record, tensors, what)  # the file's own record
