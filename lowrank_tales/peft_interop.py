@@ -17,7 +17,8 @@ from .adapters import UPDATES, Adapter, Update, layer_kind
 from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
                                      saved_modules, shadow)
 from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
-                                         _install, _load_targets, _saved_targets, _spec, _target_dtypes, _to_write,
+                                         _install, _load_targets, _low_rank_pair, _saved_targets, _spec,
+                                         _target_dtypes, _to_write,
                                          check_adapter_name, check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
 
@@ -167,14 +168,14 @@ UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_b
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
-# %% ../nbs/07b_peft.ipynb #295e4c21
+# %% ../nbs/07b_peft.ipynb #83f93df4
 PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
               "inference_mode", "target_modules", "exclude_modules", "megatron_core", "runtime_config", "loftq_config",
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
 
-# %% ../nbs/07b_peft.ipynb #e3d34e30
+# %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
     "For each PEFT field whose value we use: a test of its type and what it must be, in words."
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -193,22 +194,23 @@ def _field_rules(method: str) -> dict:
             "modules_to_save": (names, "a list of module names"),
             "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name")}
 
-# %% ../nbs/07b_peft.ipynb #52d289e7
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")  # they leave the base weights changed
+# %% ../nbs/07b_peft.ipynb #05f84113
+_RESIDUAL_INITS = ("corda", "loftq", "lora_ga")  # they leave the base weights changed, not recomputably here
 
 def _check_init(value, what: str) -> None:
-    "`ValueError` unless `init_lora_weights=value` leaves the saved factors a delta of the original base weights."
-    if isinstance(value, bool) or value in ("gaussian", "eva", "orthogonal"): return
+    "`ValueError` unless the saved factors of an `init_lora_weights=value` adapter can be given PEFT's meaning."
+    if isinstance(value, bool) or value in ("gaussian", "eva", "orthogonal", "pissa", "olora"): return
     if value in _RESIDUAL_INITS or value.startswith("pissa_niter_"):
         raise ValueError(f"{what} has init_lora_weights={value!r}: PEFT loads these factors onto base weights it "
-                         f"first replaces by residual ones, and lowrank_tales never changes base weights. Save them "
+                         f"first replaces by residual ones (for pissa_niter_<k>, randomly), and lowrank_tales never "
+                         f"changes base weights nor can recompute these. Save them "
                          f"with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<folder of the "
                          f"initial adapter>), which writes them as a plain LoRA delta of the original weights, and "
                          f"import that")
     raise ValueError(f"{what} has init_lora_weights={value!r}, which lowrank_tales does not support (accepted: true, "
-                     f"false, 'gaussian', 'eva', 'orthogonal')")
+                     f"false, 'gaussian', 'eva', 'orthogonal', 'pissa', 'olora')")
 
-# %% ../nbs/07b_peft.ipynb #08f7d554
+# %% ../nbs/07b_peft.ipynb #469d4d37
 def check_peft_config(config: dict, what: str) -> str:
     "Our method name for a PEFT `config`, or `ValueError` naming the field whose meaning we cannot give exactly."
     methods = {v: k for k, v in PEFT_TYPES.items()}
@@ -238,6 +240,41 @@ def split_peft_key(key: str, method: str, what: str) -> tuple[str, str]:
     for peft, ours in names.items():
         if key.startswith(PEFT_PREFIX) and key.endswith("." + peft): return key[len(PEFT_PREFIX):-len(peft) - 1], ours
     raise ValueError(f"{what}: tensor {key!r} is not a {PEFT_TYPES[method]} factor lowrank_tales knows")
+
+# %% ../nbs/07b_peft.ipynb #72b9ca76
+def _initial_pair(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple:
+    "The initial `(B0, A0)` PEFT's `init` (`'pissa'` or `'olora'`) gives a rank-`r` LoRA on `weight` (PEFT's formulas)."
+    W = weight.detach().to(torch.float32)
+    if init == "olora":
+        Q, R = torch.linalg.qr(W)
+        return Q[:, :r], R[:r]
+    V, S, Uh = torch.linalg.svd(W, full_matrices=False)
+    Sr = S[:r] / scale
+    return V[:, :r] @ torch.diag(torch.sqrt(Sr)), torch.diag(torch.sqrt(Sr)) @ Uh[:r]
+
+# %% ../nbs/07b_peft.ipynb #4317fc72
+def _without_residual(model: nn.Module, config: dict, tensors: dict, keys: dict, what: str) -> tuple[dict, dict]:
+    "A `pissa`/`olora` PEFT adapter as the plain LoRA `s[B, −B0][A; A0]` of rank 2r on the original base weights."
+    init, rs = config["init_lora_weights"], bool(config.get("use_rslora"))
+    if config.get("use_dora") or config.get("fan_in_fan_out"):
+        raise ValueError(f"{what}: init_lora_weights={init!r} with DoRA or fan_in_fan_out is not supported")
+    out, mods, ranks, alphas = dict(tensors), dict(model.named_modules()), {}, {}
+    for key, (n, f) in keys.items():
+        kb = key.removesuffix("lora_A.weight") + "lora_B.weight"
+        if f != "A" or n not in mods or kb not in tensors: continue  # (later checks refuse what is missing)
+        base = mods[n].base if isinstance(mods[n], Adapter) else mods[n]
+        if type(base) is not nn.Linear or base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{what}: module {n!r}: PEFT's {init} runs on nn.Linear in float32, float16 or "
+                             f"bfloat16, not on this {type(base).__name__} in {base.weight.dtype}")
+        r, alpha = (pattern_value(config.get(p), n, config[k]) for p, k in [("rank_pattern", "r"),
+                                                                             ("alpha_pattern", "lora_alpha")])
+        if tensors[key].shape != (r, base.in_features) or tensors[kb].shape != (base.out_features, r): continue
+        scale = alpha / (r ** 0.5 if rs else r)
+        B0, A0 = _initial_pair(base.weight, r, scale, init)
+        V, U = _low_rank_pair(torch.cat([tensors[kb].float(), -B0], 1), torch.cat([tensors[key].float(), A0]))
+        out[kb], out[key], R = V, U, V.shape[1]
+        ranks["^" + re.escape(n)], alphas["^" + re.escape(n)] = R, scale * (R ** 0.5 if rs else R)  # the same scale
+    return dict(config, init_lora_weights=True, rank_pattern=ranks, alpha_pattern=alphas), out
 
 # %% ../nbs/07b_peft.ipynb #14febf84
 def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: str) -> dict:
@@ -277,6 +314,8 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
     keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
+        config, tensors = _without_residual(model, config, tensors, keys, what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
     ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}

@@ -40,20 +40,32 @@ def test_every_peft_config_field_is_classified():
         assert not {f.name for f in dataclasses.fields(cls)} - known, cls.__name__
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
-def test_residual_base_inits_are_refused_and_their_conversion_imports_exactly(tmp_path, init):
-    model, init_dir = peft_trained(tmp_path, init)
-    m = small_model(); before = state(m)
-    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*path_initial_model_for_weight_conversion"):
-        lt.import_peft(m, tmp_path / "plain")
-    assert same_state(before, state(m))
-    # PEFT rebuilds the residual base at load (from_pretrained on the original model gives the trained function);
-    # the same factors on the unchanged base, which is what importing them as a plain delta would mean, differ
+@pytest.mark.parametrize("init, kw", [("pissa", {}), ("olora", {}),
+                                      ("pissa", dict(use_rslora=True, rank_pattern={"^2": 3}, alpha_pattern={"^0": 3}))])
+def test_pissa_and_olora_import_with_peft_meaning(tmp_path, init, kw):
+    "PEFT rebuilds the residual base at load; our import, on the unchanged base, computes the same function."
+    model, init_dir = peft_trained(tmp_path, init, **kw)
     theirs = peft.PeftModel.from_pretrained(small_model(), tmp_path / "plain")
-    if init != "pissa_niter_2": torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)  # (randomised)
+    torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
+    ours = lt.import_peft(small_model(), tmp_path / "plain")
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    # the same factors as a plain delta of the unchanged base compute something else (what the rebuild prevents)
     cfg = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
     (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps(cfg | dict(init_lora_weights=True)))
     assert (lt.import_peft(small_model(), tmp_path / "plain")(x) - model(x)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="on nn.Linear in float32, float16 or bfloat16"):  # as PEFT refuses float64
+        (tmp_path / "plain" / "adapter_config.json").write_text(json.dumps(cfg))
+        lt.import_peft(small_model().double(), tmp_path / "plain")
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "pissa", "olora"])
+def test_random_residual_inits_are_refused_and_conversions_import_exactly(tmp_path, init):
+    model, init_dir = peft_trained(tmp_path, init)
+    if init == "pissa_niter_2":  # PEFT's own load of it is random (a randomised SVD): refused, model unchanged
+        m = small_model(); before = state(m)
+        with pytest.raises(ValueError, match="init_lora_weights='pissa_niter_2'.*path_initial_model_for_weight_conv"):
+            lt.import_peft(m, tmp_path / "plain")
+        assert same_state(before, state(m))
     model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(init_dir))
     ours = lt.import_peft(small_model(), tmp_path / "converted")
     torch.testing.assert_close(ours(x), peft.PeftModel.from_pretrained(small_model(), tmp_path / "converted")(x),
@@ -85,7 +97,8 @@ def edited(tmp_path, **changes):
     (dict(use_rslora=1), "field use_rslora must be true or false"),
     (dict(modules_to_save="2"), "field modules_to_save must be a list of module names"),
     (dict(brand_new_option=True), "fields ['brand_new_option'] that lowrank_tales does not know"),
-    (dict(init_lora_weights="corda"), "replaces by residual ones")])
+    (dict(init_lora_weights="corda"), "replaces by residual ones"),
+    (dict(init_lora_weights="pissa", use_dora=True), "with DoRA or fan_in_fan_out is not supported")])
 def test_config_fields_refused_by_name(tmp_path, changes, msg):
     folder = edited(tmp_path, **changes)
     m = small_model(); before = state(m)
