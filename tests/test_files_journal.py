@@ -181,7 +181,7 @@ def test_a_fault_at_any_os_call_leaves_old_or_new(tmp_path, monkeypatch, several
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.parametrize("several", [False, True])
+@pytest.mark.parametrize("several", [True])  # (one adapter's calls are a subset of these; the fault test runs both)
 def test_a_kill_before_or_after_any_os_call_leaves_old_or_new(tmp_path, monkeypatch, several):
     torch.set_num_threads(1)
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # counted, not done: it matters for power loss, not for a kill
