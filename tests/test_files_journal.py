@@ -239,3 +239,19 @@ def test_sigkill_of_a_saver_racing_a_loader(tmp_path, peft):
     assert set(seen) == {"A", "B"}
     save(saves["B"])
     assert loads_as() == "B" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.skipif(adapter_files.fcntl is None, reason="needs advisory locks")
+def test_a_live_journal_is_left_alone_and_a_dead_one_is_cleared(tmp_path):
+    "A journal another save holds locked stays; once released (its process died) the next save clears it."
+    lt.save_adapter(trained("lora"), tmp_path)
+    live = tmp_path / f"{adapter_files._JOURNAL}1-live"
+    (live / "x").mkdir(parents=True); (live / "x" / "adapter_config.json").write_bytes(b"half written")
+    fd = os.open(live, os.O_RDONLY)
+    adapter_files.fcntl.flock(fd, adapter_files.fcntl.LOCK_EX)
+    lt.save_adapter(trained("lora", seed=2), tmp_path)
+    assert (live / "x" / "adapter_config.json").read_bytes() == b"half written"  # another save's, still writing
+    assert same_state(state(lt.load_adapter(small_model(), tmp_path)), state(trained("lora", seed=2)))
+    os.close(fd)  # as when that process dies: its lock goes with it
+    lt.save_adapter(trained("lora", seed=3), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
