@@ -223,7 +223,7 @@ def lokr_full_shapes(layer: nn.Module, budget: int) -> list:
     _, a1, a2 = max(fits, key=lambda f: (f[0], min(f[1], f[2]) * min(d_out // f[1], d_in // f[2])))
     return [METHODS["lokr"](layer, rank=1, shape=(a1, a2), low_rank=False)]
 
-# %% ../nbs/09b_planning.ipynb #030252e4
+# %% ../nbs/09b_planning.ipynb #d5569d86
 def plan_row(method: str, layer: nn.Module, budget: int, tokens: int, D=None, fit_options: dict | None = None):
     "The largest `method` adapter of `layer` within `budget` parameters: sizes, costs, (with `D`) error; or None."
     try: ad = shadow_adapter(method, layer, budget=budget)
@@ -234,7 +234,8 @@ def plan_row(method: str, layer: nn.Module, budget: int, tokens: int, D=None, fi
     row = dict(method=method, config=_config(u), options=_options(u), params=u.n_params, rank_cap=rank_cap(u),
                forward_macs=u.extra_macs(tokens, fwd, False), train_macs=u.extra_macs(tokens, train, True),
                activation_bytes=4 * saved_elements(u, train, tokens), path=train)
-    if D is not None: row["rel_error"] = fit_update(D, ad, fit_options).rel_error
+    quiet = dict(progress=False) if method in ("loha", "lokh") and len(D.shape if D is not None else ()) else {}
+    if D is not None: row["rel_error"] = fit_update(D, ad, {**quiet, **(fit_options or {})}).rel_error
     return row
 
 # %% ../nbs/09b_planning.ipynb #a6f03404
