@@ -63,14 +63,14 @@ def _cell(v) -> str:
     if isinstance(v, float): return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
-# %% ../nbs/09b_planning.ipynb #76d1bc0a
+# %% ../nbs/09b_planning.ipynb #70b0df48
 @dataclass(repr=False)
 class Table:
     "Rows (dicts) shown as a text table (`print`) and an HTML table (notebooks); `columns` picks and orders them."
     rows: list
     columns: tuple = ()
 
-    def cols(self) -> tuple: return self.columns or tuple(self.rows[0]) if self.rows else ()
+    def cols(self) -> tuple: return self.columns or (tuple(self.rows[0]) if self.rows else ())
     def __len__(self) -> int: return len(self.rows)
     def __iter__(self): return iter(self.rows)
     def __getitem__(self, i): return self.rows[i]
@@ -223,7 +223,7 @@ def lokr_full_shapes(layer: nn.Module, budget: int) -> list:
     _, a1, a2 = max(fits, key=lambda f: (f[0], min(f[1], f[2]) * min(d_out // f[1], d_in // f[2])))
     return [METHODS["lokr"](layer, rank=1, shape=(a1, a2), low_rank=False)]
 
-# %% ../nbs/09b_planning.ipynb #d5569d86
+# %% ../nbs/09b_planning.ipynb #8232af50
 def plan_row(method: str, layer: nn.Module, budget: int, tokens: int, D=None, fit_options: dict | None = None):
     "The largest `method` adapter of `layer` within `budget` parameters: sizes, costs, (with `D`) error; or None."
     try: ad = shadow_adapter(method, layer, budget=budget)
@@ -234,7 +234,7 @@ def plan_row(method: str, layer: nn.Module, budget: int, tokens: int, D=None, fi
     row = dict(method=method, config=_config(u), options=_options(u), params=u.n_params, rank_cap=rank_cap(u),
                forward_macs=u.extra_macs(tokens, fwd, False), train_macs=u.extra_macs(tokens, train, True),
                activation_bytes=4 * saved_elements(u, train, tokens), path=train)
-    quiet = dict(progress=False) if method in ("loha", "lokh") and len(D.shape if D is not None else ()) else {}
+    quiet = dict(progress=False) if method in ("loha", "lokh") else {}  # no progress bars inside a plan
     if D is not None: row["rel_error"] = fit_update(D, ad, {**quiet, **(fit_options or {})}).rel_error
     return row
 
@@ -349,12 +349,14 @@ def _check_methods(methods, layers: dict) -> tuple:
                              f"leave it out of methods or of targets")
     return methods
 
-# %% ../nbs/09b_planning.ipynb #922287ef
+# %% ../nbs/09b_planning.ipynb #a23071cc
 def _reference_updates(model: nn.Module, reference, names: list) -> dict:
     "The matrices the structures are fitted to: the weights (`'weights'`) or a fine-tune's `W_ft − W0`, or Nones."
     if reference is None: return dict.fromkeys(names)
     if isinstance(reference, str) and reference == "weights":
-        return {n: update_matrix(m, m.weight.detach().float()) for n in names if (m := model.get_submodule(n))}
+        layers = {n: model.get_submodule(n) for n in names}
+        layers = {n: m.base if isinstance(m, Adapter) else m for n, m in layers.items()}  # W0 of an adapted layer
+        return {n: update_matrix(m, m.weight.detach().float()) for n, m in layers.items()}
     try: return target_updates(model, reference, names)
     except (TypeError, ValueError) as e:
         raise type(e)(f"reference must be 'weights', a fine-tuned model or its state dict: {e}") from None
