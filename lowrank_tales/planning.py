@@ -433,15 +433,15 @@ def _exact_as(method: str, u) -> tuple[dict, tuple]:
     if B.shape[1] > min(u.d_out, u.d_in): B, A = exact_factors(B @ A)
     return lora_as(method, B, A)
 
-# %% ../nbs/09b_planning.ipynb #686a77c5
+# %% ../nbs/09b_planning.ipynb #b7736810
 def _approx_as(method: str, u, layer: nn.Module, D: torch.Tensor, rank: int) -> tuple[dict, tuple]:
     "Options and factors of a scale-1 `method` update of `rank` closest to `D = s·ΔW` (exact where it fits)."
     B, A = lora_equivalent(u)
     if B.shape[1] > min(u.d_out, u.d_in): B, A = exact_factors(D)
     if method in ("lora", "loha") and B.shape[1] <= rank: return _padded(method, B, A, rank)
     if method == "lora": return dict(rank=rank), balanced_tsvd(D, rank)
-    ex = fit_update(D, shadow_adapter(method, layer, rank=rank))
-    return _options(shadow_adapter(method, layer, rank=rank).updates["default"]), ex.factors
+    ad = shadow_adapter(method, layer, rank=rank)
+    return _options(ad.updates["default"]), fit_update(D, ad, dict(progress=False) if method == "loha" else {}).factors
 
 # %% ../nbs/09b_planning.ipynb #aedd6ef5
 def _target_rank(method: str, D: torch.Tensor, rank, energy) -> int | None:
