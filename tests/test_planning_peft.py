@@ -67,3 +67,22 @@ def test_against_peft_add_weighted_adapter_linear(tmp_path):
         lt.add_weighted_adapter(ours, ["default", "b"], [0.5, 0.5], "lin")
     report = lt.add_weighted_adapter(ours, ["default", "b"], [0.5, 0.5], "cat", combination="cat")
     assert max(r["rel_error"] for r in report) < 1e-6
+
+
+def test_against_peft_weight_one_rslora():
+    "One rsLoRA adapter at weight 1.0: PEFT 0.21's result is not the adapter (measured here); ours is, bit for bit."
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 36), nn.ReLU(), nn.Linear(36, 24))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"],
+                                                                      use_rslora=True, init_lora_weights=False))
+    theirs.add_weighted_adapter(["default"], [1.0], "w", combination_type="linear")
+    layer = theirs.base_model.model[0]
+    D = layer.get_delta_weight("default")
+    assert float((layer.get_delta_weight("w") - D).norm() / D.norm()) > 0.5
+    ours = lt.inject(copy.deepcopy(base), "lora", targets=["0", "2"], rank=4, alpha=8, rslora=True)
+    with torch.no_grad():
+        for a in adapter_layers(ours).values():
+            for p in a.updates["default"].factors: p.normal_()
+    lt.add_weighted_adapter(ours, ["default"], [1.0], "w")
+    for a in adapter_layers(ours).values():
+        assert torch.equal(a.updates["w"].delta_weight(), a.delta_weight(["default"]))
