@@ -1,5 +1,5 @@
-"""`convert_adapter` and `add_weighted_adapter` against PEFT 0.21's `convert_to_lora` and `add_weighted_adapter` at equal
-rank, on the same adapters (through `export_peft`). Skipped when `peft` is not installed."""
+"""`convert_adapter` and `add_weighted_adapter` against PEFT 0.21's `convert_to_lora` and `add_weighted_adapter` at
+equal rank, on the same adapters (through `export_peft`). Skipped when `peft` is not installed."""
 import copy
 
 import pytest
