@@ -23,6 +23,7 @@ from .adapter_files import save_adapter, load_adapter
 from .peft_interop import export_peft, import_peft
 from .extraction import Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter
 from .compression import compress, FactoredLinear, KroneckerSumLinear, KhatriRaoLinear
+from .planning import plan, Plan, spectrum, convert_adapter, add_weighted_adapter
 from .distributed import (launch, adapter_ddp, shard_batch, shard_loader, distributed_als, spark_als,
                                        from_spark, as_triplets)
 from .products import (kron, khatri_rao, face_split, partition_khatri_rao, kron_apply, kron_matvec,
