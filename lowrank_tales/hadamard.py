@@ -11,10 +11,11 @@ import torch
 from .core import (Factorization, as_generator, check_choice, check_int, check_nonnegative, check_tol,
                                 fit_loop, fit_result, is_tensor, like, observed_data, random_normal, relative_error,
                                 scale_problem, to_tensor)
-from .kernels import balanced_factors, batched_svd, spd_solve, weighted_grams
+from .kernels import balanced_factors, batched_svd, fix_signs, spd_solve, weighted_grams
+from .products import face_split, khatri_rao
 
 # %% auto #0
-__all__ = ['hadamard_als']
+__all__ = ['masked_default_reg', 'hadamard_als']
 
 # %% ../nbs/03_hadamard.ipynb #6789fce9
 def _cholesky_solve_batch(G, B):
@@ -106,16 +107,43 @@ def _rescale(A, Om, F: list) -> list:
     a = abs(alpha) ** 0.25 if alpha != 0 else 1.0
     return [F[0] * (a if alpha >= 0 else -a)] + [f * a for f in F[1:]]
 
+# %% ../nbs/03_hadamard.ipynb #79c74049
+def _svd_start(A, r1: int, r2: int) -> list:
+    "Wertz et al.'s start: X1 from the rank-r1 TSVD of √|A|, X2 from the rank-r2 TSVD of sign(A) ∘ √|A|."
+    S = A.abs().sqrt()
+    return [*_tsvd_factors(S, r1), *_tsvd_factors(S * torch.sign(A), r2)]
+
+# %% ../nbs/03_hadamard.ipynb #153f64aa
+def _face_split_projection(U, r1: int, r2: int) -> tuple:
+    "Factors U1 (P, r1), U2 (P, r2) of the face-splitting product U1 • U2 nearest U (P, r1·r2): a rank one per row."
+    P, s, Qh = batched_svd(U.reshape(-1, r1, r2))
+    w = s[:, :1] ** 0.5
+    return P[:, :, 0] * w, Qh[:, 0, :] * w
+
+# %% ../nbs/03_hadamard.ipynb #3f808032
+def _face_split_starts(A, r1: int, r2: int) -> dict:
+    "Gillis et al.'s starts 'fs', 'fsl', 'fsr' from the rank-r1·r2 TSVD W Z of A (its signs fixed); r1·r2 ≤ min(M, N)."
+    U, s, Vh = batched_svd(A)
+    k = r1 * r2
+    W, Z = balanced_factors(U[:, :k], s[:k], Vh[:k])
+    W, Zt = fix_signs([W, Z.T])  # the SVD's sign per component is arbitrary: fixed, every backend starts alike
+    W1, W2 = _face_split_projection(W, r1, r2)
+    Z1, Z2 = (z.T for z in _face_split_projection(Zt, r1, r2))
+    V1, V2 = _face_split_projection(A @ torch.linalg.pinv(khatri_rao(Z1, Z2)), r1, r2)  # W refitted, projected
+    Y1, Y2 = (y.T for y in _face_split_projection((torch.linalg.pinv(face_split(W1, W2)) @ A).T, r1, r2))
+    return {"fs": [W1, Z1, W2, Z2], "fsl": [V1, Z1, V2, Z2], "fsr": [W1, Y1, W2, Y2]}
+
 # %% ../nbs/03_hadamard.ipynb #1dfb1920
 def _init(A, Om, r1: int, r2: int, init: str, rng) -> list:
-    "Starting factors [W1, Z1, W2, Z2]: SVD of the magnitude/sign split of A, or Gaussian; best-scaled."
-    if init == "svd":
-        S = A.abs().sqrt()
-        F = [*_tsvd_factors(S, r1), *_tsvd_factors(S * torch.sign(A), r2)]
-    else:
+    "The starts [W1, Z1, W2, Z2] that `init` names, best-scaled: one, or with 'all' the four SVD-based ones."
+    if init == "random":
         M, N = A.shape
-        F = [random_normal(shape, A, rng) for shape in ((M, r1), (r1, N), (M, r2), (r2, N))]
-    return _rescale(A, Om, F)
+        starts = [[random_normal(shape, A, rng) for shape in ((M, r1), (r1, N), (M, r2), (r2, N))]]
+    else:
+        fs = _face_split_starts(A, r1, r2) if init != "svd" and r1 * r2 <= min(A.shape) else {}
+        named = {"svd": _svd_start(A, r1, r2), **fs}
+        starts = list(named.values()) if init == "all" else [named[init]]
+    return [_rescale(A, Om, F) for F in starts]
 
 # %% ../nbs/03_hadamard.ipynb #38f053b9
 def _momentum_step(A, Om, F, sweep, reg, beta, beta_max, last):
@@ -139,6 +167,25 @@ def _check_momentum(momentum) -> float:
     momentum = check_nonnegative(momentum, "momentum")
     if momentum >= 1: raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
     return momentum
+
+# %% ../nbs/03_hadamard.ipynb #a2115509
+def _check_init(init, r1: int, r2: int, shape) -> str:
+    "`init` as one of the known starts; the face-splitting ones only where r1·r2 ≤ min(M, N)."
+    init = check_choice(init, "init", ("svd", "fs", "fsl", "fsr", "all", "random"))
+    if init in ("fs", "fsl", "fsr") and r1 * r2 > min(shape):
+        raise ValueError(f"init={init!r} needs r1·r2 ≤ min(M, N) = {min(shape)} for A of shape {tuple(shape)}, "
+                         f"got r1·r2 = {r1 * r2}; use init='svd' or 'all'")
+    return init
+
+# %% ../nbs/03_hadamard.ipynb #8e58a07b
+def masked_default_reg(A,  # the observed values (zero elsewhere), torch tensor, already scaled to unit magnitude
+                       mask,  # boolean (M, N) torch tensor, True where A is observed
+                       degree: int,  # degree d of the model in its factors: 4 for Hadamard, k for a k-fold Khatri-Rao
+                       scale: float = 1.0,  # the multiple c of rms^(2 − 2/d)
+                      ) -> float:  # λ = c · rms(observed A)^(2 − 2/d), in the units of the ridge
+    "The default ridge of a masked fit of degree `d`: without it the unobserved entries may take any size."
+    rms = float((A[mask] ** 2).mean()) ** 0.5 if bool(mask.any()) else 0.0
+    return scale * rms ** (2 - 2 / degree)
 
 # %% ../nbs/03_hadamard.ipynb #e1bf353f
 def _hadamard(W1, Z1, W2, Z2):
@@ -165,28 +212,30 @@ def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor,
                  ranks,  # r (both factors) or (r1, r2)
                  *,
                  mask=None,  # boolean (M, N), True where A is observed; None: all observed
-                 reg: float = 0.0,  # ridge λ on the squared norms of all four factors
-                 init: str = "svd",  # "svd" (magnitude/sign split) or "random"
+                 reg=None,  # ridge λ on the squared norms of all four factors; None: 0, with a mask rms(A)^1.5
+                 init: str = "svd",  # "svd" (magnitude/sign); "fs", "fsl", "fsr" (face-split TSVD); "all"; "random"
                  max_iter: int = 100,  # maximum sweeps over the four blocks
                  tol: float = 1e-10,  # stop after 10 sweeps in a row that lower the loss by at most `tol` times itself
                  seed=None,  # seed of the random starts: None, an integer or a numpy Generator
                  method: str = "als",  # "als" (exact block updates) or "gd" (block gradient steps, for comparison)
                  progress=None,  # progress bar: True, False, or None (automatic)
-                 restarts: int = 1,  # number of starts, the best fit wins: the first is `init`, the others random
+                 restarts: int = 1,  # starts: the first from `init` (four with "all"), restarts − 1 random; best wins
                  momentum: float = 0.5,  # starting extrapolation β; 0: plain (monotone) block coordinate descent
                 ) -> Factorization:  # factors W1 (M, r1), Z1 (r1, N), W2 (M, r2), Z2 (r2, N)
     "Hadamard decomposition `A ≈ (W1 Z1) ∘ (W2 Z2)` by exact block ALS (or block gradient descent), with optional mask."
     A, mask = observed_data(A, mask)
     r1, r2 = _check_ranks(ranks, A.shape)
-    method, init = check_choice(method, "method", ("als", "gd")), check_choice(init, "init", ("svd", "random"))
+    method, init = check_choice(method, "method", ("als", "gd")), _check_init(init, r1, r2, A.shape)
     momentum, tol, restarts = _check_momentum(momentum), check_tol(tol), check_int(restarts, "restarts", 1)
-    max_iter, reg = check_int(max_iter, "max_iter", low=0), check_nonnegative(reg, "reg")
+    max_iter, auto_reg = check_int(max_iter, "max_iter", low=0), reg is None
+    reg = check_nonnegative(0.0 if auto_reg else reg, "reg")
     A, reg, e = scale_problem(A, reg, 4)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
     At, rng = to_tensor(A), as_generator(seed)
     Om = None if mask is None else to_tensor(mask, At.device)
+    if auto_reg and Om is not None: reg = masked_default_reg(At, Om, 4)
     sweep = _als_sweep if method == "als" else _gd_sweep
-    runs = [_hadamard_run(At, Om, _init(At, Om, r1, r2, init if k == 0 else "random", rng), sweep, reg, momentum,
-                          max_iter, tol, progress) for k in range(restarts)]
+    starts = _init(At, Om, r1, r2, init, rng) + [_init(At, Om, r1, r2, "random", rng)[0] for _ in range(restarts - 1)]
+    runs = [_hadamard_run(At, Om, F, sweep, reg, momentum, max_iter, tol, progress) for F in starts]
     F, losses = min(runs, key=lambda run: run[1][-1])
     factors = tuple(like(f, A) for f in F)
     rel = relative_error(A, _hadamard(*factors), mask)

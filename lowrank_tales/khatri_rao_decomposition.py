@@ -15,6 +15,7 @@ from .core import (Factorization, as_float_array, as_generator, check_choice, ch
                                 relative_error, scale_problem, to_tensor, _sum_squares)
 from .products import khatri_rao, partition_khatri_rao
 from .kernels import balanced_split, batched_svd, fix_signs
+from .hadamard import masked_default_reg
 from .kronecker import kronecker_als, nearest_kronecker
 
 # %% auto #0
@@ -193,7 +194,7 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
                    dims,  # row counts (d1, ..., dk) of the factors, k ≥ 2, prod(dims) == A.shape[0]
                    *,
                    mask=None,  # boolean (M, N), True where A is observed; None: all observed
-                   reg: float = 0.0,  # ridge λ on the squared norms of the factors
+                   reg=None,  # ridge λ on the factors' squared norms; None: 0, with a mask rms(A)^(2 − 2/k)
                    init: str | None = None,  # HOPM start: "svd" (HOSVD) or "random"; None: random for method="als"
                    max_iter: int = 100,  # maximum ALS (HOPM) sweeps
                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
@@ -211,7 +212,9 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
     dims = _check_dims(A.shape, dims)
     method = check_choice(method, "method", ("svd", "als"))
     init = check_choice(("random" if method == "als" else "svd") if init is None else init, "init", ("svd", "random"))
-    reg, tol, max_iter = check_nonnegative(reg, "reg"), check_tol(tol), check_int(max_iter, "max_iter", low=0)
+    auto_reg = reg is None and mask is not None and widths is None  # partition-wise: kronecker_als's own default
+    reg = check_nonnegative(0.0 if reg is None else reg, "reg")
+    tol, max_iter = check_tol(tol), check_int(max_iter, "max_iter", low=0)
     if widths is not None:
         if len(dims) != 2: raise ValueError(f"dims must be a pair (p, q) with widths (partition-wise), got {dims}")
         return _partition_fit(A, mask, dims, widths, reg=reg, init=init, max_iter=max_iter, tol=tol, seed=seed,
@@ -219,6 +222,7 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
     A, reg, e = scale_problem(A, reg, len(dims))  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
     X, rng = _column_tensors(to_tensor(A), dims), as_generator(seed)
     Om = None if mask is None else _column_tensors(to_tensor(mask, X.device), dims)
+    if auto_reg: reg = masked_default_reg(X, Om, len(dims))  # unobserved entries stay in the data's range
     ws = [random_normal((X.shape[0], d), X, rng) for d in dims] if init == "random" else _hosvd_start(X)
     if mask is not None or init == "random" or len(dims) > 2 or reg:
         state = list(ws)
