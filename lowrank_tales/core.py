@@ -15,8 +15,8 @@ import torch
 
 # %% auto #0
 __all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'compute_dtype', 'is_sparse', 'as_float_array',
-           'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem', 'check_finite', 'check_int',
-           'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol', 'as_generator',
+           'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem', 'check_finite',
+           'check_int', 'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol', 'as_generator',
            'random_normal', 'iterations', 'n_elements', 'Factorization', 'relative_error', 'rescale_factorization',
            'fit_loop', 'fit_result']
 
@@ -149,6 +149,26 @@ def as_float_array(x, name: str = "A", ndim: int | None = 2, keep_half: bool = F
         x = x.to(target) if is_tensor(x) else x.astype(target)
     if ndim is not None and x.ndim != ndim: raise ValueError(f"{name} must have {ndim} dimensions, got {_describe(x)}")
     return x
+
+# %% ../nbs/00_core.ipynb #1158959d
+def stored_entries(A,  # a 2-D scipy.sparse matrix or array, or a sparse torch tensor
+                   name: str = "A",  # the argument, for errors
+                  ):  # rows, cols (int64), values (computing dtype), shape; numpy for scipy, torch for torch
+    "The stored entries of sparse `A`, one per position (duplicates summed in the computing dtype, on a copy)."
+    layout = str(A.layout).removeprefix("torch.sparse_") if is_tensor(A) else A.format
+    if layout in ("bsr", "bsc"):
+        raise TypeError(f"{name} is a block-sparse {layout.upper()} matrix: its blocks store padding zeros that cannot "
+                        f"be told from observed zeros; pass the observed entries as COO or CSR")
+    if len(A.shape) != 2: raise ValueError(f"{name} must have 2 dimensions, got {_describe(A)}")
+    if is_tensor(A):
+        C = A.to_sparse_coo()
+        vals = as_float_array(C._values(), name, ndim=1)
+        C = torch.sparse_coo_tensor(C._indices(), vals, tuple(A.shape)).coalesce()
+        return C.indices()[0], C.indices()[1], C.values(), tuple(A.shape)
+    C = A.tocoo()
+    C = type(C)((as_float_array(C.data, name, ndim=1), (C.row, C.col)), shape=A.shape)  # a new matrix: ours to sum
+    C.sum_duplicates()
+    return C.row.astype(np.int64), C.col.astype(np.int64), C.data, tuple(A.shape)
 
 # %% ../nbs/00_core.ipynb #b4fbbd9b
 def check_solvable(A, name: str = "A"):
