@@ -58,10 +58,7 @@ def _describe(x) -> str:
         return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
 
-# %% ../nbs/00_core.ipynb #c2a6c63d
-_ACCEPTED = ("float32 or float64 (computed as given), booleans and integers (computed in float64), "
-             "float16 or bfloat16 (in products only)")
-
+# %% ../nbs/00_core.ipynb #62dbc4a6
 def _half(dtype, name: str, keep_half: bool):
     "A half-precision `dtype` itself where it is kept; else the `TypeError` every fitter gives."
     if keep_half: return dtype
@@ -69,9 +66,13 @@ def _half(dtype, name: str, keep_half: bool):
     raise TypeError(f"{name} has dtype {dtype}, but the decompositions compute in float32 or float64: "
                     f"convert it first, e.g. {fix}")
 
+# %% ../nbs/00_core.ipynb #c2a6c63d
+_ACCEPTED = ("float32 or float64 (computed as given), booleans and integers (computed in float64), "
+             "float16 or bfloat16 (in products only)")
+
 def compute_dtype(dtype,  # a numpy or torch dtype
                   name: str = "A",  # the argument, for the error
-                  keep_half: bool = False,  # True for functions that only multiply and add (products, ranks); else refused
+                  keep_half: bool = False,  # True where half precision is kept (products, ranks)
                  ):  # the dtype the data is computed in; `TypeError` when refused
     "The dtype data of `dtype` is computed in: the one dtype policy of Part I."
     if isinstance(dtype, torch.dtype):
@@ -101,8 +102,9 @@ def _check_exact_value(v: int, name: str) -> None:
     "`ValueError` when the integer `v` lies beyond ±2⁵³, where float64 (integers' computing dtype) would round it."
     if abs(v) > _EXACT:
         raise ValueError(f"{name} holds the integer {v}, beyond ±2**53 = ±{_EXACT}: float64, the dtype integers are "
-                         f"computed in, would round it; convert {name} to floating point yourself if that is acceptable")
+                         f"computed in, would round it; convert {name} to floating point yourself if that is fine")
 
+# %% ../nbs/00_core.ipynb #0667c21b
 def _check_exact(x, name: str) -> None:
     "`_check_exact_value` for the extreme entries of integer array or tensor `x`."
     if x.dtype in (np.bool_, torch.bool) or (x.numel() if is_tensor(x) else x.size) == 0: return

@@ -24,9 +24,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core import (is_sparse, stored_entries, Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
                                 check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
-                                to_numpy)
+                                to_numpy, is_sparse, stored_entries)
 from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
 from .injection import adapter_layers as adapters, check_model, saved_modules
 
