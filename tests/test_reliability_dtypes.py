@@ -1,6 +1,7 @@
 """The one dtype policy (`lowrank_tales.core.compute_dtype`) holds for every public function of Part I: data of any
 dtype, numpy or torch, is either refused before anything runs, with a `TypeError` naming the argument, or computed in
-exactly the dtype the policy names, giving what the same call gives on the data converted to that dtype first."""
+exactly the dtype the policy names, giving what the same call gives on the data converted to that dtype first, in a
+new array (never a view of the input)."""
 import numpy as np
 import pytest
 import torch
@@ -38,6 +39,8 @@ FUNCTIONS = {
     "kron": ("B", True, lambda A: lt.kron(A[:2, :3], A[:3, :2])),
     "khatri_rao": ("M1", True, lambda A: lt.khatri_rao(A, A[:3])),
     "face_split": ("M1", True, lambda A: lt.face_split(A, A[:, :3])),
+    "khatri_rao (one factor)": ("M1", True, lambda A: lt.khatri_rao(A)),
+    "face_split (one factor)": ("M1", True, lambda A: lt.face_split(A)),
     "partition_khatri_rao": ("Bs[0]", True, lambda A: lt.partition_khatri_rao([A[:2, :2], A[:2, 2:3]],
                                                                                [A[2:5, :1], A[2:5, 1:3]])),
     "kron_apply": ("A", True, lambda A: lt.kron_apply(A[:2, :2], A[2:5, :2], A[:5, :4])),
@@ -87,6 +90,8 @@ def test_one_dtype_policy(name, kind_dtype, seed):
         assert type(g) is type(X) and g.dtype == target, f"{name}: {X.dtype} gave {g.dtype}, the policy says {target}"
         np.testing.assert_array_equal(to_numpy(g.float() if g.dtype == torch.bfloat16 else g),
                                       to_numpy(w.float() if w.dtype == torch.bfloat16 else w))
+        if g.dtype != torch.bfloat16 and X.dtype != torch.bfloat16:  # numpy has no bfloat16 view to compare
+            assert not np.shares_memory(to_numpy(g), to_numpy(X)), f"{name}: the result aliases the input"
 
 
 def test_policy_is_the_same_for_numpy_and_torch():
