@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -13,10 +14,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'as_float_array', 'check_solvable', 'unit_exponent',
-           'scale_pow2', 'scale_problem', 'check_finite', 'check_int', 'check_nonnegative', 'check_mask',
-           'observed_data', 'check_choice', 'check_tol', 'as_generator', 'random_normal', 'iterations', 'n_elements',
-           'Factorization', 'relative_error', 'rescale_factorization', 'fit_loop', 'fit_result']
+__all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'compute_dtype', 'is_sparse', 'as_float_array',
+           'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem', 'check_finite',
+           'check_int', 'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol', 'as_generator',
+           'random_normal', 'iterations', 'n_elements', 'Factorization', 'relative_error', 'rescale_factorization',
+           'fit_loop', 'fit_result']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -47,7 +49,8 @@ def like(x, ref):
     return to_numpy(x).astype(ref.dtype, copy=False)
 
 # %% ../nbs/00_core.ipynb #d48d434b
-_TORCH_INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_TORCH_INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               *(getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)))
 
 def _describe(x) -> str:
     "A short description of `x` for error messages: its type, and shape and dtype when it has them."
@@ -55,22 +58,119 @@ def _describe(x) -> str:
         return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
     return type(x).__name__
 
-# %% ../nbs/00_core.ipynb #71f5da09
-def as_float_array(x, name: str = "A", ndim: int | None = 2):
-    "`x` as a floating-point numpy array or torch tensor with `ndim` dimensions; `TypeError`/`ValueError` otherwise."
-    if not is_tensor(x):
-        try: x = np.asarray(x)
-        except Exception as e:
-            raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}") from e
-    if is_tensor(x):
-        if x.is_complex() or not (x.is_floating_point() or x.dtype in _TORCH_INTS):
-            raise TypeError(f"{name} must hold real numbers, got {_describe(x)}")
-        if not x.is_floating_point(): x = x.to(torch.get_default_dtype())
+# %% ../nbs/00_core.ipynb #62dbc4a6
+def _half(dtype, name: str, keep_half: bool):
+    "A half-precision `dtype` itself where it is kept; else the `TypeError` every fitter gives."
+    if keep_half: return dtype
+    fix = f"{name}.float()" if isinstance(dtype, torch.dtype) else f"{name}.astype(np.float32)"
+    raise TypeError(f"{name} has dtype {dtype}, but the decompositions compute in float32 or float64: "
+                    f"convert it first, e.g. {fix}")
+
+# %% ../nbs/00_core.ipynb #c2a6c63d
+_ACCEPTED = ("float32 or float64 (computed as given), booleans and integers (computed in float64), "
+             "float16 or bfloat16 (in products only)")
+
+def compute_dtype(dtype,  # a numpy or torch dtype
+                  name: str = "A",  # the argument, for the error
+                  keep_half: bool = False,  # True where half precision is kept (products, ranks)
+                 ):  # the dtype the data is computed in; `TypeError` when refused
+    "The dtype data of `dtype` is computed in: the one dtype policy of Part I."
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.float64): return dtype
+        if dtype in (torch.float16, torch.bfloat16): return _half(dtype, name, keep_half)
+        if dtype in _TORCH_INTS: return torch.float64
     else:
-        if x.dtype.kind not in "fiub": raise TypeError(f"{name} must hold real numbers, got {_describe(x)}")
-        if x.dtype.kind != "f": x = x.astype(np.float64)
+        try: dt = np.dtype(dtype)
+        except TypeError: dt = np.dtype(object)
+        if dt.kind == "f" and dt.itemsize in (2, 4, 8):
+            return dt.newbyteorder("=") if dt.itemsize > 2 else _half(dt.newbyteorder("="), name, keep_half)
+        if dt.kind in "iub": return np.dtype(np.float64)
+        dtype = dt
+    raise TypeError(f"{name} must hold real numbers: {_ACCEPTED}; got dtype {dtype}")
+
+# %% ../nbs/00_core.ipynb #113aacf2
+def is_sparse(x) -> bool:
+    "Whether `x` is a scipy.sparse matrix or array, or a sparse torch tensor (without importing scipy)."
+    if is_tensor(x): return x.layout != torch.strided
+    sp = sys.modules.get("scipy.sparse")
+    return sp is not None and sp.issparse(x)
+
+# %% ../nbs/00_core.ipynb #f96bf71b
+_EXACT = 2 ** 53  # every integer up to this magnitude is a float64
+
+def _check_exact_value(v: int, name: str) -> None:
+    "`ValueError` when the integer `v` lies beyond ±2⁵³, where float64 (integers' computing dtype) would round it."
+    if abs(v) > _EXACT:
+        raise ValueError(f"{name} holds the integer {v}, beyond ±2**53 = ±{_EXACT}: float64, the dtype integers are "
+                         f"computed in, would round it; convert {name} to floating point yourself if that is fine")
+
+# %% ../nbs/00_core.ipynb #0667c21b
+def _check_exact(x, name: str) -> None:
+    "`_check_exact_value` for the extreme entries of integer array or tensor `x`."
+    if x.dtype in (np.bool_, torch.bool) or (x.numel() if is_tensor(x) else x.size) == 0: return
+    lo, hi = int(x.min()), int(x.max())
+    _check_exact_value(lo if -lo > hi else hi, name)
+
+# %% ../nbs/00_core.ipynb #819f6fcd
+def _from_pandas(x, name: str) -> np.ndarray:
+    "A pandas Series or DataFrame as a numpy array: nullable columns in their numpy dtype, `pd.NA` as NaN."
+    dtypes = [x.dtype] if x.ndim == 1 else list(x.dtypes)
+    try: dtype = np.result_type(*(np.dtype(getattr(d, "numpy_dtype", d)) for d in dtypes))
+    except TypeError: dtype = np.dtype(object)
+    if dtype.kind in "iub" and bool(np.asarray(x.isna()).any()):
+        top = x.abs().max() if x.ndim == 1 else x.abs().max().max()
+        _check_exact_value(int(top), name)
+        dtype = np.dtype(np.float64)
+    return x.to_numpy(dtype=dtype, na_value=np.nan) if dtype.kind == "f" else x.to_numpy(dtype=dtype)
+
+# %% ../nbs/00_core.ipynb #3f8f018a
+def _dense_input(x, name: str):
+    "`x` as a dense numpy array or torch tensor, keeping its meaning; `TypeError`/`ValueError` where it cannot."
+    if is_sparse(x):
+        fix = f"{name}.to_dense()" if is_tensor(x) else f"{name}.toarray()"
+        raise TypeError(f"{name} is sparse ({_describe(x)}): this function reads dense data; pass {fix}, or give "
+                        f"the stored entries to lt.als, which takes them as the observations")
+    if is_tensor(x) or (isinstance(x, np.ndarray) and not isinstance(x, np.ma.MaskedArray)): return x
+    if isinstance(x, np.ma.MaskedArray):
+        if n := int(np.ma.count_masked(x)):
+            raise ValueError(f"{name} is a numpy masked array with {n} masked entries, but this function reads every "
+                             f"entry: fill them ({name}.filled(value)), or use a fitter that takes mask=")
+        return np.ma.getdata(x)
+    if type(x).__module__.startswith("pandas") and hasattr(x, "isna"): return _from_pandas(x, name)
+    try: return np.asarray(x)
+    except Exception as e:
+        raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(x).__name__}") from e
+
+# %% ../nbs/00_core.ipynb #71f5da09
+def as_float_array(x, name: str = "A", ndim: int | None = 2, keep_half: bool = False):
+    "`x` in its computing dtype (`compute_dtype`) with `ndim` dimensions; the input itself when it already is."
+    x = _dense_input(x, name)
+    target = compute_dtype(x.dtype, name, keep_half)
+    if x.dtype != target:
+        if not (x.is_floating_point() if is_tensor(x) else x.dtype.kind == "f"): _check_exact(x, name)
+        x = x.to(target) if is_tensor(x) else x.astype(target)
     if ndim is not None and x.ndim != ndim: raise ValueError(f"{name} must have {ndim} dimensions, got {_describe(x)}")
     return x
+
+# %% ../nbs/00_core.ipynb #1158959d
+def stored_entries(A,  # a 2-D scipy.sparse matrix or array, or a sparse torch tensor
+                   name: str = "A",  # the argument, for errors
+                  ):  # rows, cols (int64), values (computing dtype), shape; numpy for scipy, torch for torch
+    "The stored entries of sparse `A`, one per position (duplicates summed in the computing dtype, on a copy)."
+    layout = str(A.layout).removeprefix("torch.sparse_") if is_tensor(A) else A.format
+    if layout in ("bsr", "bsc"):
+        raise TypeError(f"{name} is a block-sparse {layout.upper()} matrix: its blocks store padding zeros that cannot "
+                        f"be told from observed zeros; pass the observed entries as COO or CSR")
+    if len(A.shape) != 2: raise ValueError(f"{name} must have 2 dimensions, got {_describe(A)}")
+    if is_tensor(A):
+        C = A.to_sparse_coo()
+        vals = as_float_array(C._values(), name, ndim=1)
+        C = torch.sparse_coo_tensor(C._indices(), vals, tuple(A.shape)).coalesce()
+        return C.indices()[0], C.indices()[1], C.values(), tuple(A.shape)
+    C = A.tocoo()
+    C = type(C)((as_float_array(C.data, name, ndim=1), (C.row, C.col)), shape=A.shape)  # a new matrix: ours to sum
+    C.sum_duplicates()
+    return C.row.astype(np.int64), C.col.astype(np.int64), C.data, tuple(A.shape)
 
 # %% ../nbs/00_core.ipynb #b4fbbd9b
 def check_solvable(A, name: str = "A"):
@@ -130,7 +230,8 @@ def check_int(value, name: str, low: int = 1, high: int | None = None, why: str 
 
 # %% ../nbs/00_core.ipynb #a5ecbf9c
 def check_nonnegative(value, name: str) -> float:
-    "`value` as a finite `float` >= 0; `ValueError` naming `name` otherwise."
+    "`value` as a finite `float` >= 0; `TypeError`/`ValueError` naming `name` otherwise (booleans are not numbers)."
+    if isinstance(value, (bool, np.bool_)): raise TypeError(f"{name} must be a number, got {value!r}")
     try: v = float(value)
     except (TypeError, ValueError): raise TypeError(f"{name} must be a number, got {value!r}") from None
     if not np.isfinite(v) or v < 0: raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -138,7 +239,8 @@ def check_nonnegative(value, name: str) -> float:
 
 # %% ../nbs/00_core.ipynb #43ff1138
 def check_mask(mask, shape: tuple, name: str = "mask"):
-    "`mask` as a boolean array of `shape` (same kind as given); `TypeError`/`ValueError` otherwise."
+    "`mask` as a dense boolean array of `shape` (same kind as given; sparse read densely); `TypeError`/`ValueError`."
+    if is_sparse(mask): mask = mask.to_dense() if is_tensor(mask) else mask.toarray()
     if not is_tensor(mask): mask = np.asarray(mask)
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have the shape of A, {tuple(shape)}, got {tuple(mask.shape)}")

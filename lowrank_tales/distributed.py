@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
                                 check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
-                                to_numpy)
+                                to_numpy, is_sparse, stored_entries)
 from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
 from .injection import adapter_layers as adapters, check_model, saved_modules
 
@@ -158,14 +158,21 @@ def launch(fn,  # function to run in every rank; it finds its rank with `world()
                     print(f"[rank {r}] " + text.rstrip().replace("\n", f"\n[rank {r}] "))
         return [pickle.loads((folder / f"result{r}.pkl").read_bytes()) for r in range(world_size)]
 
+# %% ../nbs/12_distributed.ipynb #bd205981
+def _rank_world(rank, world_size) -> tuple:
+    "`(rank, world_size)`, this process's where not given; `TypeError`/`ValueError` unless 0 ≤ rank < world_size."
+    r, p = world()
+    world_size = p if world_size is None else check_int(world_size, "world_size", 1)
+    return check_int(r if rank is None else rank, "rank", 0, world_size - 1,
+                     f" (a rank of a world of {world_size} processes)"), world_size
+
 # %% ../nbs/12_distributed.ipynb #8306d069
 def shard_batch(batch,  # a tensor, or a tuple/list/dict of tensors, with the global batch along dim 0
                 rank: int | None = None,  # default: this process's rank
                 world_size: int | None = None,  # default: this process group's size
                ):  # this rank's contiguous share, of the same structure
     "This rank's equal share of a global batch (along dim 0); `ValueError` when the batch does not split evenly."
-    r, p = world()
-    rank, world_size = r if rank is None else rank, p if world_size is None else world_size
+    rank, world_size = _rank_world(rank, world_size)
     if isinstance(batch, dict): return {k: shard_batch(v, rank, world_size) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)): return type(batch)(shard_batch(v, rank, world_size) for v in batch)
     n = len(batch)
@@ -187,8 +194,7 @@ def shard_loader(dataset,  # a map-style dataset
                  **loader_options,  # passed to `DataLoader` (e.g. `num_workers`, `collate_fn`)
                 ) -> DataLoader:  # yields this rank's share of each global batch
     "A `DataLoader` whose batches, joined over the ranks, are the batches one process would read with `batch_size`."
-    r, p = world()
-    rank, world_size = r if rank is None else rank, p if world_size is None else world_size
+    rank, world_size = _rank_world(rank, world_size)
     batch_size = check_int(batch_size, "batch_size", 1)
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of world_size {world_size} "
@@ -259,13 +265,12 @@ def _frame_columns(df, columns) -> list:
     return list(columns)
 
 # %% ../nbs/12_distributed.ipynb #fa6bf2dc
-def as_triplets(ratings,  # (n, 3) array/tensor, (rows, cols, values) tuple, pandas DataFrame, or scipy.sparse matrix
+def as_triplets(ratings,  # (n, 3) array/tensor, (rows, cols, values) tuple, pandas DataFrame, or sparse matrix
                 columns=None,  # for a DataFrame: the names of its (row id, column id, value) columns
                ) -> tuple:  # rows (int64), cols (int64), values (float, the input's precision when it is float)
     "Ratings as numpy arrays (row ids, column ids, values), checked: integer ids ≥ 0, finite values, equal lengths."
-    if hasattr(ratings, "tocoo"):
-        coo = ratings.tocoo(); coo.sum_duplicates()
-        rows, cols, vals = coo.row, coo.col, coo.data
+    if is_sparse(ratings):
+        rows, cols, vals = (to_numpy(x) for x in stored_entries(ratings, "ratings")[:3])
     elif hasattr(ratings, "columns") and hasattr(ratings, "iloc"):
         c = _frame_columns(ratings, columns)
         rows, cols, vals = (ratings[k].to_numpy() for k in c)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
+from .core import (_describe, Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
                                 check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
                                 random_normal, relative_error, scale_problem, to_tensor, _sum_squares)
 from .kernels import (balanced_factors, batched_svd, divisors, fix_signs, gram_solve, randomized_svd,
@@ -17,12 +17,17 @@ from .kernels import (balanced_factors, batched_svd, divisors, fix_signs, gram_s
 # %% auto #0
 __all__ = ['rearrange', 'unrearrange', 'kron_sum', 'nearest_kronecker', 'kronecker_als']
 
+# %% ../nbs/04_kronecker.ipynb #8cc5e9b0
+def _pair(shape, name: str, what: str = "") -> tuple:
+    "`shape` as a pair of positive integers; `TypeError`/`ValueError` naming `name` otherwise."
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
+        raise TypeError(f"{name} must be {what}a pair (rows, cols) of integers, got {shape!r}")
+    return tuple(check_int(s, f"{name} entries") for s in shape)
+
 # %% ../nbs/04_kronecker.ipynb #ed07da83
 def _kronecker_shapes(A_shape, shape, name: str = "shape"):
     "B's and C's shapes for `A ≈ B ⊗ C`, with B of `shape`; `ValueError` naming both shapes when it does not divide."
-    if not (isinstance(shape, (tuple, list)) and len(shape) == 2):
-        raise TypeError(f"{name} must be B's shape, a pair (rows, cols) of integers, got {shape!r}")
-    m1, n1 = (check_int(s, f"{name} entries") for s in shape)
+    m1, n1 = _pair(shape, name, "B's shape, ")
     M, N = (int(s) for s in A_shape)
     if M % m1 or N % n1:
         raise ValueError(f"{name} {(m1, n1)} must divide A's shape {(M, N)} entry-wise (C's shape is A's shape "
@@ -34,13 +39,24 @@ def _swap_middle(X):
     "Swap axes 1 and 2 of a 4-way array or tensor."
     return X.permute(0, 2, 1, 3) if is_tensor(X) else X.transpose(0, 2, 1, 3)
 
+# %% ../nbs/04_kronecker.ipynb #b62767b5
+def _rearrange(A, shape, c_shape):
+    "`rearrange` for checked arguments (a view where the layout allows)."
+    (m1, n1), (m2, n2) = shape, c_shape
+    return _swap_middle(A.reshape(m1, m2, n1, n2)).reshape(m1 * n1, m2 * n2)
+
+# %% ../nbs/04_kronecker.ipynb #6e36b759
+def _copy(X):
+    "A copy of array or tensor `X`: a public result never aliases an input."
+    return X.clone() if is_tensor(X) else X.copy()
+
 # %% ../nbs/04_kronecker.ipynb #a8a4db93
 def rearrange(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor
               shape,  # B's shape (m1, n1)
              ):  # R(A), shape (m1·n1, m2·n2): row i·n1 + j is the block A_ij, flattened
     "The Van Loan–Pitsianis rearrangement: one row per block of C's shape, so that `R(B ⊗ C) = vec(B) vec(C)ᵀ`."
-    (m1, n1), (m2, n2) = _kronecker_shapes(A.shape, shape)
-    return _swap_middle(A.reshape(m1, m2, n1, n2)).reshape(m1 * n1, m2 * n2)
+    A = as_float_array(A, keep_half=True)
+    return _copy(_rearrange(A, *_kronecker_shapes(A.shape, shape)))
 
 # %% ../nbs/04_kronecker.ipynb #6da2082c
 def unrearrange(R,  # rearranged matrix (m1·n1, m2·n2)
@@ -48,6 +64,16 @@ def unrearrange(R,  # rearranged matrix (m1·n1, m2·n2)
                 c_shape,  # C's shape (m2, n2)
                ):  # the matrix (m1·m2, n1·n2) whose rearrangement is R
     "The inverse of `rearrange`."
+    R = as_float_array(R, "R", keep_half=True)
+    (m1, n1), (m2, n2) = _pair(shape, "shape"), _pair(c_shape, "c_shape")
+    if tuple(R.shape) != (m1 * n1, m2 * n2):
+        raise ValueError(f"R must have shape (m1·n1, m2·n2) = {(m1 * n1, m2 * n2)} for shape {(m1, n1)} and "
+                         f"c_shape {(m2, n2)}, got {tuple(R.shape)}")
+    return _copy(_unrearrange(R, (m1, n1), (m2, n2)))
+
+# %% ../nbs/04_kronecker.ipynb #a0fc4b5d
+def _unrearrange(R, shape, c_shape):
+    "`unrearrange` for checked arguments."
     (m1, n1), (m2, n2) = shape, c_shape
     return _swap_middle(R.reshape(m1, n1, m2, n2)).reshape(m1 * m2, n1 * n2)
 
@@ -56,8 +82,14 @@ def kron_sum(Bs,  # stack of T left factors (T, m1, n1)
              Cs,  # stack of T right factors (T, m2, n2)
             ):  # Σ_r B_r ⊗ C_r, shape (m1·m2, n1·n2)
     "The sum of Kronecker products `Σ_r Bs[r] ⊗ Cs[r]`, as one product of the flattened factors."
+    Bs, Cs = (as_float_array(X, n, ndim=3, keep_half=True) for X, n in ((Bs, "Bs"), (Cs, "Cs")))
+    if is_tensor(Bs) != is_tensor(Cs) or Bs.shape[0] != Cs.shape[0]:
+        raise (TypeError if is_tensor(Bs) != is_tensor(Cs) else ValueError)(
+            f"Bs and Cs must be stacks of one kind (numpy or torch) with the same number of terms, "
+            f"got {_describe(Bs)} and {_describe(Cs)}")
+    if is_tensor(Bs): Bs, Cs = (X.to(torch.promote_types(Bs.dtype, Cs.dtype)) for X in (Bs, Cs))
     T = Bs.shape[0]
-    return unrearrange(Bs.reshape(T, -1).T @ Cs.reshape(T, -1), tuple(Bs.shape[1:]), tuple(Cs.shape[1:]))
+    return _unrearrange(Bs.reshape(T, -1).T @ Cs.reshape(T, -1), tuple(Bs.shape[1:]), tuple(Cs.shape[1:]))
 
 # %% ../nbs/04_kronecker.ipynb #971ee00b
 def _als_sweep(R, Bm, Cm, reg: float = 0.0):
@@ -102,7 +134,7 @@ def nearest_kronecker(A,  # matrix (m1·m2, n1·n2), numpy array or torch tensor
     check_finite(A, hint="; use kronecker_als(A, shape, mask=...) for missing entries")
     shape, c_shape = _kronecker_shapes(A.shape, shape)
     check_choice(method, "method", ("svd", "randomized"))
-    R = rearrange(to_tensor(A), shape)
+    R = _rearrange(to_tensor(A), shape, c_shape)
     Bm, Cm = _svd_factors(R, _check_terms(terms, *R.shape), check_nonnegative(reg, "reg"), method, seed)
     return tuple(like(F, A) for F in _stack(Bm, Cm, shape, c_shape))
 
@@ -160,8 +192,8 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or to
     T = _check_terms(terms, shape[0] * shape[1], c_shape[0] * c_shape[1])
     reg, tol, max_iter = check_nonnegative(reg, "reg"), check_tol(tol), check_int(max_iter, "max_iter", low=0)
     A, reg, e = scale_problem(A, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    R, rng = rearrange(to_tensor(A), shape), as_generator(seed)
-    Om = None if mask is None else rearrange(to_tensor(mask, R.device), shape)
+    R, rng = _rearrange(to_tensor(A), shape, c_shape), as_generator(seed)
+    Om = None if mask is None else _rearrange(to_tensor(mask, R.device), shape, c_shape)
     if runs_als and init == "random":
         Bm, Cm = random_normal((R.shape[0], T), R, rng), random_normal((R.shape[1], T), R, rng)
     else: Bm, Cm = _svd_factors(R, T, reg, "randomized" if method == "randomized" else "svd", rng)

@@ -32,7 +32,7 @@ def _same_kind(arrays: list, names: list) -> list:
 # %% ../nbs/00_products.ipynb #c213cf21
 def _matrices(Ms, names) -> list:
     "The operands `Ms` as 2-D float arrays of one kind and dtype, checked under `names`."
-    return _same_kind([as_float_array(M, n) for M, n in zip(Ms, names)], list(names))
+    return _same_kind([as_float_array(M, n, keep_half=True) for M, n in zip(Ms, names)], list(names))
 
 # %% ../nbs/00_products.ipynb #25ed11d4
 def _shapes(Ms) -> str:
@@ -49,8 +49,8 @@ def kron(B, C):
 # %% ../nbs/00_products.ipynb #596c36a1
 def kron_apply(A, B, X):
     "`X (A ⊗ B)ᵀ`: apply `A ⊗ B` to the last dimension of `X` (any leading dimensions) without forming it."
-    A, B, X = _same_kind([as_float_array(A, "A"), as_float_array(B, "B"), as_float_array(X, "X", ndim=None)],
-                         ["A", "B", "X"])
+    A, B, X = _same_kind([as_float_array(A, "A", keep_half=True), as_float_array(B, "B", keep_half=True),
+                          as_float_array(X, "X", ndim=None, keep_half=True)], ["A", "B", "X"])
     (p, q), (r, s) = A.shape, B.shape
     if X.ndim < 1 or X.shape[-1] != q * s:
         raise ValueError(f"X must have last dimension cols(A)·cols(B) = {q}·{s} = {q * s} "
@@ -62,8 +62,8 @@ def kron_apply(A, B, X):
 # %% ../nbs/00_products.ipynb #ae052741
 def kron_matvec(B, C, X):
     "`(B ⊗ C) X` for `X` of shape `(..., cols(B)·cols(C), n)` or `(cols(B)·cols(C),)`, without forming `B ⊗ C`."
-    B, C, X = _same_kind([as_float_array(B, "B"), as_float_array(C, "C"), as_float_array(X, "X", ndim=None)],
-                         ["B", "C", "X"])
+    B, C, X = _same_kind([as_float_array(B, "B", keep_half=True), as_float_array(C, "C", keep_half=True),
+                          as_float_array(X, "X", ndim=None, keep_half=True)], ["B", "C", "X"])
     q, s = B.shape[1], C.shape[1]
     if X.ndim < 1 or X.shape[0 if X.ndim == 1 else -2] != q * s:
         raise ValueError(f"X must have cols(B)·cols(C) = {q}·{s} = {q * s} rows for B of shape {tuple(B.shape)} "
@@ -71,12 +71,18 @@ def kron_matvec(B, C, X):
     if X.ndim == 1: return kron_apply(B, C, X)
     return kron_apply(B, C, X.swapaxes(-1, -2)).swapaxes(-1, -2)
 
+# %% ../nbs/00_products.ipynb #cf0721ef
+def _copy(M):
+    "A copy of array or tensor `M` (a result never aliases an input)."
+    return M.clone() if is_tensor(M) else M.copy()
+
 # %% ../nbs/00_products.ipynb #8aad7f2c
 def _factors(Ms, what: str) -> list:
-    "The factors of a cascade: given as separate arguments or as one list; at least one."
+    "The factors of a cascade (separate arguments or one list; at least one), checked, never the inputs themselves."
     if len(Ms) == 1 and isinstance(Ms[0], (list, tuple)): Ms = tuple(Ms[0])
     if not Ms: raise ValueError(f"{what} needs at least one factor, got none")
-    return _matrices(Ms, [f"M{k + 1}" for k in range(len(Ms))])
+    Ms = _matrices(Ms, [f"M{k + 1}" for k in range(len(Ms))])
+    return [_copy(Ms[0])] if len(Ms) == 1 else Ms  # one factor is its own product: a copy, never an alias
 
 # %% ../nbs/00_products.ipynb #675cf2c8
 def _check_equal(Ms, axis: int, what: str) -> None:
@@ -114,7 +120,7 @@ def _ranks(S, tol, eps: float):
 # %% ../nbs/00_products.ipynb #ae2ac3cb
 def matrix_rank(A, tol: float | None = None) -> int:
     "Numerical rank of the matrix `A`: singular values above `tol` (default `σ_max·max(m, n)·eps` of `A`'s dtype)."
-    A, eps = _float64_and_eps(as_float_array(A, "A"))
+    A, eps = _float64_and_eps(as_float_array(A, "A", keep_half=True))
     return int(_ranks(A, None if tol is None else check_nonnegative(tol, "tol"), eps))
 
 # %% ../nbs/00_products.ipynb #58879349
@@ -123,7 +129,7 @@ def kruskal_rank(M,  # matrix (I, N), numpy array or torch tensor
                  max_subsets: int = 10 ** 5,  # most column subsets of one size to check before refusing
                 ) -> int:  # the largest k such that every k columns of M are linearly independent
     "Kruskal rank by brute force over column subsets; `ValueError` when one size has more than `max_subsets` of them."
-    M, eps = _float64_and_eps(as_float_array(M, "M"))
+    M, eps = _float64_and_eps(as_float_array(M, "M", keep_half=True))
     tol = None if tol is None else check_nonnegative(tol, "tol")
     norms = np.linalg.norm(M, axis=0)
     if M.shape[1] == 0 or (norms == 0).any(): return 0
@@ -181,8 +187,8 @@ def _kr_operands(Ms, X, what: str):
     if not isinstance(Ms, (list, tuple)) or not Ms:
         raise ValueError(f"{what}: Ms must be a non-empty list of factors, got {type(Ms).__name__}")
     names = [f"M{k + 1}" for k in range(len(Ms))]
-    ops = _same_kind([as_float_array(M, n) for M, n in zip(Ms, names)] + [as_float_array(X, "X", ndim=None)],
-                     names + ["X"])
+    ops = _same_kind([as_float_array(M, n, keep_half=True) for M, n in zip(Ms, names)]
+                     + [as_float_array(X, "X", ndim=None, keep_half=True)], names + ["X"])
     _check_equal(ops[:-1], 1, what)
     if ops[-1].ndim < 1:
         raise ValueError(f"{what}: X must have at least one dimension, got X of shape {tuple(ops[-1].shape)}")

@@ -18,10 +18,11 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from lowrank_tales import (Factorization, als, export_peft, face_split, hadamard_als, import_peft, inject,
-                           khatri_rao, khatri_rao_als, khatri_rao_matvec, kron, kron_matvec, kronecker_als,
-                           kruskal_rank, load_adapter, matrix_rank, merge, partition_khatri_rao, predict,
-                           save_adapter, trainable_parameters, unmerge)
+from lowrank_tales import (Factorization, als, as_triplets, dense_als, distributed_als, export_peft, extract_adapter,
+                           face_split, hadamard_als, import_peft, inject, khatri_rao, khatri_rao_als, khatri_rao_matvec,
+                           kron, kron_matvec, kron_sum, kronecker_als, kruskal_rank, load_adapter, matrix_rank, merge,
+                           nearest_kronecker, nearest_partition_khatri_rao, partition_khatri_rao, predict, rearrange,
+                           save_adapter, shard_batch, trainable_parameters, unmerge)
 from lowrank_tales.core import to_numpy
 from lowrank_tales.injection import adapter_layers as adapters
 
@@ -218,7 +219,7 @@ def decomposition_misuses() -> list[Misuse]:
             Misuse(name, "mask with an empty row", lambda fit=fit: fit(A, mask=empty_row), None),
             Misuse(name, "mask with an empty column", lambda fit=fit: fit(A, mask=empty_col), None),
             Misuse(name, "a scipy.sparse A", lambda fit=fit: fit(scipy.sparse.csr_matrix(A)),
-                   *( (None,) if name == "lt.als" else (TypeError, "A must hold real numbers"))),
+                   *( (None,) if name == "lt.als" else (TypeError, "A is sparse (csr_matrix of shape (6, 8)"))),
             Misuse(name, "max_iter is negative",
                    lambda fit=fit, name=name: (fit(A, max_iter=-1) if name != "lt.hadamard_als"
                                                else hadamard_als(A, 2, max_iter=-1)),
@@ -472,9 +473,130 @@ def _edit_config(**changes) -> Callable:
         (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return edit
 
+def _fresh(fn: Callable, *inputs):
+    "`fn(*inputs)`, failing unless the result shares no memory with any input and every input is left unchanged."
+    before = [to_numpy(x).copy() for x in inputs]
+    out = fn(*inputs)
+    if any(np.shares_memory(to_numpy(out), to_numpy(x)) for x in inputs):
+        raise AssertionError("result aliases an input")
+    if not all(np.array_equal(b, to_numpy(x)) for b, x in zip(before, inputs)): raise AssertionError("input changed")
+    return out
+
+def _sparse_unchanged(fn: Callable, coo):
+    "`fn(coo)`, failing unless the caller's COO matrix keeps its entries, duplicates included, exactly."
+    before = (coo.data.copy(), coo.row.copy(), coo.col.copy())
+    out = fn(coo)
+    if not all(np.array_equal(a, b) for a, b in zip(before, (coo.data, coo.row, coo.col))):
+        raise AssertionError("COO modified")
+    return out
+
+def _equal(got, want):
+    "`got`, failing unless it equals `want` exactly (integer data must stay exact)."
+    if not np.array_equal(to_numpy(got), want): raise AssertionError(f"{to_numpy(got)} != {want}")
+    return got
+
+def _frame(with_na: bool = True):
+    "A pandas frame of nullable integers (pd.NA at (0, 0) when `with_na`)."
+    import pandas as pd
+    X = np.arange(48).reshape(6, 8) % 7 + 1
+    df = pd.DataFrame({f"c{j}": pd.array(X[:, j], dtype="Int64") for j in range(8)})
+    if with_na: df.iloc[0, 0] = pd.NA
+    return df
+
+def input_misuses() -> list[Misuse]:
+    "Inputs whose meaning a function must keep or refuse: masks, sparse formats, aliasing, integers, dtypes, ranks."
+    A, sp = _data(), scipy.sparse
+    masked = np.ma.masked_invalid(_with(A, 0, 0, np.nan))
+    bsr = sp.bsr_array(np.kron(np.eye(3), np.ones((2, 2))), blocksize=(2, 2))  # blocks of ones, and padding zeros
+    dup = sp.coo_array((np.array([1.0, 2.0, 3.0]), (np.array([0, 0, 1]), np.array([1, 1, 2]))), shape=(2, 3))
+    return [
+        # a numpy masked array: honoured where a function takes a mask, refused where it does not
+        Misuse("lt.nearest_kronecker", "a masked array (it has no mask argument)",
+               lambda: nearest_kronecker(masked, (2, 2)), ValueError,
+               "A is a numpy masked array with 1 masked entries"),
+        Misuse("lt.nearest_partition_khatri_rao", "a masked array (it has no mask argument)",
+               lambda: nearest_partition_khatri_rao(masked, (2, 3), [(2, 4)]), ValueError,
+               "A is a numpy masked array with 1 masked entries"),
+        Misuse("lt.extract_adapter", "a masked array as the update", lambda: extract_adapter(masked, "lora", rank=2),
+               ValueError, "delta is a numpy masked array with 1 masked entries"),
+        Misuse("lt.kron", "a masked array operand", lambda: kron(masked, A), ValueError,
+               "B is a numpy masked array with 1 masked entries"),
+        Misuse("lt.nearest_kronecker", "a masked array with nothing masked (its data)",
+               lambda: nearest_kronecker(np.ma.masked_array(A), (2, 2)), None),
+        # sparse input: stored entries mean the same in every format; block formats refused
+        Misuse("lt.kronecker_als", "a torch sparse A (it reads dense data)",
+               lambda: kronecker_als(torch.tensor(A).to_sparse(), (2, 2)), TypeError, "A is sparse"),
+        Misuse("lt.kronecker_als", "a 3-D torch sparse A",
+               lambda: kronecker_als(torch.ones(2, 6, 8).to_sparse(), (2, 2)),
+               TypeError, "A is sparse"),
+        Misuse("lt.as_triplets", "a scipy BSR matrix (its blocks store padding zeros)", lambda: as_triplets(bsr),
+               TypeError, "ratings is a block-sparse BSR matrix"),
+        Misuse("lt.distributed_als", "a torch BSR matrix",
+               lambda: distributed_als(torch.tensor(bsr.toarray()).to_sparse_bsr((2, 2)), 1),
+               TypeError, "ratings is a block-sparse BSR matrix"),
+        Misuse("lt.as_triplets", "a 3-D torch sparse tensor", lambda: as_triplets(torch.ones(2, 3, 4).to_sparse()),
+               ValueError, "ratings must have 2 dimensions"),
+        Misuse("lt.as_triplets", "a COO with duplicates (summed in a copy; the caller's COO unchanged)",
+               lambda: _sparse_unchanged(lambda S: _equal(as_triplets(S)[2], [3.0, 3.0]), dup), None),
+        Misuse("lt.as_triplets", "int64 values beyond 2**53 (float64 would round them)",
+               lambda: as_triplets(sp.coo_array(np.array([[2 ** 62, 0], [0, 1]]))), ValueError, "beyond ±2**53"),
+        Misuse("lt.kronecker_als", "a scipy.sparse mask (read by its values)",
+               lambda: kronecker_als(A, (2, 2), mask=sp.csr_array(np.arange(48).reshape(6, 8) % 5 > 0)), None),
+        # results never alias inputs
+        Misuse("lt.khatri_rao", "one factor (its own product: a copy)", lambda: _fresh(khatri_rao, A), None),
+        Misuse("lt.face_split", "one factor (its own product: a copy)", lambda: _fresh(face_split, A), None),
+        Misuse("lt.rearrange", "a shape whose rearrangement is a plain reshape (a copy)",
+               lambda: _fresh(lambda X: rearrange(X, (2, 8)), A[:2]), None),
+        # integers are exact, for numpy and torch alike
+        Misuse("lt.kron", "int64 torch tensors (computed in float64, exact)",
+               lambda: _equal(kron(torch.tensor([[2 ** 20 + 1]]), torch.tensor([[2 ** 20 + 1]])),
+                              [[(2 ** 20 + 1) ** 2]]),
+               None),
+        Misuse("lt.kron", "an integer beyond 2**53", lambda: kron(np.array([[2 ** 60]]), np.ones((1, 1))), ValueError,
+               "B holds the integer 1152921504606846976, beyond ±2**53"),
+        # one dtype policy
+        Misuse("lt.kron", "float16 operands (products keep half precision)",
+               lambda: _equal(kron(np.ones((1, 1), np.float16), np.full((1, 1), 3, np.float16)).dtype == np.float16,
+                              True),
+               None),
+        Misuse("lt.nearest_kronecker", "a bfloat16 tensor (fitters refuse half precision)",
+               lambda: nearest_kronecker(torch.tensor(A, dtype=torch.bfloat16), (2, 2)), TypeError,
+               "A has dtype torch.bfloat16, but the decompositions compute in float32 or float64"),
+        Misuse("lt.extract_adapter", "a float16 update", lambda: extract_adapter(A.astype(np.float16), "lora", rank=2),
+               TypeError, "delta has dtype float16"),
+        *[Misuse(name, "a big-endian float64 A", lambda fit=fit: fit(A.astype(">f8")), None)
+          for name, fit in (("lt.als", lambda X: als(X, 2)), ("lt.dense_als", lambda X: dense_als(X, 2)),
+                            ("lt.hadamard_als", lambda X: hadamard_als(X, 2, max_iter=5)),
+                            ("lt.kronecker_als", lambda X: kronecker_als(X, (2, 2))),
+                            ("lt.khatri_rao_als", lambda X: khatri_rao_als(X, (2, 3))),
+                            ("lt.kron", lambda X: kron(X, X)))],
+        Misuse("lt.als", "a pandas frame of nullable integers holding pd.NA (read as NaN)", lambda: als(_frame(), 2),
+               ValueError, "A contains 1 NaN or infinite entries; pass mask= to mark missing entries"),
+        Misuse("lt.als", "a pandas frame with pd.NA where the mask hides it",
+               lambda: als(_frame(), 2, mask=~_frame().isna().to_numpy()), None),
+        Misuse("lt.kronecker_als", "a pandas frame of nullable integers", lambda: kronecker_als(_frame(False), (2, 2)),
+               None),
+        Misuse("lt.kron", "strings", lambda: kron(np.array([["a"]]), A), TypeError,
+               "B must hold real numbers: float32 or float64"),
+        Misuse("lt.kron_sum", "stacks with different numbers of terms",
+               lambda: kron_sum(np.ones((2, 2, 2)), np.ones((3, 2, 2))), ValueError, "the same number of terms"),
+        # booleans are not numbers
+        *[Misuse(name, "reg=True (a boolean, not 1.0)", lambda fit=fit: fit(A, reg=True), TypeError,
+                 "reg must be a number, got True")
+          for name, fit in (("lt.als", lambda X, **k: als(X, 2, **k)),
+                            ("lt.kronecker_als", lambda X, **k: kronecker_als(X, (2, 2), **k)),
+                            ("lt.hadamard_als", lambda X, **k: hadamard_als(X, 2, max_iter=5, **k)),
+                            ("lt.nearest_kronecker", lambda X, **k: nearest_kronecker(X, (2, 2), **k)))],
+        # ranks of a process group
+        Misuse("lt.shard_batch", "a rank outside the world", lambda: shard_batch(torch.ones(4, 2), 2, 2), ValueError,
+               "rank must be between 0 and 1 (a rank of a world of 2 processes), got 2"),
+        Misuse("lt.shard_batch", "a negative rank", lambda: shard_batch(torch.ones(4, 2), -1, 2), ValueError,
+               "rank must be between 0 and 1"),
+    ]
+
 def catalogue() -> list[Misuse]:
     "Every misuse this page documents and the test suite checks."
-    return product_misuses() + decomposition_misuses() + adapter_misuses()
+    return product_misuses() + decomposition_misuses() + adapter_misuses() + input_misuses()
 
 def run_catalogue(entries: list[Misuse] | None = None) -> list[dict]:
     "The record of `check_misuse` for every entry (default: the whole catalogue)."

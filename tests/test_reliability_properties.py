@@ -221,7 +221,7 @@ def as_kind(X, kind, mask=None):
     return X.copy()
 
 
-CALLS = {  # name: (call, kinds it accepts)
+CALLS = {  # name: (call, kinds it accepts; functions without a mask refuse a masked array with masked entries)
     "lt.als": (lambda A, m: lt.als(A, 2, max_iter=3), ("numpy", "torch", "masked", "scipy")),
     "lt.als (mask)": (lambda A, m: lt.als(A, 2, mask=m, max_iter=3, biases=True), ("numpy", "torch")),
     "lt.dense_als": (lambda A, m: lt.dense_als(A, 2, max_iter=3), ("numpy", "torch")),
@@ -233,15 +233,15 @@ CALLS = {  # name: (call, kinds it accepts)
     "lt.khatri_rao_als (widths, mask)": (lambda A, m: lt.khatri_rao_als(A, (2, 3), widths=[(2, 2), (2, 2)], mask=m, max_iter=3),
                                          ("numpy", "torch")),
     "lt.nearest_kronecker": (lambda A, m: lt.nearest_kronecker(A, (2, 2)), ("numpy", "torch")),
-    "lt.kron": (lambda A, m: lt.kron(A, A), ("numpy", "torch", "masked")),
-    "lt.khatri_rao": (lambda A, m: lt.khatri_rao(A, A, A), ("numpy", "torch", "masked")),
-    "lt.face_split": (lambda A, m: lt.face_split(A, A), ("numpy", "torch", "masked")),
-    "lt.partition_khatri_rao": (lambda A, m: lt.partition_khatri_rao([A], [A]), ("numpy", "torch", "masked")),
+    "lt.kron": (lambda A, m: lt.kron(A, A), ("numpy", "torch")),
+    "lt.khatri_rao": (lambda A, m: lt.khatri_rao(A, A, A), ("numpy", "torch")),
+    "lt.face_split": (lambda A, m: lt.face_split(A, A), ("numpy", "torch")),
+    "lt.partition_khatri_rao": (lambda A, m: lt.partition_khatri_rao([A], [A]), ("numpy", "torch")),
     "lt.kron_matvec": (lambda A, m: lt.kron_matvec(A[:2, :2], A[:2, :2], A[:4]), ("numpy", "torch")),
     "lt.khatri_rao_matvec": (lambda A, m: lt.khatri_rao_matvec([A, A], A.T), ("numpy", "torch")),
     "lt.khatri_rao_rmatvec": (lambda A, m: lt.khatri_rao_rmatvec([A[:, :3], A[:, :3]], lt.kron(A, A)[:, :2]), ("numpy", "torch")),
-    "lt.matrix_rank": (lambda A, m: lt.matrix_rank(A), ("numpy", "torch", "masked")),
-    "lt.kruskal_rank": (lambda A, m: lt.kruskal_rank(A), ("numpy", "torch", "masked")),
+    "lt.matrix_rank": (lambda A, m: lt.matrix_rank(A), ("numpy", "torch")),
+    "lt.kruskal_rank": (lambda A, m: lt.kruskal_rank(A), ("numpy", "torch")),
 }
 
 
