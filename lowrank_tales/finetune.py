@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_files import load_adapter, save_adapter
+from .adapter_files import load_adapter, read_config, save_adapter
 from .core import check_int, iterations
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
@@ -170,12 +170,14 @@ def evaluate(model: TextClassifier, data: tuple,  # `(texts, labels)`, e.g. `loa
 
 # %% ../nbs/08_finetune.ipynb #b7c9e002
 def checkpoint_adapters(folder) -> list[Path]:
-    "The adapter folders `save_adapter` wrote in a checkpoint `folder` (its root, and one subfolder per other name)."
+    """The adapter folders `save_adapter` wrote in a checkpoint `folder`: its root, and each subfolder holding the
+    adapter of its own name (PEFT's layout; the `checkpoint-N` folders beside a final save are not among them)."""
     root = Path(folder)
     if not root.is_dir(): raise ValueError(f"checkpoint {str(root)!r} is not a folder")
-    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-    found = [f for f in folders if (f / "adapter_config.json").is_file()]
-    if not found:
+    has = lambda f: (f / "adapter_config.json").is_file()
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p)
+            and read_config(p, "adapter_config.json").get("name") == p.name]
+    if not (found := [root] * has(root) + subs):
         raise ValueError(f"checkpoint {str(root)!r} holds no adapter_config.json: it was not written through "
                          "AdapterCheckpoints (a whole-model checkpoint of a plain Trainer?)")
     return found

@@ -76,6 +76,7 @@ def test_t5_tied_head_resumes_bit_for_bit_and_final_save_reloads(tmp_path):
     whole.save_model()  # the run's folder, beside its checkpoints
     assert sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name.startswith("checkpoint-")) == \
         ["checkpoint-2", "checkpoint-4", "checkpoint-6"]  # the final save keeps them
+    assert checkpoint_adapters(tmp_path / "whole") == [tmp_path / "whole"]  # the checkpoint-N folders are not adapters
     back = load_adapter(t5(3), tmp_path / "whole")
     assert same_state(whole.model, back)
 
