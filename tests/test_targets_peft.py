@@ -106,3 +106,64 @@ def test_peft_refusals_are_ours():
                            (dict(target_modules=["q_proj"], layers_pattern="layers"), "needs layers_to_transform")]:
         with pytest.raises(ValueError): peft.LoraConfig(r=2, **options)
         with pytest.raises(ValueError, match=words): ours(model, options)
+
+
+# Property: on random module trees, the names we select are those PEFT's own predicate accepts, option for option.
+from hypothesis import example, given, settings, strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+WORDS = ["model", "layers", "h", "block", "layer", "attn", "mlp", "q", "q_proj", "v", "0", "1", "2"]
+PATTERNS = ["layers", "h", "block", "layer"]
+numbered = st.tuples(st.sampled_from(PATTERNS), st.sampled_from(["0", "1", "2"])).map(".".join)
+layered = st.tuples(st.lists(st.sampled_from(["model", "encoder", "h", "layer"]), max_size=1),
+                    st.lists(numbered, min_size=1, max_size=2),
+                    st.lists(st.sampled_from(["attn", "mlp", "q", "q_proj", "v", "layer", "0"]), min_size=1,
+                             max_size=2)).map(lambda t: ".".join(t[0] + t[1] + t[2]))  # model.layers.1.attn.q
+anything = st.lists(st.sampled_from(WORDS), min_size=1, max_size=5).map(".".join)
+paths = st.lists(st.one_of(layered, anything), min_size=1, max_size=12)
+
+
+def tree(names) -> nn.Module:
+    "A module whose `named_modules()` holds every prefix of `names`, each leaf an `nn.Linear`."
+    root = nn.Module()
+    for name in sorted(set(names), key=len, reverse=True):
+        node = root
+        for i, part in enumerate(parts := name.split(".")):
+            if not hasattr(node, part) or not isinstance(getattr(node, part), nn.Module):
+                node.add_module(part, nn.Linear(1, 1) if i == len(parts) - 1 else nn.Module())
+            node = getattr(node, part)
+    return root
+
+
+def tails(names) -> list[str]:
+    "The last one or two path segments of each of `names`: targets that match something."
+    return sorted({".".join(n.split(".")[-k:]) for n in names for k in (1, 2)})
+
+
+@settings(max_examples=150, deadline=None)
+@example(names=["model.layers.1.experts.0.q"], data=None, layers={1}, pattern=None)  # the first index, not the last
+@example(names=["model.h.0.mlp.h.1.v"], data=None, layers={0}, pattern=["h"])  # likewise after a pattern
+@example(names=["layer.h.0.h.1.q_proj.mlp", "mlp"], data=None, layers={1}, pattern=None)
+@given(names=paths, data=st.data(), layers=st.one_of(st.none(), st.sets(st.sampled_from([0, 1, 2]), min_size=1)),
+       pattern=st.one_of(st.none(), st.sampled_from(PATTERNS), st.lists(st.sampled_from(PATTERNS), min_size=1,
+                                                                        max_size=2)))
+def test_selection_agrees_with_peft_predicate(names, data, layers, pattern):
+    from types import SimpleNamespace
+    from peft.tuners.tuners_utils import check_target_module_exists
+    pick = st.lists(st.one_of(st.sampled_from(tails(names)), st.sampled_from(WORDS)), min_size=1, max_size=3)
+    if data is None: targets, exclude, saved = [names[0].split(".")[-1]], None, None  # an explicit example
+    else:
+        targets, exclude = data.draw(pick), data.draw(st.one_of(st.none(), pick))
+        saved = data.draw(st.one_of(st.none(), st.sampled_from(WORDS).map(lambda w: [w])))
+    if layers is None: pattern = None  # PEFT refuses a pattern without indices, and so do we
+    model = tree(names)
+    keys = [k for k, _ in model.named_modules() if k]
+    cfg = SimpleNamespace(target_modules=set(targets), exclude_modules=None if exclude is None else set(exclude),
+                          layers_to_transform=None if layers is None else sorted(layers), layers_pattern=pattern,
+                          modules_to_save=saved, target_parameters=None)
+    expected = [k for k in keys if check_target_module_exists(cfg, k)]
+    options = dict(exclude_modules=exclude, layers_to_transform=None if layers is None else sorted(layers),
+                   layers_pattern=pattern, modules_to_save=saved)
+    if not expected:
+        with pytest.raises(ValueError, match="select no module"): select_targets(model, targets, **options)
+    else: assert select_targets(model, targets, **options) == expected
