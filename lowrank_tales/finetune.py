@@ -198,7 +198,8 @@ class AdapterCheckpoints:
         output_dir = self.args.output_dir if output_dir is None else output_dir
         if not self.args.should_save: return
         save_adapter(self.model, output_dir)
-        if self.processing_class is not None: self.processing_class.save_pretrained(output_dir)
+        processor = self.processing_class if hasattr(self, "processing_class") else self.tokenizer  # < 4.46
+        if processor is not None: processor.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

