@@ -4,19 +4,22 @@
 
 # %% ../nbs/08_finetune.ipynb #4bcc1998
 from __future__ import annotations
+import os
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter_files import load_adapter, read_config, save_adapter
 from .core import check_int, iterations
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
 # %% auto #0
 __all__ = ['ATTENTION_AND_MLP', 'load_reviews', 'load_minilm', 'TextClassifier', 'tokenize', 'check_data', 'batches',
-           'autocast_context', 'train_classifier', 'evaluate']
+           'autocast_context', 'train_classifier', 'evaluate', 'checkpoint_adapters', 'AdapterCheckpoints']
 
 # %% ../nbs/08_finetune.ipynb #2da6bfef
 def load_reviews(n_train: int | None = None,  # examples drawn from the 4,000 training reviews (None: all)
@@ -164,3 +167,46 @@ def evaluate(model: TextClassifier, data: tuple,  # `(texts, labels)`, e.g. `loa
         with autocast_context(model, autocast):
             right += int((model(**b).argmax(-1).cpu() == labels[s:s + batch_size]).sum())
     return right / len(texts)
+
+# %% ../nbs/08_finetune.ipynb #b7c9e002
+def checkpoint_adapters(folder) -> list[Path]:
+    """The adapter folders `save_adapter` wrote in a checkpoint `folder`: its root, and each subfolder holding the
+    adapter of its own name (PEFT's layout; the `checkpoint-N` folders beside a final save are not among them)."""
+    root = Path(folder)
+    if not root.is_dir(): raise ValueError(f"checkpoint {str(root)!r} is not a folder")
+    has = lambda f: (f / "adapter_config.json").is_file()
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p)
+            and read_config(p, "adapter_config.json").get("name") == p.name]
+    if not (found := [root] * has(root) + subs):
+        raise ValueError(f"checkpoint {str(root)!r} holds no adapter_config.json: it was not written through "
+                         "AdapterCheckpoints (a whole-model checkpoint of a plain Trainer?)")
+    return found
+
+# %% ../nbs/08_finetune.ipynb #b7c9e003
+class AdapterCheckpoints:
+    "Mix into a `transformers.Trainer` (first): checkpoints hold the active adapters as `save_adapter` writes them."
+    def __init__(self, *args, **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and not adapters(model):
+            raise ValueError("model has no adapters: inject() before building the Trainer (or use a plain Trainer)")
+        super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError("AdapterCheckpoints saves an unsharded model's adapters; FSDP and DeepSpeed shard it")
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        "Write the adapters (not the whole model), then the tokenizer and the training arguments, as Trainer does."
+        output_dir = self.args.output_dir if output_dir is None else output_dir
+        if not self.args.should_save: return
+        save_adapter(self.model, output_dir)
+        processor = self.processing_class if hasattr(self, "processing_class") else self.tokenizer  # < 4.46
+        if processor is not None: processor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        "Read the checkpoint's adapters into the model (`resume_from_checkpoint`)."
+        for folder in checkpoint_adapters(resume_from_checkpoint):
+            load_adapter(self.model if model is None else model, folder)
+
+    def _load_best_model(self) -> None:
+        "Read the best checkpoint's adapters into the model (`load_best_model_at_end=True`)."
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

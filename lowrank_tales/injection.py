@@ -14,10 +14,11 @@ from torch import nn
 from .adapters import KIND_NAMES, LAYERS, UPDATES, Adapter, layer_kind
 
 # %% auto #0
-__all__ = ['METHODS', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers', 'check_model', 'saved_modules',
-           'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets', 'unmatched', 'check_name',
-           'plan_injection', 'SavedModule', 'replace_module', 'inject', 'plan_saved', 'trainable_parameters', 'merge',
-           'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload']
+__all__ = ['METHODS', 'ALL_LINEAR', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers', 'check_model',
+           'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets', 'unmatched',
+           'check_name', 'plan_injection', 'SavedModule', 'replace_module', 'inject', 'plan_saved', 'select_targets',
+           'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload',
+           'merge_and_unload']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
 METHODS = LAYERS  # the layer class of each method, by the name `inject` takes
@@ -259,6 +260,92 @@ def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
     if inside:
         raise ValueError(f"modules_to_save {inside[:4]} hold adapted layers: a module is adapted or saved, not both")
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+# %% ../nbs/07_models.ipynb #f1a7c002
+ALL_LINEAR = "all-linear"  # PEFT's `target_modules` shorthand: every linear layer but the output head
+
+# %% ../nbs/07_models.ipynb #f1a7c003
+def _names_option(value, option: str):
+    "`value` as PEFT takes it: `None`, a regex string, or a list (or set) of module names; `TypeError` otherwise."
+    if value is None or isinstance(value, str): return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+        if not value: raise ValueError(f"{option} must name at least one module, got an empty {type(value).__name__}")
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise TypeError(f"{option} must be a regex string or a list of module names, got {value!r}")
+
+# %% ../nbs/07_models.ipynb #f1a7c004
+def _check_layers(layers_to_transform, layers_pattern, targets) -> tuple:
+    "`layers_to_transform` as a list of indices (or `None`) and `layers_pattern` as a list (or `None`), checked."
+    idx = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
+    if idx is not None and (isinstance(idx, bool) or not isinstance(idx, (list, tuple, set)) or not idx
+                            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx)):
+        raise TypeError(f"layers_to_transform must be a layer index or a non-empty list of indices (ints >= 0), "
+                        f"got {layers_to_transform!r}")
+    pattern = _names_option(layers_pattern, "layers_pattern")
+    if pattern == "": raise ValueError("layers_pattern must be a module name such as 'layers', got ''")
+    if pattern is not None and idx is None:
+        raise ValueError(f"layers_pattern={layers_pattern!r} needs layers_to_transform (the indices to keep)")
+    if idx is not None and isinstance(targets, str):
+        raise ValueError(f"layers_to_transform={layers_to_transform!r} needs targets as a list of module names, "
+                         f"got the string {targets!r} (a regex, or 'all-linear', chooses layers itself)")
+    return (None if idx is None else set(idx)), ([pattern] if isinstance(pattern, str) else pattern)
+
+# %% ../nbs/07_models.ipynb #f1a7c005
+def _layer_index(name: str, patterns: list | None) -> int | None:
+    "PEFT's layer index of module `name`: the number after the first `<pattern>.`, else the first numbered segment."
+    if not patterns: m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else: m = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+    return None if m is None else int(m["idx"])
+
+# %% ../nbs/07_models.ipynb #f1a7c007
+def _excluded(name: str, exclude_modules, modules_to_save) -> bool:
+    "Whether PEFT leaves module `name` out: `exclude_modules` matches it, or it is (or is inside) a module to save."
+    if exclude_modules and target_matches(name, exclude_modules): return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
+
+# %% ../nbs/07_models.ipynb #f1a7c008
+def _targeted(name: str, targets: str | list, layers: set | None, patterns: list | None) -> bool:
+    "Whether PEFT's `target_modules` picks module `name`; a suffix match must also lie in one of `layers`."
+    if isinstance(targets, str) or name in targets: return target_matches(name, targets)
+    return target_matches(name, targets) and (layers is None or _layer_index(name, patterns) in layers)
+
+# %% ../nbs/07_models.ipynb #f1a7c010
+def _output_head(model: nn.Module) -> str | None:
+    "The module name of a transformers model's output embeddings (its LM head), which `all-linear` leaves out."
+    pretrained = any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
+                     for c in type(model).__mro__)
+    head = model.get_output_embeddings() if pretrained else None
+    return None if head is None else next((n for n, m in model.named_modules() if m is head), None)
+
+# %% ../nbs/07_models.ipynb #f1a7c011
+def _linear_names(model: nn.Module) -> list[str]:
+    "PEFT's `all-linear`: every `nn.Linear` and transformers `Conv1D` (adapted or not) but the output head."
+    mods, head = dict(model.named_modules()), _output_head(model)
+    base = lambda m: m.base if isinstance(m, Adapter) else m
+    return [n for n in _outer_names(model) if n != head and layer_kind(base(mods[n])) == "linear"]
+
+# %% ../nbs/07_models.ipynb #f1a7c012
+def select_targets(model: nn.Module,
+                   targets: str | list,  # a full-match regex, module names (suffix rule), or "all-linear"
+                   *, exclude_modules: str | list | None = None,  # left out: a full-match regex or names
+                   layers_to_transform: int | list | None = None,  # layer indices kept (targets as names only)
+                   layers_pattern: str | list | None = None,  # the name before the layer index ("layers", "h")
+                   modules_to_save: list | None = None,  # trained in full: never adapted, nor what they hold
+                   ) -> list[str]:
+    "The names of the modules PEFT's `target_modules` and choosing options adapt in `model`, in model order."
+    check_model(model)
+    targets, exclude = _names_option(targets, "targets"), _names_option(exclude_modules, "exclude_modules")
+    if targets is None: raise TypeError("targets must be a regex string or a list of module names, got None")
+    layers, patterns = _check_layers(layers_to_transform, layers_pattern, targets)
+    saved = _names_option([modules_to_save] if isinstance(modules_to_save, str) else modules_to_save,
+                          "modules_to_save")
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR: targets = _linear_names(model)
+    names = _outer_names(model)
+    if chosen := [n for n in names if _targeted(n, targets, layers, patterns) and not _excluded(n, exclude, saved)]:
+        return chosen
+    raise ValueError(f"targets {str(targets)[:200]} with exclude_modules={exclude_modules!r}, layers_to_transform="
+                     f"{layers_to_transform!r}, layers_pattern={layers_pattern!r} select no module of the model; "
+                     f"some module names: {names[:8]}")
 
 # %% ../nbs/07_models.ipynb #fa361264
 def trainable_parameters(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What other chapters reuse (the compression chapter trains and evaluates a classifier with these); the comparison
 # harness of nbs/08_finetune.ipynb (prepare_classifier, training_memory, merged_latency, fine_tune) is chapter code.
 LIBRARY = {"ATTENTION_AND_MLP", "load_reviews", "load_minilm", "TextClassifier", "tokenize", "check_data", "batches",
-           "autocast_context", "train_classifier", "evaluate"}
+           "autocast_context", "train_classifier", "evaluate", "checkpoint_adapters", "AdapterCheckpoints"}
 
 
 def test_the_module_exports_the_library_part_only():
