@@ -354,3 +354,34 @@ def test_identifiers_fold_only_between_words():
         "<p><code>lt.<wbr>adapters.<wbr>save_<wbr>adapter(m)</code> <code>1e-10, 1.5</code> <code>x_1</code> "
         "<code>__init__</code></p><code>peft/<wbr>tuners/<wbr>{lora,<wbr>loha}.<wbr>py</code>"
         "<pre class='x'><code>a.b_c</code></pre>")
+
+
+# ---------------------------------------------------------------- links between chapters (tools/fix_links.py)
+
+def test_fix_links_points_pages_at_their_notebooks():
+    "Links to a chapter's page become links to its notebook (anchors kept); other links, code and outputs stay."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fix_links import fix_notebook, notebook_pages
+    pages = notebook_pages(ROOT / "nbs")
+    assert pages["als.html"] == "01_als.ipynb" and pages["kernels.html"] == "00a_kernels.ipynb"
+    assert pages["index.html"] == "index.ipynb" and len(pages) == len(CHAPTERS)
+    md = ["See [ALS](als.html#dense_als) and [core](core.html), <a href=\"api.html\">the API</a>,\n",
+          "[a site](https://example.org/als.html), [no chapter](nowhere.html), [done](01_als.ipynb).\n"]
+    nb = {"cells": [{"cell_type": "markdown", "id": "a1", "metadata": {}, "source": list(md)},
+                    {"cell_type": "code", "id": "b2", "metadata": {}, "source": ["# [ALS](als.html)\n"], "outputs": []}]}
+    changed = fix_notebook(nb, pages)
+    assert nb["cells"][0]["source"] == [
+        "See [ALS](01_als.ipynb#dense_als) and [core](00_core.ipynb), <a href=\"99_api.ipynb\">the API</a>,\n", md[1]]
+    assert nb["cells"][1]["source"] == ["# [ALS](als.html)\n"] and nb["cells"][0]["id"] == "a1"
+    assert changed == [(md[0], nb["cells"][0]["source"][0])]
+    assert fix_notebook(nb, pages) == []  # a second run changes nothing
+
+
+def test_fixed_notebooks_link_to_notebooks():
+    "The notebooks `fix_links` has been run on link to chapters as notebooks, which the site build maps to pages."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fix_links import fix_notebook, notebook_pages
+    import json
+    pages = notebook_pages(ROOT / "nbs")
+    for name in ("index.ipynb", "01_als.ipynb", "10_explore.ipynb"):
+        assert fix_notebook(json.loads((ROOT / "nbs" / name).read_text()), pages) == [], f"{name}: links to pages"

@@ -169,13 +169,15 @@ def rewrite_notebook_links(renames: dict[str, str]) -> None:
     text = sidebar.read_text()
     for old, new in renames.items(): text = text.replace(old, new)
     sidebar.write_text(text)
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b") if renames else None
+    # link targets only (`](01_als.ipynb#x)`, `href="01_als.ipynb"`): a file name in text or in a code block stays
+    names = "|".join(map(re.escape, renames))
+    pattern = re.compile(r"(\]\(|href=[\"'])(" + names + r")(?=[#)\"'\s])") if renames else None
     for path in PROC.glob("*.ipynb"):
         nb = json.loads(path.read_text())
         for cell in nb["cells"]:
             if cell["cell_type"] != "markdown" or pattern is None: continue
             src = "".join(cell["source"])
-            cell["source"] = pattern.sub(lambda m: Path(renames[m.group(1)]).stem + ".html", src)
+            cell["source"] = pattern.sub(lambda m: m.group(1) + Path(renames[m.group(2)]).stem + ".html", src)
         path.write_text(json.dumps(nb, indent=1))
 
 
