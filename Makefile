@@ -42,8 +42,11 @@ docs: site
 test: $(STAMP) browser
 	$(PY) -m pytest tests -q
 
+# tools/lab_contents.py: notebooks open without a 'modified' mark (the kernel's metadata filled in) and save as
+# nbdev_clean leaves them.
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root)
+	PYTHONPATH=$(CURDIR)/tools $(VENV)/bin/jupyter lab --notebook-dir=nbs --ServerApp.ip=127.0.0.1 \
+	  --ServerApp.contents_manager_class=lab_contents.BookContentsManager $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,peers,bench]"

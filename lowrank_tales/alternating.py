@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative, check_tol,
-                                fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem,
+from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative,
+                                check_tol, fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem,
                                 _sum_squares)
 from .kernels import balanced_factors, gram_solve, randomized_svd
 

@@ -11,7 +11,6 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from IPython.display import display
 import torch
 from torch import nn
 
@@ -35,8 +34,7 @@ def _optional(module: str):
     try: return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"lowrank_tales.widgets needs {module.split('.')[0]} ({e}): "
-                          "it comes with the `widgets` extra, "
-                          "pip install 'lowrank_tales[widgets]'") from e
+                          'it comes with the `widgets` extra: pip install "lowrank_tales[widgets]"') from e
 
 # %% ../nbs/10_explore.ipynb #eaee6bdc
 def _plt():
@@ -66,8 +64,8 @@ def one_thread():
 def camera_image(size: int = 128,  # side of the square image
                 ) -> np.ndarray:  # (size, size) float64 in [0, 1]
     "scikit-image's camera picture as grey levels in [0, 1], resized to `size × size` with anti-aliasing."
-    from skimage import data, transform
     size = check_int(size, "size", 8, 512)
+    data, transform = _optional("skimage.data"), _optional("skimage.transform")
     return transform.resize(data.camera().astype(np.float64) / 255, (size, size), anti_aliasing=True)
 
 # %% ../nbs/10_explore.ipynb #e45ad165
@@ -98,7 +96,7 @@ def _kron_shape(A):
 METHODS = {  # name: (fit (A, k) → (approx, n_params), slider label, k min, k max, default k)
     "truncated SVD": (_truncated_svd, "rank", 1, 64, 8),
     "ALS": (lambda A, k: _fitted(als(A, k, max_iter=10, seed=0, progress=False)), "rank", 1, 32, 8),
-    "Hadamard": (lambda A, k: _fitted(hadamard_als(A, -(-k // 2), max_iter=10, progress=False)), "r1+r2", 1, 16, 8),
+    "Hadamard": (lambda A, k: _fitted(hadamard_als(A, -(-k // 2), progress=False)), "r1+r2", 1, 16, 8),
     "Kronecker sum": (lambda A, k: _fitted(kronecker_als(A, _kron_shape(A), terms=k, progress=False)),
                       "terms", 1, 32, 8),
     "Khatri-Rao cascade": (lambda A, k: _fitted(khatri_rao_als(A, balanced_dims(A.shape[0], k), max_iter=10, seed=0,

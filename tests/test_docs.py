@@ -47,8 +47,9 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(site):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *a: None
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args): pass  # no request log in the test output
+    handler = functools.partial(Quiet, directory=str(site))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -289,3 +290,98 @@ def test_captions_are_numbered_and_alt_text_set(site):
             if "<img" not in fig: continue
             assert re.search(r'<img[^>]*\balt="[^"]+"', fig), f"{name}: a figure without alt text"
             assert re.search(r"<figcaption>Figure \d+\.\d+: ", fig), f"{name}: a figure caption without its number"
+
+
+# ---------------------------------------------------------------- layout at a desktop's and a phone's width
+
+LAYOUT = """() => {
+    const main = document.querySelector('main'), right = main.getBoundingClientRect().right;
+    const cs = e => getComputedStyle(e), head = e => e.tagName.toLowerCase() + ': ' + (e.innerText || '').slice(0, 50);
+    const boxed = e => { for (let x = e.parentElement; x && x !== main; x = x.parentElement)
+                             if (cs(x).overflowX !== 'visible') return x; return null; };
+    const scrolls = e => ['auto', 'scroll'].includes(cs(e).overflowX);
+    const out = {};
+    const doc = document.documentElement.scrollWidth;
+    out.page = doc > window.innerWidth + 1 ? [doc] : [];
+    out.softWrap = [...main.querySelectorAll('pre, pre code')].filter(e => cs(e).whiteSpace !== 'pre').map(head);
+    out.breakInWord = [...main.querySelectorAll('code, pre')].filter(e => cs(e).wordBreak === 'break-all' ||
+        ['anywhere', 'break-word'].includes(cs(e).overflowWrap)).map(head);
+    const wide = [...main.querySelectorAll('pre, .math.display, table, .sd-table')]
+        .filter(e => e.scrollWidth > e.clientWidth + 1);
+    out.hidden = wide.filter(e => !scrolls(e) && !(boxed(e) && scrolls(boxed(e)))).map(head);
+    out.noCue = wide.filter(scrolls).filter(e => !cs(e).backgroundImage.includes('gradient')).map(head);
+    out.pastColumn = [...main.querySelectorAll('*')]
+        .filter(e => !boxed(e) && e.getBoundingClientRect().right > right + 2).map(head);
+    const pre = main.querySelector('pre.sourceCode');
+    if (pre) {
+        const probe = document.createElement('span');
+        probe.textContent = 'x'.repeat(100); probe.style.position = 'absolute';
+        pre.querySelector('code').appendChild(probe);
+        const per = probe.getBoundingClientRect().width / 100, ps = cs(pre);
+        probe.remove();
+        const inner = pre.clientWidth - parseFloat(ps.paddingLeft) - parseFloat(ps.paddingRight);
+        out.codeColumns = Math.floor(inner / per);
+    }
+    return out;
+}"""
+
+
+@pytest.mark.parametrize("width", [1400, 390])
+def test_layout_holds_on_every_page(browser, server, site, width):
+    """At 1400 px (desktop) and 390 px (phone): no page is wider than the window; code never soft-wraps and never breaks
+    inside a word; a code block, output, table or equation wider than the column scrolls inside its own box and shows
+    it (edge shadows); nothing else runs past the column; on a desktop a code block holds 88 to 100 characters."""
+    page, found, columns = browser.new_page(viewport={"width": width, "height": 900}), {}, set()
+    for name in pages(site):
+        page.goto(f"{server}/{name}", wait_until="load")
+        page.wait_for_timeout(150)
+        r = page.evaluate(LAYOUT)
+        if "codeColumns" in r: columns.add(r.pop("codeColumns"))
+        bad = {k: v[:3] for k, v in r.items() if v}
+        if bad: found[name] = bad
+        if name in ("als.html", "adapters.html"): page.screenshot(path=str(artifact(f"docs-{name[:-5]}-{width}.png")))
+    assert not found, f"layout problems at {width} px: {found}"
+    if width >= 1200: assert columns and all(88 <= c <= 100 for c in columns), f"code columns at {width} px: {columns}"
+
+
+def test_identifiers_fold_only_between_words():
+    "Inline code may fold after `.`, `_`, `/`, `,` between words; code blocks, numbers and dunder names are left alone."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from build_docs import fold_identifiers
+    text = ("<p><code>lt.adapters.save_adapter(m)</code> <code>1e-10, 1.5</code> <code>x_1</code> "
+            "<code>__init__</code></p><code>peft/tuners/{lora,loha}.py</code><pre class='x'><code>a.b_c</code></pre>")
+    assert fold_identifiers(text) == (
+        "<p><code>lt.<wbr>adapters.<wbr>save_<wbr>adapter(m)</code> <code>1e-10, 1.5</code> <code>x_1</code> "
+        "<code>__init__</code></p><code>peft/<wbr>tuners/<wbr>{lora,<wbr>loha}.<wbr>py</code>"
+        "<pre class='x'><code>a.b_c</code></pre>")
+
+
+# ---------------------------------------------------------------- links between chapters (tools/fix_links.py)
+
+def test_fix_links_points_pages_at_their_notebooks():
+    "Links to a chapter's page become links to its notebook (anchors kept); other links, code and outputs stay."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fix_links import fix_notebook, notebook_pages
+    pages = notebook_pages(ROOT / "nbs")
+    assert pages["als.html"] == "01_als.ipynb" and pages["kernels.html"] == "00a_kernels.ipynb"
+    assert pages["index.html"] == "index.ipynb" and len(pages) == len(CHAPTERS)
+    md = ["See [ALS](als.html#dense_als) and [core](core.html), <a href=\"api.html\">the API</a>,\n",
+          "[a site](https://example.org/als.html), [no chapter](nowhere.html), [done](01_als.ipynb).\n"]
+    nb = {"cells": [{"cell_type": "markdown", "id": "a1", "metadata": {}, "source": list(md)},
+                    {"cell_type": "code", "id": "b2", "metadata": {}, "source": ["# [ALS](als.html)\n"], "outputs": []}]}
+    changed = fix_notebook(nb, pages)
+    assert nb["cells"][0]["source"] == [
+        "See [ALS](01_als.ipynb#dense_als) and [core](00_core.ipynb), <a href=\"99_api.ipynb\">the API</a>,\n", md[1]]
+    assert nb["cells"][1]["source"] == ["# [ALS](als.html)\n"] and nb["cells"][0]["id"] == "a1"
+    assert changed == [(md[0], nb["cells"][0]["source"][0])]
+    assert fix_notebook(nb, pages) == []  # a second run changes nothing
+
+
+def test_fixed_notebooks_link_to_notebooks():
+    "The notebooks `fix_links` has been run on link to chapters as notebooks, which the site build maps to pages."
+    sys.path.insert(0, str(ROOT / "tools"))
+    from fix_links import fix_notebook, notebook_pages
+    import json
+    pages = notebook_pages(ROOT / "nbs")
+    for name in ("index.ipynb", "01_als.ipynb", "10_explore.ipynb"):
+        assert fix_notebook(json.loads((ROOT / "nbs" / name).read_text()), pages) == [], f"{name}: links to pages"

@@ -11,7 +11,8 @@ Quarto project to HTML; this script fills the gaps between the two (see ../share
 6. `show_doc` shows a compact signature and a parameter table (docments) instead of comments inside the code;
 7. chapters are numbered in the sidebar's order, figures with a `fig-cap` are numbered per chapter, and the code of
    a cell whose only output is a figure is folded;
-8. the theme's web font is dropped (system fonts instead) and the search index carries no TeX.
+8. the theme's web font is dropped (system fonts instead) and the search index carries no TeX;
+9. an identifier in prose (inline code) may fold only after a `.`, `_`, `/` or `,` (`<wbr>`), never inside a word or number.
 
 Usage: `python tools/build_docs.py [--out _docs]`. Exits non-zero on any broken link.
 """
@@ -63,8 +64,11 @@ def _param(p) -> str:
     return out
 
 
+SIGNATURE_WIDTH = 76  # what a 1280 px window shows of a code block without scrolling (the text column at its narrowest)
+
+
 def _signature(sym, name: str) -> str | None:
-    "`def name(a:int, *, b=1)->T`, wrapped at 78 columns, keyword-only and positional-only markers kept; None if none."
+    "`def name(a:int, *, b=1)->T`, wrapped at `SIGNATURE_WIDTH` columns, keyword-only and positional-only markers kept; None if none."
     import inspect
     try: sig = inspect.signature(sym)  # annotations as the source writes them (`nn.Module`), not evaluated
     except (ValueError, TypeError): return None
@@ -77,11 +81,11 @@ def _signature(sym, name: str) -> str | None:
     ret = "" if sig.return_annotation is inspect.Signature.empty else f" -> {_anno(sig.return_annotation)}"
     prefix = "class" if inspect.isclass(sym) else "async def" if inspect.iscoroutinefunction(sym) else "def"
     lines, line = [], f"{prefix} {name}("
-    for j, part in enumerate(parts):
-        piece = part + (", " if j + 1 < len(parts) else "")
-        if len(line) + len(piece.rstrip()) > 78 and line.strip(): lines.append(line.rstrip()); line = "    "
+    pieces = [part + ", " for part in parts[:-1]] + [(parts[-1] if parts else "") + ")" + ret]
+    for piece in pieces:  # the closing `) -> T` travels with the last parameter, so no line passes SIGNATURE_WIDTH
+        if len(line) + len(piece.rstrip()) > SIGNATURE_WIDTH and line.strip(): lines.append(line.rstrip()); line = "    "
         line += piece
-    return "\n".join(lines + [line + ")" + ret])
+    return "\n".join(lines + [line])
 
 
 def _cell(text) -> str:
@@ -165,13 +169,15 @@ def rewrite_notebook_links(renames: dict[str, str]) -> None:
     text = sidebar.read_text()
     for old, new in renames.items(): text = text.replace(old, new)
     sidebar.write_text(text)
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b") if renames else None
+    # link targets only (`](01_als.ipynb#x)`, `href="01_als.ipynb"`): a file name in text or in a code block stays
+    names = "|".join(map(re.escape, renames))
+    pattern = re.compile(r"(\]\(|href=[\"'])(" + names + r")(?=[#)\"'\s])") if renames else None
     for path in PROC.glob("*.ipynb"):
         nb = json.loads(path.read_text())
         for cell in nb["cells"]:
             if cell["cell_type"] != "markdown" or pattern is None: continue
             src = "".join(cell["source"])
-            cell["source"] = pattern.sub(lambda m: Path(renames[m.group(1)]).stem + ".html", src)
+            cell["source"] = pattern.sub(lambda m: m.group(1) + Path(renames[m.group(2)]).stem + ".html", src)
         path.write_text(json.dumps(nb, indent=1))
 
 
@@ -335,6 +341,26 @@ def system_fonts(site: Path) -> None:
     for css in site.rglob("*.css"): css.write_text(WEB_FONT.sub("", css.read_text()))
 
 
+PRE_BLOCK = re.compile(r"<pre\b.*?</pre>", re.S)
+INLINE_CODE = re.compile(r"(<code>)([^<]*)(</code>)")
+FOLD_AFTER = re.compile(r"(?<=[A-Za-z)\]}])([._/,]+)(?=[A-Za-z{(\[])")  # `a.b`, `a_b`, `a/b`; not `1.5`, `x_1`, `__init__`
+
+
+def fold_identifiers(html_text: str) -> str:
+    "Mark where inline code may fold on a narrow screen (after `.`, `_`, `/`, `,` between words), code blocks untouched."
+    def fold(m): return m.group(1) + FOLD_AFTER.sub(r"\1<wbr>", m.group(2)) + m.group(3)
+    parts, last = [], 0
+    for block in PRE_BLOCK.finditer(html_text):
+        parts += [INLINE_CODE.sub(fold, html_text[last:block.start()]), block.group(0)]
+        last = block.end()
+    return "".join(parts + [INLINE_CODE.sub(fold, html_text[last:])])
+
+
+def foldable_identifiers(site: Path) -> None:
+    "Apply `fold_identifiers` to every page of the site."
+    for page in site.rglob("*.html"): page.write_text(fold_identifiers(page.read_text()))
+
+
 TEX_WORDS = {"times": "×", "in": "∈", "le": "≤", "leq": "≤", "ge": "≥", "geq": "≥", "circ": "∘", "odot": "⊙",
              "otimes": "⊗", "oplus": "⊕", "cdot": "·", "cdots": "⋯", "ldots": "…", "dots": "…", "sum": "Σ", "prod": "Π",
              "sqrt": "√", "top": "ᵀ", "bullet": "•", "approx": "≈", "neq": "≠", "ne": "≠", "to": "→", "infty": "∞",
@@ -443,6 +469,7 @@ def build(out: Path, check_readme: bool = False) -> int:
     shutil.move(str(built), str(out))
     serve_katex_locally(out)
     system_fonts(out)
+    foldable_identifiers(out)
     readable_search_index(out)
     settings = yaml.safe_load((PROC / "nbdev.yml").read_text())["website"]
     source_pages(out, f"{settings['repo-url']}/blob/{settings['repo-branch']}")
