@@ -19,9 +19,9 @@ from .core import check_int, check_nonnegative
 from .products import face_split, khatri_rao, kron
 
 # %% auto #0
-__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'Adapter', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape', 'weight_matrix',
-           'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'check_name',
-           'check_unique', 'AdaptedLayer', 'LowRankLinear', 'conv_low_rank_update', 'LoRAUpdate', 'LoRA', 'LoHAUpdate',
+__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape', 'weight_matrix', 'as_layer_weight',
+           'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'check_name', 'check_unique',
+           'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update', 'LoRAUpdate', 'LoRA', 'LoHAUpdate',
            'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims', 'max_factors', 'LoKHUpdate',
            'LoKH']
 
@@ -514,7 +514,14 @@ class AdaptedLayer(_LayerState):
         return (c - 1) * (F.linear(x, W0.to(dt)) if plain is None else plain) + c * self._update_only(u, x, dt)
 
 # %% ../nbs/06_adapters.ipynb #7b1f930c
-Adapter = AdaptedLayer  # the name before 0.2 (deprecated): PEFT calls one named update an "adapter", as we now do
+class _AliasOf(type):
+    "A metaclass whose classes count every instance of their base as their own (for a renamed class's old name)."
+    def __instancecheck__(cls, obj): return isinstance(obj, cls.__mro__[1])
+    def __subclasscheck__(cls, sub): return issubclass(sub, cls.__mro__[1])
+
+# %% ../nbs/06_adapters.ipynb #792c8ec8
+class Adapter(AdaptedLayer, metaclass=_AliasOf):
+    "`AdaptedLayer`'s name before 0.2 (deprecated): PEFT calls one named update an adapter, and so do we now."
 
 # %% ../nbs/06_adapters.ipynb #9371ad99
 class LowRankLinear(torch.autograd.Function):

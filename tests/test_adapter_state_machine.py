@@ -262,6 +262,6 @@ class AdaptedModel(RuleBasedStateMachine):
         assert all(m.training == self.model.training for m in self.model.modules())  # new modules follow the model
 
 
-AdaptedModel.TestCase.settings = settings(max_examples=30, stateful_step_count=15, deadline=None,
+AdaptedModel.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestAdaptedModel = AdaptedModel.TestCase
