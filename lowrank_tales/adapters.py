@@ -322,7 +322,8 @@ class _LayerState(nn.Module):
 
     def live(self) -> list:
         "The updates the forward adds: active, not merged, not disabled."
-        return [] if self.disabled else [self.updates[n] for n in self.active if n not in self.merged]
+        active, merged, disabled = self._state
+        return [] if disabled else [self.updates[n] for n in active if n not in merged]
 
     def delete(self, name: str) -> bool:
         "Remove adapter `name` (not merged); returns whether the layer holds no adapter any more."
@@ -435,9 +436,8 @@ class AdaptedLayer(_LayerState):
 
     def forward(self, x):
         "The frozen layer plus the live updates, each by its path, in autocast's dtype where autocast is on."
-        live = self.live()
-        if self.disabled and self.merged: return self._apply_matrix(x, self._w0(), self.bias)
-        if not live: return self.base(x)
+        if self._state[2] and self._state[1]: return self._apply_matrix(x, self._w0(), self.bias)  # disabled, merged
+        if not (live := self.live()): return self.base(x)
         if _autograd_only(): return self._reference(x, live)
         dt = compute_dtype(x)
         with _autocast_off(x): return self._adapted(x.to(dt), live, dt)
