@@ -89,3 +89,20 @@ def test_second_derivative_refused(cls):
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     (gx,) = torch.autograd.grad(a(x).pow(3).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"): gx.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["conv", "embedding"])
+def test_torch_func_conv_and_embedding(kind):
+    "`torch.func.grad` and `vmap` through a LoRA on a convolution or an embedding agree with the eager fast path."
+    torch.manual_seed(2)
+    base = nn.Conv2d(3, 4, 3).double() if kind == "conv" else nn.Embedding(10, 6).double()
+    a = lt.LoRA(base, rank=2, alpha=3)
+    with torch.no_grad():
+        for f in a.factors: f.normal_()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64) if kind == "conv" else torch.randint(0, 10, (2, 7))
+    params = {k: p.detach() for k, p in a.named_parameters()}
+    g = grad(lambda p: functional_call(a, p, (x,)).pow(2).sum())(params)
+    a(x).pow(2).sum().backward()
+    for k, p in a.named_parameters():
+        if p.requires_grad: assert_close(g[k], p.grad)  # the factors (the frozen base gets no eager gradient)
+    assert_close(vmap(a)(x[:, None])[:, 0], a(x).detach())
