@@ -242,11 +242,11 @@ class FoldedLinear(torch.autograd.Function):
         return (dx, None, None, None, *[gr if n else None for gr, n in zip(grads, need[4:])])
 
 # %% ../nbs/06_adapters.ipynb #f18fbf4f
-def check_name(name) -> str:
-    "`name` if it can name an adapter (a key, a folder): a non-empty string without '.', '/', '\\' or NUL."
+def check_name(name, what: str = "name") -> str:
+    "`name` if it can name an adapter and its folder (never `..`, an absolute path, a hidden entry), else `ValueError`."
     if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
-        raise ValueError(f"name must be a non-empty string without '.', '/', '\\' or NUL (it names state-dict keys "
-                         f"and folders), got {name!r}")
+        raise ValueError(f"{what} must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), "
+                         f"got {name!r}")
     return name
 
 # %% ../nbs/06_adapters.ipynb #55a25c70

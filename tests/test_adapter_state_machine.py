@@ -15,7 +15,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from torch import nn
 
 import lowrank_tales as lt
-from lowrank_tales.adapter_files import _folder_of
 from lowrank_tales.injection import adapter_layers
 from tolerance import assert_close
 
@@ -123,7 +122,7 @@ class AdaptedModel(RuleBasedStateMachine):
     @rule(name=st.sampled_from(["", "../up", "/abs", "a/b", ".hidden", "x\0y"]))
     def inject_bad_name(self, name):
         self.refused(lambda: lt.inject(self.model, "lora", targets=["0"], name=name, rank=2),
-                     "name must be a non-empty string")
+                     "name must be an adapter name")
 
     @precondition(lambda self: self.methods)
     @rule(data=st.data())
@@ -201,7 +200,7 @@ class AdaptedModel(RuleBasedStateMachine):
         if name in self.merged: return
         root = tempfile.mkdtemp(dir=self.folder.name)
         lt.save_adapter(self.model, root, name)
-        self.path = _folder_of(Path(root), name)  # PEFT's layout: a named adapter in a sub-folder
+        self.path = next(Path(root).rglob("adapter_config.json")).parent  # PEFT's layout: a named one in a sub-folder
         factors = {n: {k: p.detach().clone() for k, p in a.updates[name].named_parameters()}
                    for n, a in adapter_layers(self.model).items() if name in a.updates}
         self.saved = (name, self.methods[name], factors)
