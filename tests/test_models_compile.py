@@ -106,3 +106,10 @@ def test_torch_func_conv_and_embedding(kind):
     for k, p in a.named_parameters():
         if p.requires_grad: assert_close(g[k], p.grad)  # the factors (the frozen base gets no eager gradient)
     assert_close(vmap(a)(x[:, None])[:, 0], a(x).detach())
+
+
+def test_torch_func_refuses_dora_with_dropout_in_training():
+    "DoRA with dropout has no plain-op form here: inside a transform it is refused, never computed otherwise."
+    a = lt.LoRA(nn.Linear(6, 4), rank=2, dora=True, dropout=0.5)  # a new module trains: dropout is on
+    with pytest.raises(ValueError, match="DoRA with dropout in training"): vmap(a)(torch.randn(3, 1, 6))
+    assert vmap(a.eval())(torch.randn(3, 1, 6)).shape == (3, 1, 4)
