@@ -16,7 +16,7 @@ from .completion import als, predict
 from .hadamard import hadamard_als
 from .kronecker import kronecker_als, nearest_kronecker, rearrange, unrearrange, kron_sum
 from .khatri_rao_decomposition import khatri_rao_als, nearest_partition_khatri_rao
-from .adapters import Adapter, Update, LoRA, LoHA, LoKr, LoKH
+from .adapters import AdaptedLayer, Adapter, Update, LoRA, LoHA, LoKr, LoKH
 from .injection import (inject, set_adapter, adapter_names, active_adapters, delete_adapter,
                                      disable_adapters, merge, unmerge, merge_and_unload, unload, trainable_parameters)
 from .injection import select_targets, exact_targets

@@ -8,9 +8,11 @@ import abc
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from .core import check_int, check_nonnegative
@@ -18,9 +20,10 @@ from .products import face_split, khatri_rao, kron
 
 # %% auto #0
 __all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape', 'weight_matrix', 'as_layer_weight',
-           'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'Adapter', 'LowRankLinear',
-           'conv_low_rank_update', 'LoRAUpdate', 'LoRA', 'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate',
-           'LoKr', 'balanced_dims', 'max_factors', 'LoKHUpdate', 'LoKH']
+           'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'check_name', 'check_unique',
+           'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update', 'LoRAUpdate', 'LoRA', 'LoHAUpdate',
+           'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims', 'max_factors', 'LoKHUpdate',
+           'LoKH']
 
 # %% ../nbs/06_adapters.ipynb #37133005
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -72,6 +75,11 @@ def _autocast_off(t: torch.Tensor):
     dev = t.device.type
     return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
 
+# %% ../nbs/06_adapters.ipynb #0bc1ef5c
+def _autograd_only() -> bool:
+    "Whether a `torch.func` transform (`grad`, `vmap`, `jvp`, ...) is running: the layer then uses plain autograd ops."
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
 # %% ../nbs/06_adapters.ipynb #6f9510be
 PATHS = ("auto", "factored", "folded")
 
@@ -89,6 +97,7 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
     "One named adapter's trainable update `s·ΔW` for a layer of some kind and shape (the layer itself is not held)."
     kinds = ("linear", "conv")  # the layer kinds the method adapts (see `layer_kind`)
     method = ""  # the name `inject` knows the method by
+    dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the factors and the layer's weight
 
     def __init__(self, base: nn.Module, path: str = "auto", dtype: torch.dtype | None = None,
                  dropout: float = 0.0,  # probability of zeroing an input of the update (PEFT's `lora_dropout`)
@@ -100,6 +109,11 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
         if path not in PATHS: raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
+        if dtype is not None and dtype not in self.dtypes:
+            raise ValueError(f"dtype must be a real floating dtype, one of {self.dtypes}, got {dtype}")
+        if base.weight.dtype not in self.dtypes:
+            raise TypeError(f"{self.method} cannot adapt a {type(base).__name__} whose weight is {base.weight.dtype}: "
+                            f"it adapts weights of {self.dtypes}")
         super().__init__()
         self.kind, self.path, (self.d_out, self.d_in) = kind, path, layer_shape(base)
         self.dropout = check_nonnegative(dropout, "dropout")
@@ -142,7 +156,7 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
 
     def add_delta(self, W: torch.Tensor, factors, scale: float) -> torch.Tensor:
         "`W + scale·ΔW(factors)` for the `d_out × d_in` matrix `W` (float32 or wider)."
-        return torch.add(W, self.delta(*factors).to(W.dtype), alpha=scale)
+        return W + self.delta(*factors).to(W.dtype) * scale  # not `torch.add(..., alpha=)`: inductor drops alpha
 
     def pullback(self, factors) -> tuple:
         "`ΔW(factors)` (detached), and the map from `∂L/∂ΔW` to the factors' gradients (autograd through `delta`)."
@@ -174,9 +188,11 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
     n_params = property(lambda self: sum(f.numel() for f in self.factors))
 
 # %% ../nbs/06_adapters.ipynb #8b8e8d28
-def _folded_matrix(W0: torch.Tensor, updates: list, factors: list) -> torch.Tensor:
-    "`W0 + Σ s_i ΔW_i` (`d_out × d_in`) in float32 or wider, for `updates` and their `factors` (one tuple each)."
-    W0 = W = W0.to(torch.promote_types(W0.dtype, torch.float32))
+def _folded_matrix(W0: torch.Tensor, updates: list, factors: list, W: torch.Tensor | None = None) -> torch.Tensor:
+    "`W + Σ s_i ΔW_i` (`d_out × d_in`, `W` default `W0`) in float32 or wider; DoRA's terms are relative to `W0`."
+    wide = lambda t: t.to(torch.promote_types(t.dtype, torch.float32))
+    W0 = wide(W0)
+    W = W0 if W is None else wide(W)
     for u, fs in zip(updates, factors): W = W + _dora_delta(W0, u, fs) if u.dora else u.add_delta(W, fs, u.scale)
     return W
 
@@ -208,6 +224,7 @@ class FoldedLinear(torch.autograd.Function):
         return F.linear(x, _folded_matrix(W0, updates, _split(updates, flat)).to(x.dtype), bias)
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
         x, W0, *flat = ctx.saved_tensors
         ups, need, factors = ctx.updates, ctx.needs_input_grad, _split(ctx.updates, flat)
@@ -217,45 +234,165 @@ class FoldedLinear(torch.autograd.Function):
             dx = None
             if need[0]:
                 W = W0.to(torch.promote_types(W0.dtype, torch.float32))
-                for u, (D, _) in zip(ups, parts): W = W.add(D.to(W.dtype), alpha=u.scale)
+                for u, (D, _) in zip(ups, parts): W = W + D.to(W.dtype) * u.scale
                 dx = (g2 @ W.to(x.dtype)).reshape(x.shape)
             one = len(ups) == 1
             G = _scaled_outer(g2, x2, ups[0].scale if one else 1.0)
             grads = [gr for u, (_, pull) in zip(ups, parts) for gr in pull(G if one else G * u.scale)]
         return (dx, None, None, None, *[gr if n else None for gr, n in zip(grads, need[4:])])
 
-# %% ../nbs/06_adapters.ipynb #b64196dc
-class Adapter(nn.Module):
-    "A frozen layer `base` holding named updates: `y = base(x) + Σ s_i ΔW_i x` over the active, unmerged ones."
-    update_class = None  # a subclass's method: `LoRA(layer, ...)` builds a `LoRAUpdate(layer, ...)` named `name`
+# %% ../nbs/06_adapters.ipynb #f18fbf4f
+def check_name(name, what: str = "name") -> str:
+    "`name` if it can name an adapter and its folder (never `..`, an absolute path, a hidden entry), else `ValueError`."
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
+        raise ValueError(f"{what} must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), "
+                         f"got {name!r}")
+    return name
 
-    def __init__(self, base: nn.Module, *args, name: str = "default", **kwargs):
+# %% ../nbs/06_adapters.ipynb #55a25c70
+def check_unique(names, what: str = "names") -> list:
+    "`names` as a list, or `ValueError` naming the first repeated one: an adapter is applied once."
+    names = list(names)
+    if dup := [n for i, n in enumerate(names) if n in names[:i]]:
+        raise ValueError(f"{what} lists {dup[0]!r} twice: each adapter is applied once")
+    return names
+
+# %% ../nbs/06_adapters.ipynb #065e4a13
+def _unmerged_state(layer, state: dict, prefix: str, local_metadata) -> None:
+    "State-dict hook: a merged layer saves `W0` as its base weight, so a state dict means the same merged or not."
+    if layer.merged and prefix + "base.weight" in state: state[prefix + "base.weight"] = layer.original_weight
+
+# %% ../nbs/06_adapters.ipynb #de37bc9d
+def _unmerge_for_load(layer, state, prefix, *args) -> None:
+    "Load pre-hook: a merged layer takes its adapters out before the state dict's `W0` and factors arrive."
+    layer._reload = layer.merged
+    if layer.merged: layer.unmerge()
+
+# %% ../nbs/06_adapters.ipynb #a5a561fc
+def _merge_after_load(layer, incompatible) -> None:
+    "Load post-hook: merge again what was merged before the load, from the loaded `W0` and factors."
+    names = layer.__dict__.pop("_reload", [])
+    if names: layer.merge(names)
+
+# %% ../nbs/06_adapters.ipynb #b1da68ad
+class _LayerState(nn.Module):
+    """What an adapted layer holds: the frozen `base`, named adapters (`updates`), and one state, `(active, merged,
+    disabled)`, changed by the methods below alone. Invariant: the output is `base(x) + Σ s_i ΔW_i x` over the
+    active adapters (none while disabled), merged or not; merged adapters are active ones."""
+    def __init__(self, base: nn.Module):
         if layer_kind(base) is None:
             raise TypeError(f"base must be one of {'; '.join(KIND_NAMES.values())}, got {type(base).__name__}")
         super().__init__()
         self.base = base.requires_grad_(False)
         self.updates = nn.ModuleDict()
-        self.active, self.merged, self.disabled = [], [], False
-        if self.update_class is not None: self.add(name, self.update_class(base, *args, **kwargs))
+        self.train(base.training)
+        self._state = ((), (), False)  # (active, merged, disabled): written by `_set` alone
+        self.register_state_dict_post_hook(_unmerged_state)
+        self.register_load_state_dict_pre_hook(_unmerge_for_load)
+        self.register_load_state_dict_post_hook(_merge_after_load)
+
+    active = property(lambda self: list(self._state[0]), doc="The active adapters' names, in order.")
+    merged = property(lambda self: list(self._state[1]), doc="The adapters merged into `base.weight` (active ones).")
+    disabled = property(lambda self: self._state[2], doc="Whether the layer computes as its base alone.")
+
+    def _set(self, active, merged, disabled: bool) -> None:
+        "The one place the state changes: active adapters trainable, the others frozen."
+        self._state = (tuple(active), tuple(merged), bool(disabled))
+        for n, u in self.updates.items(): u.requires_grad_(n in self._state[0])
 
     def add(self, name: str, update: Update, active: bool = True) -> None:
-        "Hold `update` as adapter `name`: active and trainable, or inactive and frozen."
-        if not isinstance(name, str) or not name or "." in name:
-            raise ValueError(f"name must be a non-empty string without '.', got {name!r}")
-        if name in self.updates: raise ValueError(f"the layer already has an adapter named {name!r}")
+        "Hold `update` as adapter `name`, active and trainable or inactive and frozen, in the layer's train/eval mode."
+        if check_name(name) in self.updates: raise ValueError(f"the layer already has an adapter named {name!r}")
         if (update.d_out, update.d_in) != layer_shape(self.base):
             raise ValueError(f"update is sized {update.d_out}×{update.d_in}, the layer {layer_shape(self.base)}")
-        self.updates[name] = update
-        self.set_active(self.active + [name] if active else self.active)
+        self.updates[name] = update.train(self.training)
+        self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
 
     def set_active(self, names: list) -> None:
-        "Make the adapters `names` (those this layer holds) active and trainable, every other one inactive and frozen."
-        self.active = [n for n in names if n in self.updates]
-        for n, u in self.updates.items(): u.requires_grad_(n in self.active)
+        "Make the adapters `names` this layer holds active and trainable, the others frozen; merged ones unmerge first."
+        names = [n for n in check_unique(names) if n in self.updates]
+        if self.merged:
+            warnings.warn(f"setting the active adapters of a merged layer: unmerging {self.merged} first (as PEFT)")
+            self.unmerge()
+        self._set(names, (), self.disabled)
+
+    def set_disabled(self, disabled: bool) -> None:
+        "Compute as the base layer alone (with `W0`, even while adapters are merged), or with the active ones again."
+        self._set(self.active, self.merged, disabled)
 
     def live(self) -> list:
         "The updates the forward adds: active, not merged, not disabled."
-        return [] if self.disabled else [self.updates[n] for n in self.active if n not in self.merged]
+        active, merged, disabled = self._state
+        return [] if disabled else [self.updates[n] for n in active if n not in merged]
+
+    def delete(self, name: str) -> bool:
+        "Remove adapter `name` (not merged); returns whether the layer holds no adapter any more."
+        if name in self.merged: raise ValueError(f"adapter {name!r} is merged: unmerge() it before deleting it")
+        del self.updates[name]
+        self._set([n for n in self.active if n != name], self.merged, self.disabled)
+        return not self.updates
+
+    def merge(self, names: list | None = None) -> None:
+        "Write `W0 + Σ s_i ΔW_i` over the active adapters `names` (default: every one) and those merged before."
+        names = check_unique(self.active if names is None else names)
+        if lost := [n for n in names if n not in self.updates]:
+            raise ValueError(f"the layer has no adapter named {lost[0]!r}; it has {list(self.updates)}")
+        if idle := [n for n in names if n not in self.active]:
+            raise ValueError(f"adapters {idle} are not active: set_adapter() them first (merged adapters are active)")
+        if done := [n for n in names if n in self.merged]:
+            raise ValueError(f"{type(self).__name__} adapters {done} are already merged: call unmerge() before "
+                             f"merging again")
+        if names: self._write(self.merged + names)
+
+    def unmerge(self, names: list | None = None) -> None:
+        "Take adapters `names` (default: every merged one) out of the weight; with none left, restore `W0` exactly."
+        if not self.merged: raise ValueError(f"{type(self).__name__} is not merged: nothing to unmerge")
+        names = check_unique(self.merged if names is None else names)
+        if todo := [n for n in names if n not in self.merged]:
+            raise ValueError(f"adapters {todo} are not merged: nothing to unmerge")
+        self._write([n for n in self.merged if n not in names])
+
+    def _write(self, merged: list) -> None:
+        "Make the base weight `W0 + Σ s_i ΔW_i` over `merged` (computed in float32, rounded once), or `W0` for none."
+        W = self.base.weight
+        W0 = self.original_weight if self.merged else W
+        with torch.no_grad():
+            if not merged: W.copy_(W0); del self.original_weight
+            else:
+                ups = [self.updates[n] for n in merged]
+                M = _folded_matrix(weight_matrix(self.base, W0), ups, [u.factors for u in ups]).to(W.dtype)
+                if not bool(torch.isfinite(M).all()) and bool(torch.isfinite(W0).all()):
+                    raise ValueError(f"merging adapters {merged} would write NaN or infinite values into the "
+                                     f"weight: refused")
+                if not self.merged: self.register_buffer("original_weight", W.detach().clone(), persistent=False)
+                W.copy_(as_layer_weight(self.base, M))
+        self._set(self.active, merged, self.disabled)
+
+    def unload(self) -> nn.Module:
+        "The base layer with `W0` back in its weight (merged adapters taken out), to put in the layer's place."
+        if self.merged: self.unmerge()
+        return self.base
+
+    def merge_and_unload(self) -> nn.Module:
+        "The base layer with every active adapter merged into its weight, to put in the layer's place."
+        self.merge([n for n in self.active if n not in self.merged])
+        return self.base
+
+    def _w0(self) -> torch.Tensor:
+        "`W0` as the `d_out × d_in` matrix: the saved original while adapters are merged."
+        return weight_matrix(self.base, self.original_weight if self.merged else None)
+
+# %% ../nbs/06_adapters.ipynb #6f3f0f57
+class AdaptedLayer(_LayerState):
+    "A frozen layer `base` holding named adapters: `y = base(x) + Σ s_i ΔW_i x` over the active ones, unless disabled."
+    update_class = None  # a subclass's method: `LoRA(layer, ...)` builds a `LoRAUpdate(layer, ...)` named `name`
+
+    def __init__(self, base: nn.Module, *args, name: str = "default",
+                 update: Update | None = None,  # an update built already, held instead of building one
+                 **kwargs):
+        super().__init__(base)
+        if update is None and self.update_class is not None: update = self.update_class(base, *args, **kwargs)
+        if update is not None: self.add(name, update)
 
     def __getattr__(self, name: str):
         "A parameter or submodule; else the one update's attribute (one adapter reads as the layer); else the base's."
@@ -269,10 +406,11 @@ class Adapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        "The weight applied, `W0 + Σ s_i ΔW_i` over the live updates (differentiable), for parents that read it."
+        "The weight applied, `W0 + Σ s_i ΔW_i` over the active adapters (differentiable), for parents that read it."
         live = self.live()
+        if self.disabled and self.merged: return self.original_weight
         if not live: return self.base.weight
-        W = _folded_matrix(weight_matrix(self.base), live, [u.factors for u in live])
+        W = _folded_matrix(self._w0(), live, [u.factors for u in live], weight_matrix(self.base))
         return as_layer_weight(self.base, W).to(self.base.weight.dtype)
 
     bias = property(lambda self: getattr(self.base, "bias", None), doc="The base layer's bias.")
@@ -298,10 +436,33 @@ class Adapter(nn.Module):
 
     def forward(self, x):
         "The frozen layer plus the live updates, each by its path, in autocast's dtype where autocast is on."
-        live = self.live()
-        if not live: return self.base(x)
+        if self._state[2] and self._state[1]: return self._apply_matrix(x, self._w0(), self.bias)  # disabled, merged
+        if not (live := self.live()): return self.base(x)
+        if _autograd_only(): return self._reference(x, live)
         dt = compute_dtype(x)
         with _autocast_off(x): return self._adapted(x.to(dt), live, dt)
+
+    def _apply_matrix(self, x, D, bias):
+        "The base layer's operation with the `d_out × d_in` matrix `D` in place of its weight, and `bias`."
+        base, kind = self.base, layer_kind(self.base)
+        if kind == "embedding":
+            return F.embedding(x, D.T.to(base.weight.dtype), base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)
+        dt = compute_dtype(x)
+        x, D, bias = x.to(dt), D.to(dt), None if bias is None else bias.to(dt)
+        return F.linear(x, D, bias) if kind == "linear" else base._conv_forward(x, as_layer_weight(base, D), bias)
+
+    def _reference(self, x, live: list):
+        "The same output by plain autograd ops, `ΔW` formed: any `torch.func` transform, any order of derivative."
+        drop = self.training and live[0].kind != "embedding"
+        noisy = [u for u in live if drop and u.dropout > 0]
+        if any(u.dora for u in noisy):
+            raise ValueError("DoRA with dropout in training has no torch.func form here: call eval() or use dropout=0")
+        quiet = [u for u in live if u not in noisy]
+        y = self._apply_matrix(x, _folded_matrix(self._w0(), quiet, [u.factors for u in quiet],
+                                                 weight_matrix(self.base)), self.bias)
+        for u in noisy: y = y + self._apply_matrix(F.dropout(x, u.dropout), u.delta(*u.factors) * u.scale, None)
+        return y
 
     def _base_only(self, x, W, bias):
         "The frozen layer's output for `x` with its weight `W` (in the layer's matrix or layout) and `bias`."
@@ -334,55 +495,33 @@ class Adapter(nn.Module):
             if p == "folded": continue
             if y is None and p == "factored": y = u.factored(base, x, Wc, bias); continue
             xi = F.dropout(x, u.dropout) if drop and u.dropout > 0 else x
-            if p == "dora" and y is None and xi is x:  # the layer's own output, its bias taken off again (PEFT)
+            if p == "dora" and y is None and xi is x and not self.merged:  # the layer's own output, less its bias
                 y = F.linear(x, Wc, bias)
                 plain = y if bias is None else y - bias
             if y is None: y = self._base_only(x, Wc, bias)
-            if p == "dora": y = y + self._dora(u, xi, Wc, dt, plain if xi is x else None)
+            if p == "dora": y = y + self._dora(u, xi, dt, plain if xi is x else None)
             else: y = y + self._update_only(u, xi, dt)
         return y
 
-    def _dora(self, u: Update, x, Wc, dt, plain=None):
+    def _dora(self, u: Update, x, dt, plain=None):
         """DoRA's term `(c − 1)·W0 x + c·s·ΔW x`, `c = m / ‖W0 + s·ΔW‖` per output with the norm detached, as PEFT;
         `plain` is `W0 x` when the caller has it already (no dropout on this adapter's input)."""
+        W0 = self._w0()
         with torch.no_grad():
-            W0 = weight_matrix(self.base)
-            W0 = W0.to(torch.promote_types(W0.dtype, torch.float32))
-            norm = u.add_delta(W0, [f.detach() for f in u.factors], u.scale).norm(dim=1)
+            W0f = W0.to(torch.promote_types(W0.dtype, torch.float32))
+            norm = u.add_delta(W0f, [f.detach() for f in u.factors], u.scale).norm(dim=1)
         c = (u.magnitude / norm).to(dt)
-        return (c - 1) * (F.linear(x, Wc) if plain is None else plain) + c * self._update_only(u, x, dt)
+        return (c - 1) * (F.linear(x, W0.to(dt)) if plain is None else plain) + c * self._update_only(u, x, dt)
 
-    def merge(self, names: list | None = None) -> None:
-        "Write `W0 + Σ s_i ΔW_i` over adapters `names` (default: the active ones) and those merged before."
-        names = list(self.active if names is None else names)
-        if done := [n for n in names if n in self.merged]:
-            raise ValueError(f"{type(self).__name__} adapters {done} are already merged: call unmerge() before "
-                             f"merging again")
-        self._write(self.merged + names)
+# %% ../nbs/06_adapters.ipynb #7b1f930c
+class _AliasOf(type):
+    "A metaclass whose classes count every instance of their base as their own (for a renamed class's old name)."
+    def __instancecheck__(cls, obj): return isinstance(obj, cls.__mro__[1])
+    def __subclasscheck__(cls, sub): return issubclass(sub, cls.__mro__[1])
 
-    def unmerge(self, names: list | None = None) -> None:
-        "Take adapters `names` (default: every merged one) out of the weight; with none left, restore `W0` exactly."
-        if not self.merged: raise ValueError(f"{type(self).__name__} is not merged: nothing to unmerge")
-        names = list(self.merged if names is None else names)
-        if todo := [n for n in names if n not in self.merged]:
-            raise ValueError(f"adapters {todo} are not merged: nothing to unmerge")
-        self._write([n for n in self.merged if n not in names])
-
-    def _write(self, merged: list) -> None:
-        "Make the base weight `W0 + Σ s_i ΔW_i` over `merged` (computed in float32, rounded once), or `W0` for none."
-        W = self.base.weight
-        W0 = self.original_weight if self.merged else W
-        with torch.no_grad():
-            if not merged: W.copy_(W0); del self.original_weight
-            else:
-                ups = [self.updates[n] for n in merged]
-                M = _folded_matrix(weight_matrix(self.base, W0), ups, [u.factors for u in ups]).to(W.dtype)
-                if not bool(torch.isfinite(M).all()) and bool(torch.isfinite(W0).all()):
-                    raise ValueError(f"merging adapters {merged} would write NaN or infinite values into the "
-                                     f"weight: refused")
-                if not self.merged: self.register_buffer("original_weight", W.detach().clone(), persistent=False)
-                W.copy_(as_layer_weight(self.base, M))
-        self.merged = list(merged)
+# %% ../nbs/06_adapters.ipynb #792c8ec8
+class Adapter(AdaptedLayer, metaclass=_AliasOf):
+    "`AdaptedLayer`'s name before 0.2 (deprecated): PEFT calls one named update an adapter, and so do we now."
 
 # %% ../nbs/06_adapters.ipynb #9371ad99
 class LowRankLinear(torch.autograd.Function):
@@ -398,6 +537,7 @@ class LowRankLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
         x2, h, W0, U, V = ctx.saved_tensors
         s, need = ctx.scale, ctx.needs_input_grad
@@ -461,7 +601,7 @@ class LoRAUpdate(Update):
         return y + self.scale * (h @ self.B.T.to(y.dtype))
 
 # %% ../nbs/06_adapters.ipynb #de7711f4
-class LoRA(Adapter):
+class LoRA(AdaptedLayer):
     "A layer with one LoRA adapter, `name` (default `'default'`); the other arguments are `LoRAUpdate`'s."
     update_class = LoRAUpdate
 
@@ -511,7 +651,7 @@ class LoHAUpdate(Update):
         return P1 * P2, grads
 
 # %% ../nbs/06_adapters.ipynb #8d2dbf5d
-class LoHA(Adapter):
+class LoHA(AdaptedLayer):
     "A layer with one LoHA adapter, `name` (default `'default'`); the other arguments are `LoHAUpdate`'s."
     update_class = LoHAUpdate
 
@@ -539,6 +679,7 @@ class KronLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
         X, Z, W0, A, B = ctx.saved_tensors
         (a1, a2), (b1, b2), s, need = A.shape, B.shape, ctx.scale, ctx.needs_input_grad
@@ -603,7 +744,7 @@ class LoKrUpdate(Update):
         return KronLinear.apply(x, W0, bias, self.A.to(x.dtype), B.to(x.dtype), self.scale)
 
 # %% ../nbs/06_adapters.ipynb #750c80d0
-class LoKr(Adapter):
+class LoKr(AdaptedLayer):
     "A layer with one LoKr adapter, `name` (default `'default'`); the other arguments are `LoKrUpdate`'s."
     update_class = LoKrUpdate
 
@@ -675,7 +816,7 @@ class LoKHUpdate(Update):
     def form_macs(self): return 0  # the Khatri-Rao product is elementwise: no matrix product to count
 
 # %% ../nbs/06_adapters.ipynb #ef6d66cc
-class LoKH(Adapter):
+class LoKH(AdaptedLayer):
     "A layer with one LoKH adapter, `name` (default `'default'`); the other arguments are `LoKHUpdate`'s."
     update_class = LoKHUpdate
 

@@ -280,6 +280,9 @@ def inject_fitted(model: nn.Module, method: str, kw: dict, alpha, updates_of, fi
     Then inject `method` adapters built with `kw` and fill them."""
     rank, opts = kw.get("rank"), {k: v for k, v in kw.items() if k != "rank"}
     plan = plan_injection(model, method, targets, rank, alpha, opts)
+    if zero := [n for n, a in plan.items() if a.scale == 0]:
+        raise ValueError(f"alpha={alpha!r} gives modules {zero[:4]} the scale 0, and no factors give a fitted update "
+                         f"then: pass alpha=None or a positive alpha")
     updates = updates_of(list(plan))
     fits = {n: fit_update(updates[n], plan[n], fit_opts) for n in plan}
     inject(model, method, targets=exact_targets(list(plan)), rank=rank, alpha=alpha, **opts)

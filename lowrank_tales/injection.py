@@ -11,14 +11,15 @@ import re
 import torch
 from torch import nn
 
-from .adapters import KIND_NAMES, LAYERS, UPDATES, Adapter, layer_kind
+from .adapters import (KIND_NAMES, LAYERS, UPDATES, AdaptedLayer, Adapter, Update, check_name,
+                                    check_unique, layer_kind)
 
 # %% auto #0
 __all__ = ['METHODS', 'ALL_LINEAR', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers', 'check_model',
            'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets', 'unmatched',
-           'check_name', 'plan_injection', 'SavedModule', 'replace_module', 'inject', 'plan_saved', 'select_targets',
-           'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload',
-           'merge_and_unload']
+           'adapt_problem', 'plan_injection', 'SavedModule', 'replace_module', 'build_update', 'install', 'inject',
+           'plan_saved', 'select_targets', 'trainable_parameters', 'merge', 'unmerge', 'set_adapter',
+           'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
 METHODS = LAYERS  # the layer class of each method, by the name `inject` takes
@@ -76,7 +77,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 # %% ../nbs/07_models.ipynb #49d3578c
 def _names(model: nn.Module, name, default: list) -> list[str]:
     "`name` (a name or a list of names) checked against `model`'s adapters, or `default` when `None`."
-    names = default if name is None else [name] if isinstance(name, str) else list(name)
+    names = check_unique(default if name is None else [name] if isinstance(name, str) else name)
     have = adapter_names(model)
     if lost := [n for n in names if n not in have]:
         raise ValueError(f"model has no adapter named {lost[0]!r}; it has {have}")
@@ -127,12 +128,18 @@ def _outer_names(model: nn.Module) -> list[str]:
     inner = [n + "." for n, m in model.named_modules() if isinstance(m, (Adapter, SavedModule))]
     return [n for n, _ in model.named_modules() if n and not any(n.startswith(p) for p in inner)]
 
-# %% ../nbs/07_models.ipynb #0cada494
-def check_name(name) -> str:
-    "`name` if it can name an adapter (a non-empty string without '.'), else `ValueError`."
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"name must be a non-empty string without '.', got {name!r}")
-    return name
+# %% ../nbs/07_models.ipynb #26dbc4b0
+def adapt_problem(model: nn.Module, name: str, layer: nn.Module) -> str | None:
+    "Why module `name` of `model` (the layer `layer`) cannot be adapted correctly, or `None` when it can."
+    if type(layer).__module__.startswith(("torch.ao.", "torch.nn.quantized", "torch.nn.qat", "torch.nn.intrinsic")):
+        return "a torch.ao quantized or quantization-aware layer computes with its own weight; adapt the float model"
+    if layer_kind(layer) is not None and not isinstance(layer._parameters.get("weight"), nn.Parameter):
+        return ("its weight is computed (torch.nn.utils.parametrize, weight_norm or spectral_norm), not a plain "
+                "Parameter: remove the parametrization first")
+    parts = name.split(".")
+    peft = [p for p in (".".join(parts[:i]) for i in range(1, len(parts)))
+            if type(model.get_submodule(p)).__module__.split(".")[0] == "peft"]
+    return f"it sits inside the PEFT layer {peft[0]!r}: merge_and_unload() the PEFT model first" if peft else None
 
 # %% ../nbs/07_models.ipynb #598fe58d
 def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alpha: float | None, options: dict, *,
@@ -156,6 +163,8 @@ def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alp
     for n in (n for n in names if target_matches(n, targets)):
         m = model.get_submodule(n)
         layer = m.base if isinstance(m, Adapter) else m
+        if why := adapt_problem(model, n, layer):
+            raise TypeError(f"module {n!r} ({type(layer).__name__}) cannot be adapted: {why}")
         if layer_kind(layer) not in kinds:
             raise TypeError(f"module {n!r} is a {type(layer).__name__}, which {method} cannot adapt; it adapts "
                             + "; ".join(KIND_NAMES[k] for k in kinds))
@@ -169,20 +178,38 @@ class SavedModule(nn.Module):
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original, self.copies = original.requires_grad_(False), nn.ModuleDict()
-        self.active, self.disabled = [], False
+        self.train(original.training)
+        self._state = ((), False)  # (active, disabled): written by `_set` alone
 
-    def add(self, name: str, active: bool) -> None:
-        "A copy of the original for adapter `name`, active and trainable or inactive and frozen."
-        self.copies[name] = copy.deepcopy(self.original)
+    active = property(lambda self: list(self._state[0]), doc="The active copy's adapter name (one at most).")
+    disabled = property(lambda self: self._state[1], doc="Whether the original computes.")
+
+    def _set(self, active, disabled: bool) -> None:
+        "The one place the state changes: the active copy trainable, the others frozen."
+        self._state = (tuple(active), bool(disabled))
+        for n, m in self.copies.items(): m.requires_grad_(n in self._state[0])
+
+    def add(self, name: str, active: bool, module: nn.Module | None = None) -> None:
+        "A copy of the original (or `module`) for adapter `name`, active and trainable or inactive and frozen."
+        self.copies[name] = copy.deepcopy(self.original) if module is None else module
         self.set_active(self.active + [name] if active else self.active)
 
     def set_active(self, names: list) -> None:
         "The copy of the one adapter among `names` this module has, trainable; every other copy frozen."
-        here = [n for n in names if n in self.copies]
+        here = [n for n in check_unique(names) if n in self.copies]
         if len(here) > 1:
             raise ValueError(f"adapters {here} each hold a trained copy of this module: only one can be active")
-        self.active = here
-        for n, m in self.copies.items(): m.requires_grad_(n in here)
+        self._set(here, self.disabled)
+
+    def set_disabled(self, disabled: bool) -> None:
+        "Run the original, or the active copy again."
+        self._set(self.active, disabled)
+
+    def delete(self, name: str) -> bool:
+        "Remove the copy of adapter `name`; returns whether none is left."
+        del self.copies[name]
+        self._set([n for n in self.active if n != name], self.disabled)
+        return not self.copies
 
     def live(self) -> nn.Module:
         "The module the forward runs: the active copy, else the original."
@@ -211,6 +238,62 @@ def _method_options(method: str, dropout, rslora, dora, options: dict) -> dict:
         raise ValueError(f"rslora=True is LoRA's option (PEFT's use_rslora), got method={method!r}")
     return dict(options, dropout=dropout, **(dict(rslora=True) if rslora else {}), **(dict(dora=True) if dora else {}))
 
+# %% ../nbs/07_models.ipynb #7da091c3
+def _original(m: nn.Module) -> nn.Module:
+    "The module a saved module copies: the original of a `SavedModule`, else `m` itself."
+    return m.original if isinstance(m, SavedModule) else m
+
+# %% ../nbs/07_models.ipynb #d452b1ca
+def build_update(model: nn.Module, name: str, spec: dict) -> Update:
+    "The update `spec` (`{'method': ..., **keyword arguments}`) builds for module `name` of `model`; errors name it."
+    m = model.get_submodule(name)
+    layer = m.base if isinstance(m, AdaptedLayer) else m
+    if why := adapt_problem(model, name, layer):
+        raise TypeError(f"module {name!r} ({type(layer).__name__}) cannot be adapted: {why}")
+    kw = dict(spec)
+    if (method := kw.pop("method", None)) not in UPDATES:
+        raise ValueError(f"module {name!r}: method must be one of {list(UPDATES)}, got {method!r}")
+    try: return UPDATES[method](layer, **kw)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"module {name!r} ({type(layer).__name__} {tuple(layer.weight.shape)}): {e}") from None
+
+# %% ../nbs/07_models.ipynb #6d464a85
+def _fill(named: dict, tensors: dict, prefix: str = "") -> None:
+    "Copy `tensors[prefix + module + '.' + key]` into every floating entry of each module's state, checked first."
+    state = {f"{prefix}{n}.{k}": t for n, m in named.items() for k, t in m.state_dict(keep_vars=True).items()
+             if t.is_floating_point()}
+    if lost := [k for k in state if k not in tensors]: raise ValueError(f"tensors lack {lost[:4]}")
+    if bad := [k for k, t in state.items() if tuple(tensors[k].shape) != tuple(t.shape)]:
+        raise ValueError(f"tensors {bad[:4]} have shapes {[tuple(tensors[k].shape) for k in bad[:4]]}, "
+                         f"the adapter needs {[tuple(state[k].shape) for k in bad[:4]]}")
+    with torch.no_grad():
+        for k, t in state.items(): t.copy_(tensors[k])
+
+# %% ../nbs/07_models.ipynb #16755f90
+def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = None, saved: list = ()) -> nn.Module:
+    """Give `model` adapter `name`: the update `specs[module]` describes on each module named, a trained copy of each
+    module in `saved`, then `tensors` (`'<module>.<parameter>'`, `'modules_to_save.<module>.<key>'`) copied in.
+
+    Everything is built and checked before the first change; the first adapter freezes the model."""
+    if check_name(name) in adapter_names(check_model(model)):
+        raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
+                         f"delete_adapter() it")
+    updates = {n: build_update(model, n, s) for n, s in specs.items()}
+    copies = {n: copy.deepcopy(_original(model.get_submodule(n))) for n in saved}
+    if tensors is not None: _fill(updates, tensors); _fill(copies, tensors, "modules_to_save.")
+    first, off = not _holders(model), model.__dict__.get("_disabled_depth", 0) > 0  # inside disable_adapters()
+    if first: model.requires_grad_(False)
+    for n, u in updates.items():
+        if isinstance(m := model.get_submodule(n), AdaptedLayer): m.add(name, u, active=False)
+        else:
+            replace_module(model, n, new := LAYERS.get(u.method, AdaptedLayer)(m, name=name, update=u))
+            new.set_active(new.active if first else []); new.set_disabled(off)
+    for n, c in copies.items():
+        if not isinstance(m := model.get_submodule(n), SavedModule):
+            replace_module(model, n, m := SavedModule(m)); m.set_disabled(off)
+        m.add(name, active=first, module=c)
+    return model
+
 # %% ../nbs/07_models.ipynb #7552c1c5
 def inject(model: nn.Module, method: str, *,
            targets: str | list,  # a full-match regex, or module names (a name matches itself and any `*.name`)
@@ -230,24 +313,9 @@ def inject(model: nn.Module, method: str, *,
     plan = plan_injection(model, method, targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
                           alpha_pattern=alpha_pattern)
     saved = plan_saved(model, modules_to_save, list(plan))
-    first = not _holders(model)
-    built = {}
-    for n in plan:  # build every layer and update before changing anything
-        m = model.get_submodule(n)
-        kw = _update_kwargs(method, pattern_value(rank_pattern, n, rank), pattern_value(alpha_pattern, n, alpha), opts)
-        built[n] = UPDATES[method](m.base, **kw) if isinstance(m, Adapter) else METHODS[method](m, name=name, **kw)
-    if first: model.requires_grad_(False)
-    for n, new in built.items():
-        m = model.get_submodule(n)
-        if isinstance(m, Adapter): m.add(name, new, active=False)
-        else:
-            replace_module(model, n, new)
-            new.set_active(new.active if first else [])
-    for n in saved:
-        m = model.get_submodule(n)
-        if not isinstance(m, SavedModule): replace_module(model, n, m := SavedModule(m))
-        m.add(name, active=first)
-    return model
+    specs = {n: dict(method=method, **_update_kwargs(method, pattern_value(rank_pattern, n, rank),
+                                                     pattern_value(alpha_pattern, n, alpha), opts)) for n in plan}
+    return install(model, name, specs, saved=saved)
 
 # %% ../nbs/07_models.ipynb #34ebe891
 def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
@@ -366,11 +434,13 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
 
 # %% ../nbs/07_models.ipynb #bcce1701
 def merge(model: nn.Module, name=None) -> nn.Module:
-    "Fold adapters `name` (a name or list; default: the active ones) into the weights (float32, rounded once)."
+    "Fold the active adapters `name` (a name or list; default: all active) into the weights (float32, rounded once)."
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to merge: inject() first")
     names = _names(model, name, active_adapters(model))
     if not names: raise ValueError("no adapter is active: pass name= or set_adapter() first")
+    if idle := [n for n in names if n not in active_adapters(model)]:
+        raise ValueError(f"adapters {idle} are not active: set_adapter() them first (merged adapters are active ones)")
     _check_untied(model, [n for n, a in ads.items() if set(names) & set(a.updates)], "merging")
     if done := [n for n, a in ads.items() if set(names) & set(a.merged)]:
         raise ValueError(f"adapters {done[:4]} are already merged: unmerge() before merging again")
@@ -410,19 +480,19 @@ def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
 # %% ../nbs/07_models.ipynb #38276c6b
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """Within the block, `model` computes as its base model (PEFT's `disable_adapter`). Merged adapters are taken
-    out of the weights on entry (`W0` restored exactly) and merged back on exit, bit for bit as they were."""
+    """Within the block, `model` computes as its base model (PEFT's `disable_adapter`): merged layers compute with
+    their saved `W0`, the weights untouched. Any verb may run inside (layers added inside start disabled); on exit
+    every layer is enabled as it was before the block."""
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to disable: inject() first")
-    was_merged = {n: list(a.merged) for n, a in ads.items() if a.merged}
-    holders = _holders(model)
-    before = [h.disabled for h in holders]
-    for n in was_merged: ads[n].unmerge()  # W0 comes back from its saved copy: nothing to fail half-way
-    for h in holders: h.disabled = True
+    before = {id(h): h.disabled for h in _holders(model)}
+    depth = model.__dict__.get("_disabled_depth", 0)
+    model.__dict__["_disabled_depth"] = depth + 1  # what `install` reads: new layers join the block
+    for h in _holders(model): h.set_disabled(True)
     try: yield model
     finally:
-        for h, d in zip(holders, before): h.disabled = d
-        for n, names in was_merged.items(): ads[n].merge(names)  # recomputed from W0 in the same order: identical
+        model.__dict__["_disabled_depth"] = depth
+        for h in _holders(model): h.set_disabled(before.get(id(h), depth > 0))
 
 # %% ../nbs/07_models.ipynb #6a0ed4a9
 def delete_adapter(model: nn.Module, name: str) -> nn.Module:
@@ -432,15 +502,9 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if merged := [n for n, a in ads.items() if name in a.merged]:
         raise ValueError(f"adapter {name!r} is merged in {merged[:4]}: unmerge() first")
     for n, a in ads.items():
-        if name not in a.updates: continue
-        del a.updates[name]
-        a.active = [k for k in a.active if k != name]
-        if not a.updates: replace_module(model, n, a.base)
+        if name in a.updates and a.delete(name): replace_module(model, n, a.base)
     for n, s in saved_modules(model).items():
-        if name not in s.copies: continue
-        del s.copies[name]
-        s.active = [k for k in s.active if k != name]
-        if not s.copies: replace_module(model, n, s.original)
+        if name in s.copies and s.delete(name): replace_module(model, n, s.original)
     return model
 
 # %% ../nbs/07_models.ipynb #c98fd963
@@ -448,9 +512,7 @@ def unload(model: nn.Module) -> nn.Module:
     "Remove every adapter without merging: each layer back to its original module, its weight `W0` exactly."
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to unload")
-    for n, a in ads.items():
-        if a.merged: a.unmerge()
-        replace_module(model, n, a.base)
+    for n, a in ads.items(): replace_module(model, n, a.unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.original)
     return model
 
@@ -459,8 +521,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     "Merge the active adapters, then put every layer's original module back holding the merged weight; returns `model`."
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to merge: inject() first")
+    if off := [n for n, a in ads.items() if a.disabled]:
+        raise ValueError(f"merge_and_unload() inside disable_adapters() (layers {off[:4]} are disabled): the plain "
+                         f"model would compute with the adapters; leave the block first")
     todo = [n for n in active_adapters(model) if not any(n in a.merged for a in ads.values())]
     if todo: merge(model, todo)
-    for n, a in ads.items(): replace_module(model, n, a.base)
+    for n, a in ads.items(): replace_module(model, n, a.merge_and_unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.live())  # the trained copy in its place
     return model
