@@ -26,7 +26,8 @@ def _cholesky_with_jitter(G: torch.Tensor) -> torch.Tensor:
     bad = (info.reshape(-1) > 0).nonzero().flatten()  # the matrices that failed so far
     for power in range(-12 if G.dtype == torch.float64 else -6, 1):
         Gb = Gf[bad]
-        scale = (Gb.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k).clamp_min(torch.finfo(G.dtype).tiny)
+        scale = Gb.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k
+        scale = torch.where(scale > torch.finfo(G.dtype).tiny, scale, 1.0)  # a zero Gram (an empty row): unit ridge
         Lf[bad], info_b = torch.linalg.cholesky_ex(Gb + (10.0 ** power) * scale[..., None] * eye)
         bad = bad[info_b > 0]
         if len(bad) == 0: return Lf.reshape(G.shape)
@@ -36,7 +37,8 @@ def _cholesky_with_jitter(G: torch.Tensor) -> torch.Tensor:
 def _ldl_solve(G: torch.Tensor, B: torch.Tensor):
     "`G⁻¹ B` for many small SPD matrices G (n, K, K) by LDLᵀ across the batch; also which matrices had positive pivots."
     K = G.shape[-1]
-    A, y = G.permute(1, 2, 0).contiguous(), B.permute(1, 2, 0).contiguous()  # (K, K, n) and (K, R, n)
+    # (K, K, n) and (K, R, n), always copies: `.contiguous()` of a transposed B would be B itself, eliminated in place
+    A, y = (X.permute(1, 2, 0).clone(memory_format=torch.contiguous_format) for X in (G, B))
     for j in range(K - 1):
         col = A[j + 1:, j] / A[j, j]  # the multipliers l_ij of every matrix, i > j
         A[j + 1:, j + 1:].addcmul_(A[j + 1:, j, None], col[None], value=-1)  # trailing update (upper half unused)
