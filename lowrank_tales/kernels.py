@@ -91,21 +91,27 @@ def gram_solve(G,  # Gram matrix (K, K), symmetric positive semidefinite
 
 # %% ../nbs/00a_kernels.ipynb #4fc7530d
 def _ridges(reg, N: int, G):
-    "The ridge of each of `N` systems (`reg` one number or one per system), in the kind, dtype and device of `G`."
-    r = np.asarray(to_numpy(reg), dtype=np.float64)
+    "The ridge of `N` systems of size K: (N,) from a number or one per system, (N, K) from one per unknown (K, N)."
+    r, K = np.asarray(to_numpy(reg), dtype=np.float64), G.shape[-1]
+    if r.shape == (K, N): return like(r.T.copy(), G)
     if r.ndim > 1 or r.size not in (1, N):
-        raise ValueError(f"reg must be one number or one per system ({N}), got shape {r.shape}")
+        raise ValueError(f"reg must be one number, one per system ({N},) or one per unknown and system ({K}, {N}), "
+                         f"got shape {r.shape}")
     return like(np.broadcast_to(r.reshape(-1), (N,)).copy(), G)
 
+# %% ../nbs/00a_kernels.ipynb #4fc7530e
+def _diagonal(r):
+    "The ridges `r` of `_ridges` as the diagonals of a batch: (N, 1) for one per system, (N, K) per unknown."
+    return r[:, None] if r.ndim == 1 else r
 
 # %% ../nbs/00a_kernels.ipynb #c15538b3
 def ridge_solve(G,  # batch of Gram matrices (N, K, K)
                 rhs,  # right-hand sides (K, N), one column per system
-                reg=0.0,  # ridge: a number, or one per system (N,)
+                reg=0.0,  # ridge: a number, one per system (N,), or one per unknown (K, N)
                ):  # X (K, N) with (G[n] + reg[n] I) x_n = rhs[:, n]
     "Solve every system `(G[n] + reg[n] I) x_n = rhs[:, n]` by one batched Cholesky; `G` is left unchanged."
     N, K = G.shape[0], G.shape[-1]
-    G = G + _ridges(reg, N, G)[:, None, None] * like(np.eye(K), G)
+    G = G + _diagonal(_ridges(reg, N, G))[:, :, None] * like(np.eye(K), G)
     return spd_solve(G, rhs.T[:, :, None])[:, :, 0].T
 
 # %% ../nbs/00a_kernels.ipynb #1d56ce9d
@@ -237,7 +243,7 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
 def solve_weighted_columns(W,  # factor (M, K)
                            weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse
                            rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
-                           reg=0.0,  # ridge: a number, or one per column (N,)
+                           reg=0.0,  # ridge: a number, one per column (N,), or one per unknown (K, N)
                           ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
     "Solve every column's weighted, ridge-regularised normal equations by one batched Cholesky."
     K, N = rhs.shape
@@ -246,7 +252,7 @@ def solve_weighted_columns(W,  # factor (M, K)
     G = H.new_zeros(N, K * K)
     G[:, torch.from_numpy(l * K + k).to(G.device)] = H  # the lower triangles: all that Cholesky reads
     G = G.view(N, K, K)
-    G.diagonal(dim1=1, dim2=2).add_(_ridges(reg, N, G)[:, None])
+    G.diagonal(dim1=1, dim2=2).add_(_diagonal(_ridges(reg, N, G)))
     X = _cholesky_solve(G, to_tensor(rhs).T[:, :, None])[:, :, 0].T
     return X if is_tensor(rhs) else X.numpy()
 
