@@ -10,17 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
-                                check_nonnegative, check_solvable, check_tol, fit_loop, fit_result, is_tensor, like,
-                                namespace, observed_data, random_normal, scale_problem, to_numpy, to_tensor,
-                                _sum_squares)
+from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, as_generator, check_choice,
+                                check_finite, check_int, check_nonnegative, check_solvable, check_tol, fit_loop,
+                                fit_result, is_tensor, like, namespace, observed_data, random_normal, scale_problem,
+                                to_numpy, to_tensor, torch_threads, _sum_squares)
 from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
                                    weighted_grams)
 from .alternating import dense_als
 
 # %% auto #0
-__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'DEFAULT_BIAS_REG', 'COMPLETION_TOL', 'add_observation', 'masked_sweep',
-           'predict', 'als']
+__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'DEFAULT_BIAS_REG', 'COMPLETION_TOL', 'SERIAL_WORK', 'add_observation',
+           'masked_sweep', 'predict', 'als']
 
 # %% ../nbs/02_completion.ipynb #350cd633
 def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
@@ -343,6 +343,7 @@ CG_RANK, CG_OBSERVATIONS = 32, 10 ** 5  # method="auto" takes CG from this rank 
 DEFAULT_REG = 0.04  # `reg=None` with missing entries: the weighted ridge λ = 0.04 · rms of the observed values
 DEFAULT_BIAS_REG = 0.2  # `bias_reg` with `reg=None` and missing entries: the biases' weighted ridge (unitless)
 COMPLETION_TOL = 1e-2  # `tol=None` with missing entries: stop once a sweep lowers the training loss by under 1 %
+SERIAL_WORK = 5 * 10 ** 7  # a fit of fewer multiply-adds per sweep (|Ω|·k², k unknowns a system) runs on one thread
 
 def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask`), or scipy.sparse / torch sparse
         rank: int,  # K, the number of columns of W (1 ≤ K ≤ min(M, N))
@@ -350,17 +351,18 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         mask=None,  # boolean (M, N), True where A is observed; None: every entry (dense A), the stored ones (sparse)
         reg=None,  # ridge λ ≥ 0 on the factors; None: 0 dense, 0.04·rms(A) with missing entries (weighted there)
         init: str = "svd",  # "svd" (randomized SVD) or "random"
-        max_iter: int = DEFAULT_MAX_ITER,  # maximum number of sweeps (100; reaching this default unconverged warns)
-        tol=None,  # stop when a sweep lowers the loss by ≤ tol times itself; None: 1e-10 dense, 1e-2 missing; 0: never
+        max_iter: int = DEFAULT_MAX_ITER,  # maximum number of sweeps (100; reaching the default unconverged warns)
+        tol=None,  # stop when a sweep lowers the loss by ≤ tol of itself; None: 1e-10 dense, 1e-2 missing; 0: never
         seed=None,  # random seed for the initialisation: None, an integer or a numpy Generator
         method: str = "auto",  # K×K systems: "cholesky" (exact), "cg" (3 CG steps per sweep), "auto" (CG from K ≥ 32)
         progress=None,  # progress bar: True, False, or None (automatic)
         biases: bool = False,  # fit a global mean, row biases and column biases too
-        weighted_reg=None,  # scale each row's and column's ridge by its number of observations; None: when any is missing
-        bias_reg=None,  # ridge on the biases (with biases=True); None: `reg`, or DEFAULT_BIAS_REG when reg is None too
+        weighted_reg=None,  # scale each row's and column's ridge by its observations; None: when entries are missing
+        bias_reg=None,  # ridge on the biases (biases=True); None: `reg`, or DEFAULT_BIAS_REG when reg is None too
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optional biases."
-    init, method = check_choice(init, "init", ("svd", "random")), check_choice(method, "method", ("auto", "cholesky", "cg"))
+    init = check_choice(init, "init", ("svd", "random"))
+    method = check_choice(method, "method", ("auto", "cholesky", "cg"))
     max_iter, tol = check_int(max_iter, "max_iter", 0), None if tol is None else check_tol(tol)
     _check_flags(biases, weighted_reg, bias_reg)
     auto_reg, reg = reg is None, check_nonnegative(0.0 if reg is None else reg, "reg")
@@ -380,8 +382,10 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
     weighted_reg = missing if weighted_reg is None else bool(weighted_reg)
     tol = (COMPLETION_TOL if missing else 1e-10) if tol is None else tol
     bias_reg = (DEFAULT_BIAS_REG if auto_reg and missing else reg) if bias_reg is None else bias_reg
-    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny; the bias ridge is unitless
+    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (bias_reg is unitless)
     if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
     cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
-    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
-                       3 if cg else 0, bias_reg)
+    small = len(obs.vals) * (rank + bool(biases)) ** 2 < SERIAL_WORK  # tiny operations: threads only wait
+    with torch_threads(1 if small else None):
+        return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
+                           3 if cg else 0, bias_reg)

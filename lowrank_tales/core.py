@@ -4,6 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d4ac5507
 from __future__ import annotations
+import contextlib
 import math
 import os
 import warnings
@@ -17,8 +18,8 @@ import torch
 __all__ = ['DEFAULT_MAX_ITER', 'is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'as_float_array', 'check_solvable',
            'unit_exponent', 'scale_pow2', 'scale_problem', 'check_finite', 'check_int', 'check_nonnegative',
            'check_mask', 'observed_data', 'check_choice', 'check_tol', 'as_generator', 'random_normal', 'iterations',
-           'n_elements', 'Factorization', 'relative_error', 'rescale_factorization', 'ConvergenceWarning', 'Losses',
-           'fit_loop', 'fit_result']
+           'torch_threads', 'n_elements', 'Factorization', 'relative_error', 'rescale_factorization',
+           'ConvergenceWarning', 'Losses', 'fit_loop', 'fit_result']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -214,6 +215,16 @@ def iterations(n: int, progress: bool | None = None, desc: str = ""):
     from tqdm.auto import tqdm
     return tqdm(range(n), desc=desc, delay=0 if progress else 2, leave=False)
 
+# %% ../nbs/00_core.ipynb #d2e8492b
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    "Run the enclosed code on `n` torch threads (None: as they are); the previous number is restored after."
+    before = torch.get_num_threads()
+    if n is not None and n != before: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if torch.get_num_threads() != before: torch.set_num_threads(before)
+
 # %% ../nbs/00_core.ipynb #f6d7c51c
 def n_elements(x) -> int:
     "Number of entries of an array or tensor."
@@ -248,7 +259,12 @@ class Factorization:
     def __repr__(self):
         shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
         return (f"Factorization({self.method or 'factors'}: {shapes}; rel_error={self.rel_error:.4g}, "
-                f"n_iter={self.n_iter}, n_params={self.n_params}{', not converged' if self.converged is False else ''})")
+                f"n_iter={self.n_iter}, n_params={self.n_params}{_ending(self.converged)})")
+
+# %% ../nbs/00_core.ipynb #1f519e81
+def _ending(converged) -> str:
+    "How a `Factorization` repr ends: nothing for a converged fit (or unknown), `, not converged` for a capped one."
+    return ", not converged" if converged is False else ""
 
 # %% ../nbs/00_core.ipynb #7aa06d83
 def _sum_squares(X) -> float:
@@ -318,9 +334,10 @@ def fit_loop(sweep: Callable,  # `sweep()` runs one sweep and returns the loss a
 def _warn_cap(desc: str, max_iter: int, tol: float, losses: list) -> None:
     "Warn that a fit stopped at its default cap, with the decrease of its last sweep."
     last = (losses[-2] - losses[-1]) / abs(losses[-2]) if len(losses) > 1 and losses[-2] else float("nan")
-    warnings.warn(f"{desc or 'the fit'} stopped at its default cap of {int(max_iter)} sweeps before meeting tol={tol:g} "
-                  f"(its last sweep lowered the loss by {last:.2g} of itself): pass a larger max_iter to go on, or "
-                  f"max_iter={int(max_iter)} to accept this fit; Factorization.converged is False",
+    cap = int(max_iter)
+    warnings.warn(f"{desc or 'the fit'} stopped at its default cap of {cap} sweeps before meeting tol={tol:g} (its "
+                  f"last sweep lowered the loss by {last:.2g} of itself): pass a larger max_iter to go on, or "
+                  f"max_iter={cap} to accept this fit; Factorization.converged is False",
                   ConvergenceWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #b829f37c
