@@ -1,0 +1,452 @@
+"""Hostile rerun of Part II (issue 24): regression guards for cases that pass on main.
+
+Each test is one attack: files (saves touch only their own files), names, state vs output against a plain-tensor
+reference, torch.func, PEFT imports, and failed calls that must leave the model bit-identical."""
+import copy, json, os, random, signal, stat, subprocess, time, warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file, load_file
+
+import lowrank_tales as lt
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# ---------------------------------------------------------------- helpers
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+
+
+KW = {"lora": dict(rank=2, alpha=3.0), "loha": dict(rank=2, alpha=3.0), "lokr": dict(rank=2, alpha=3.0),
+      "lokh": dict(p=2), "dora": dict(rank=2, alpha=3.0, dora=True)}
+
+
+def add(m, method, name="default", **kw):
+    lt.inject(m, "lora" if method == "dora" else method, targets=["0", "2"], name=name, **{**KW[method], **kw})
+    return m
+
+
+def adapted(method="lora", names=("default",), seed=0):
+    m = tiny(seed)
+    for n in names: add(m, method, n)
+    randomize(m)
+    return m
+
+
+def randomize(m, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".updates." in n: p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
+def snapshot(m):
+    "Everything a refused call must leave unchanged: parameters, buffers, requires_grad, modes, adapter states."
+    sd = {k: v.detach().clone() for k, v in m.state_dict(keep_vars=True).items()}
+    grads = {n: p.requires_grad for n, p in m.named_parameters()}
+    modes = {n: mod.training for n, mod in m.named_modules()}
+    states = {n: mod._state for n, mod in m.named_modules() if isinstance(mod, lt.AdaptedLayer)}
+    raw = {n: p.detach().clone() for n, p in m.named_parameters()}
+    return sd, grads, modes, states, raw, [type(x).__name__ for x in m.modules()]
+
+
+def same(a, b):
+    sa, sb = snapshot(a) if isinstance(a, nn.Module) else a, snapshot(b) if isinstance(b, nn.Module) else b
+    assert sa[0].keys() == sb[0].keys()
+    for k in sa[0]: assert torch.equal(sa[0][k], sb[0][k]), k
+    assert sa[4].keys() == sb[4].keys()
+    for k in sa[4]: assert torch.equal(sa[4][k], sb[4][k]), k
+    assert sa[1:4] == sb[1:4] and sa[5] == sb[5]
+
+
+def tree(root):
+    "Every entry under `root` with its bytes (files), target (links) or None (folders)."
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for e in dirs + files:
+            p = os.path.join(d, e)
+            r = os.path.relpath(p, root)
+            out[r] = ("L", os.readlink(p)) if os.path.islink(p) else (None if os.path.isdir(p) else Path(p).read_bytes())
+    return out
+
+
+def ours(entries):
+    return {e for e in entries if os.path.basename(e) in ("adapter_config.json", "adapter.safetensors",
+                                                           "adapter_model.safetensors") or e in ("b", "c")}
+
+
+X = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+
+
+def out(m, x=X):
+    with torch.no_grad(): return m(x)
+
+
+# ---------------------------------------------------------------- 1. files
+def saved_roundtrip(path, save=lt.save_adapter, load=lt.load_adapter, method="lora"):
+    m = adapted(method)
+    save(m, path)
+    f = add(tiny(), method)
+    load(f, path) if load is lt.load_adapter else load(f, path, "default")
+    torch.testing.assert_close(out(f), out(m))
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "lokh", "dora"])
+def test_save_load_roundtrip(tmp_path, method):
+    saved_roundtrip(tmp_path / "a", method=method)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr"])
+def test_export_import_roundtrip(tmp_path, method):
+    m = adapted(method)
+    lt.export_peft(m, tmp_path / "p")
+    f = tiny()
+    lt.import_peft(f, tmp_path / "p")
+    torch.testing.assert_close(out(f), out(m))
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_save_into_dot_touches_only_ours(tmp_path, monkeypatch, save):
+    (tmp_path / "keep.txt").write_text("mine")
+    (tmp_path / ".hidden").mkdir(); (tmp_path / ".hidden" / "x").write_text("h")
+    (tmp_path / ".env").write_text("SECRET=1")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    save(adapted(), ".")
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if k not in ours(after)} == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_save_into_empty_string_refused_or_cwd(tmp_path, monkeypatch, save):
+    (tmp_path / "keep.txt").write_text("mine")
+    before = tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    try: save(adapted(), "")
+    except (ValueError, TypeError) as e: assert "path" in str(e)
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if k not in ours(after)} == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_git_tree_only_our_files(tmp_path, save):
+    g = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "README.md").write_text("r"); (tmp_path / "sub").mkdir(); (tmp_path / "sub" / "f.py").write_text("x")
+    subprocess.run(g + ["add", "-A"], check=True); subprocess.run(g + ["commit", "-qm", "c"], check=True)
+    before = tree(tmp_path)
+    m = adapted(names=("default", "b"))
+    lt.set_adapter(m, ["default", "b"])
+    save(m, tmp_path)
+    st = subprocess.run(g + ["status", "--porcelain", "-uall"], capture_output=True, text=True, check=True).stdout
+    names = sorted(l[3:] for l in st.splitlines())
+    assert set(names) <= {"adapter_config.json", "adapter.safetensors", "adapter_model.safetensors",
+                          "b/adapter_config.json", "b/adapter.safetensors", "b/adapter_model.safetensors"}, names
+    after = tree(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_existing_file_in_the_way(tmp_path, save):
+    (tmp_path / "f").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"): save(adapted(), tmp_path / "f")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_file_as_parent_in_the_way(tmp_path, save):
+    (tmp_path / "f").write_text("mine")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="not a folder"): save(adapted(), tmp_path / "f" / "g")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_symlink_to_dir_refused(tmp_path, save):
+    (tmp_path / "real").mkdir(); (tmp_path / "real" / "x").write_text("1")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="symbolic link"): save(adapted(), tmp_path / "link")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("save,fname", [(lt.save_adapter, "adapter_config.json"), (lt.save_adapter, "adapter.safetensors"),
+                                        (lt.export_peft, "adapter_config.json"),
+                                        (lt.export_peft, "adapter_model.safetensors")])
+@pytest.mark.parametrize("kind", ["dir", "symlink", "dangling"])
+def test_our_file_replaced_by_dir_or_link(tmp_path, save, fname, kind):
+    d = tmp_path / "a"; d.mkdir(); (tmp_path / "target").write_text("t")
+    if kind == "dir": (d / fname).mkdir(); (d / fname / "x").write_text("y")
+    elif kind == "symlink": os.symlink(tmp_path / "target", d / fname)
+    else: os.symlink(tmp_path / "nowhere", d / fname)
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="not a file"): save(adapted(), d)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_subfolder_collides_with_user_file(tmp_path, save):
+    m = adapted(names=("default", "b")); lt.set_adapter(m, ["default", "b"])
+    (tmp_path / "b").write_text("user file named b")
+    before = tree(tmp_path)
+    with pytest.raises(ValueError): save(m, tmp_path)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_subfolder_keeps_user_files(tmp_path, save):
+    m = adapted(names=("default", "b")); lt.set_adapter(m, ["default", "b"])
+    (tmp_path / "b").mkdir(); (tmp_path / "b" / "notes.txt").write_text("n"); (tmp_path / "b" / ".git").mkdir()
+    save(m, tmp_path)
+    assert (tmp_path / "b" / "notes.txt").read_text() == "n" and (tmp_path / "b" / ".git").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_read_only_folder(tmp_path, save):
+    d = tmp_path / "ro"; d.mkdir(); (d / "x").write_text("1"); d.chmod(0o555)
+    try:
+        before = tree(tmp_path)
+        with pytest.raises(PermissionError): save(adapted(), d)
+        assert tree(tmp_path) == before
+    finally: d.chmod(0o755)
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_saving_twice_latest_wins(tmp_path, save):
+    m = adapted(); save(m, tmp_path)
+    randomize(m, seed=9); save(m, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(ours(os.listdir(tmp_path)))
+    f = tiny()
+    if save is lt.save_adapter: add(f, "lora"); lt.load_adapter(f, tmp_path)
+    else: lt.import_peft(f, tmp_path)
+    torch.testing.assert_close(out(f), out(m))
+
+
+def test_load_missing_folder_clear(tmp_path):
+    m = add(tiny(), "lora"); s = snapshot(m)
+    with pytest.raises((ValueError, FileNotFoundError), match="adapter"): lt.load_adapter(m, tmp_path / "none")
+    same(s, m)
+
+
+def _kill_during_save(path, save, seeds=6):
+    "Save in a child, SIGKILL it at random moments; the folder then holds one complete save (old or new)."
+    m0 = adapted(); save(m0, path); y0 = out(m0)
+    ys = [y0]
+    for k in range(seeds):
+        m = adapted(); randomize(m, seed=100 + k); ys.append(out(m))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for _ in range(50): save(m, path)
+            finally: os._exit(0)
+        time.sleep(0.01 + 0.02 * k)
+        os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+        f = tiny()
+        if save is lt.save_adapter: add(f, "lora"); lt.load_adapter(f, path)
+        else: lt.import_peft(f, path)
+        y = out(f)
+        assert any(torch.allclose(y, r) for r in ys)
+
+
+@pytest.mark.parametrize("save", [lt.save_adapter, lt.export_peft])
+def test_sigkill_during_save(tmp_path, save):
+    _kill_during_save(tmp_path / "a", save)
+
+
+# ---------------------------------------------------------------- 1b. names
+BAD_NAMES = ["/abs", "..", "a/b", "", ".hidden", "a\0b", "a\\b", 3, 2.5, ["default"]]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES, ids=repr)
+def test_bad_name_inject(bad):
+    m = adapted(); s = snapshot(m)
+    with pytest.raises((ValueError, TypeError), match="name"): lt.inject(m, "lora", targets=["0"], name=bad, rank=2)
+    same(s, m)
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES[:7], ids=repr)
+def test_bad_name_load_and_import(tmp_path, bad):
+    m = adapted(); lt.save_adapter(m, tmp_path / "a"); lt.export_peft(m, tmp_path / "p")
+    f = adapted(seed=3); s = snapshot(f)
+    with pytest.raises(ValueError, match="name"): lt.load_adapter(f, tmp_path / "a", name=bad)
+    with pytest.raises(ValueError, match="name"): lt.import_peft(f, tmp_path / "p", name=bad)
+    same(s, f)
+    assert sorted(os.listdir(tmp_path)) == ["a", "p"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES[:7], ids=repr)
+def test_bad_name_save_writes_nothing(tmp_path, bad):
+    with pytest.raises((ValueError, TypeError)): lt.save_adapter(adapted(), tmp_path / "s", name=bad)
+    with pytest.raises((ValueError, TypeError)): lt.export_peft(adapted(), tmp_path / "s", name=bad)
+    assert os.listdir(tmp_path) == []
+
+
+def _craft(folder, config, tensors, meta=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "adapter.safetensors"), metadata=meta)
+
+
+def _good(tmp_path):
+    m = adapted(); lt.save_adapter(m, tmp_path / "g")
+    config = json.loads((tmp_path / "g" / "adapter_config.json").read_text()); config.pop("sha256")
+    return config, load_file(str(tmp_path / "g" / "adapter.safetensors"))
+
+
+def test_crafted_unsealed_file_loads(tmp_path):
+    config, t = _good(tmp_path)
+    _craft(tmp_path / "c", config, t)
+    f = add(tiny(), "lora"); lt.load_adapter(f, tmp_path / "c")
+    m = adapted(); torch.testing.assert_close(out(f), out(m))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c, t: c.update(name="../x"), lambda c, t: c.update(name="/etc"), lambda c, t: c.update(name=""),
+    lambda c, t: c.update(name=7), lambda c, t: c.update(name=".h"),
+    lambda c, t: c["modules"]["0"]["spec"].update(method="evil"),
+    lambda c, t: c["modules"]["0"]["spec"].update(rank=-1),
+    lambda c, t: c["modules"]["0"]["spec"].update(rank="2"),
+    lambda c, t: c["modules"]["0"]["spec"].update(alpha="3"),
+    lambda c, t: c["modules"]["0"]["spec"].update(dropout=1.5),
+    lambda c, t: c["modules"]["0"]["spec"].update(path="nowhere"),
+    lambda c, t: c["modules"]["0"]["spec"].update(dtype="complex64"),
+    lambda c, t: c["modules"]["0"]["shapes"].update(A=[3, 8]),
+    lambda c, t: c["modules"].update({"nope": c["modules"]["0"]}),
+    lambda c, t: c["modules"].update({"..": c["modules"]["0"]}),
+    lambda c, t: c.update(modules={}),
+    lambda c, t: c.update(modules=[1]),
+    lambda c, t: c.update(library="peft"),
+    lambda c, t: c.update(modules_to_save={"0": {"weight": [6, 8]}}),
+    lambda c, t: t.update({"0.A": t["0.A"].to(torch.complex64)}),
+    lambda c, t: t.update({"0.A": t["0.A"].to(torch.int32)}),
+    lambda c, t: t.update({"0.A": torch.zeros(3, 8)}),
+    lambda c, t: t.pop("0.A"),
+    lambda c, t: t.update({"0.C": torch.zeros(1)}),
+], ids=lambda f: str(id(f))[-4:])
+def test_crafted_file_refused_model_unchanged(tmp_path, edit):
+    config, t = _good(tmp_path)
+    edit(config, t)
+    _craft(tmp_path / "c", config, t)
+    before = tree(tmp_path)
+    f = adapted(seed=4); s = snapshot(f)
+    with pytest.raises((ValueError, TypeError)): lt.load_adapter(f, tmp_path / "c")
+    same(s, f)
+    assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- 2. state vs output
+def oracle_delta(u):
+    "`s·ΔW` of update `u` from its factors by the textbook formula (LoKH: the library's own, checked elsewhere)."
+    f = {k: p.detach().double() for k, p in u.named_parameters()}
+    if u.method == "lora": D = f["B"] @ f["A"]
+    elif u.method == "loha": D = (f["B1"] @ f["A1"]) * (f["B2"] @ f["A2"])
+    elif u.method == "lokr": D = torch.kron(f["A"], f["B"])
+    else: return u.delta_weight().double()
+    return D * u.scale
+
+
+class Ref:
+    "The model's meaning from plain tensors: `W0 + Σ s·ΔW` over the active adapters, unless disabled."
+    def __init__(self, m):
+        self.W0 = {i: (m[i].weight.detach().double().clone(), m[i].bias.detach().double().clone()) for i in (0, 2)}
+        self.names, self.active, self.merged, self.disabled, self.gone = {}, [], set(), False, None
+
+    def weights(self, m):
+        if self.gone is not None: return self.gone
+        out = {}
+        for i in (0, 2):
+            W, b = self.W0[i]
+            if not self.disabled:
+                for n in self.active: W = W + oracle_delta(m[i].updates[n])
+            out[i] = (W, b)
+        return out
+
+    def forward(self, m, x=X):
+        w = self.weights(m)
+        h = torch.relu(x.double() @ w[0][0].T + w[0][1])
+        return h @ w[2][0].T + w[2][1]
+
+
+def check(m, ref):
+    torch.testing.assert_close(out(m).double(), ref.forward(m), atol=1e-5, rtol=1e-5)
+    if ref.gone is None and ref.names:
+        assert lt.active_adapters(m) == ref.active
+        assert sorted(m[0].merged) == sorted(ref.merged)
+
+
+def _refused(m, fn, ref):
+    s = snapshot(m)
+    with pytest.raises(ValueError): fn()
+    same(s, m); check(m, ref)
+
+
+def step(m, ref, rng, k):
+    names = list(ref.names)
+    ops = ["inject", "set", "merge", "unmerge", "delete", "sd", "disable", "set_dup", "merge_idle"]
+    op = rng.choice(ops if names else ["inject"])
+    if op == "inject" and len(names) < 3:
+        n = f"n{k}"; meth = rng.choice(["lora", "loha", "lokr", "lokh"])
+        add(m, meth, n); randomize_one(m, n, k)
+        ref.names[n] = meth
+        if not ref.active and not names: ref.active = [n]
+        elif not names: ref.active = [n]
+    elif op == "set":
+        sub = rng.sample(names, rng.randint(1, len(names)))
+        lt.set_adapter(m, sub); ref.active, ref.merged = sub, set()
+    elif op == "merge" and ref.active:
+        sub = rng.sample(ref.active, rng.randint(1, len(ref.active)))
+        if set(sub) & ref.merged: _refused(m, lambda: lt.merge(m, sub), ref)
+        else: lt.merge(m, sub); ref.merged |= set(sub)
+    elif op == "unmerge":
+        if ref.merged: lt.unmerge(m); ref.merged = set()
+        else: _refused(m, lambda: lt.unmerge(m), ref)
+    elif op == "delete":
+        n = rng.choice(names)
+        if n in ref.merged: _refused(m, lambda: lt.delete_adapter(m, n), ref)
+        else:
+            lt.delete_adapter(m, n); del ref.names[n]
+            ref.active = [a for a in ref.active if a != n]
+    elif op == "sd":
+        m.load_state_dict(m.state_dict())
+    elif op == "disable":
+        with lt.disable_adapters(m):
+            ref.disabled = True; check(m, ref)
+            if ref.merged and rng.random() < 0.5: lt.unmerge(m); ref.merged = set(); check(m, ref)
+            elif ref.active and rng.random() < 0.5:
+                lt.merge(m, ref.active[0]) if ref.active[0] not in ref.merged else None
+                ref.merged.add(ref.active[0]); check(m, ref)
+        ref.disabled = False
+    elif op == "set_dup":
+        _refused(m, lambda: lt.set_adapter(m, [names[0], names[0]]), ref)
+    elif op == "merge_idle":
+        idle = [n for n in names if n not in ref.active]
+        if idle: _refused(m, lambda: lt.merge(m, idle[0]), ref)
+    if not ref.names: ref.active, ref.merged = [], set()
+    check(m, ref)
+
+
+def randomize_one(m, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if f".updates.{name}." in n: p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_sequences_match_reference(seed):
+    rng = random.Random(seed)
+    m = tiny(seed).eval(); ref = Ref(m)
+    for k in range(14): step(m, ref, rng, k)
+    end = rng.choice(["unload", "merge_and_unload", "none"])
+    if ref.names and end == "unload":
+        lt.unload(m); ref.gone = ref.W0; check(m, ref)
+        assert all(type(x) is nn.Linear for x in (m[0], m[2]))
+    elif ref.names and end == "merge_and_unload":
+        w = ref.weights(m); lt.merge_and_unload(m); ref.gone = w; check(m, ref)
+        assert all(type(x) is nn.Linear for x in (m[0], m[2]))
