@@ -450,3 +450,109 @@ def test_random_sequences_match_reference(seed):
     elif ref.names and end == "merge_and_unload":
         w = ref.weights(m); lt.merge_and_unload(m); ref.gone = w; check(m, ref)
         assert all(type(x) is nn.Linear for x in (m[0], m[2]))
+
+
+@pytest.mark.parametrize("verb", ["unload", "delete", "set", "inject", "load", "merge", "unmerge", "sd"])
+def test_disable_with_verb_inside(tmp_path, verb):
+    m = adapted(names=("default", "b")); lt.set_adapter(m, ["default", "b"])
+    if verb == "unmerge": lt.merge(m)
+    y0, yA = out(tiny()), out(m)
+    lt.save_adapter(m, tmp_path, name="b")
+    with lt.disable_adapters(m):
+        if verb == "unload": lt.unload(m)
+        elif verb == "delete": lt.delete_adapter(m, "b")
+        elif verb == "set": lt.set_adapter(m, "b")
+        elif verb == "inject": add(m, "loha", "c")
+        elif verb == "load": lt.load_adapter(m, tmp_path / "b", name="c")
+        elif verb == "merge": lt.merge(m)
+        elif verb == "unmerge": lt.unmerge(m)
+        else: m.load_state_dict(m.state_dict())
+        torch.testing.assert_close(out(m), y0)
+    if verb in ("inject", "load", "merge", "unmerge", "sd"): torch.testing.assert_close(out(m), yA, atol=1e-5, rtol=1e-5)
+    elif verb == "unload": torch.testing.assert_close(out(m), y0)
+    else: assert lt.active_adapters(m) == (["default"] if verb == "delete" else ["b"])
+
+
+def test_merge_and_unload_inside_disable_refused():
+    m = adapted(); s = snapshot(m)
+    with lt.disable_adapters(m):
+        with pytest.raises(ValueError, match="disable_adapters"): lt.merge_and_unload(m)
+    same(s, m)
+
+
+def test_merged_state_dict_into_fresh():
+    m = adapted(); y = out(m); lt.merge(m)
+    f = adapted(); randomize(f, seed=7); f.load_state_dict(m.state_dict())
+    torch.testing.assert_close(out(f), y, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_state_dict_into_merged():
+    m = adapted(); randomize(m, seed=7); lt.merge(m); f = adapted()
+    m.load_state_dict(f.state_dict())
+    torch.testing.assert_close(out(m), out(f), atol=1e-5, rtol=1e-5); assert m[0].merged == ["default"]
+    lt.unmerge(m); torch.testing.assert_close(m[0].base.weight, tiny()[0].weight)
+
+
+def test_strict_false_factors_into_merged():
+    m = adapted(); lt.merge(m)
+    part = {k: v * 2 for k, v in adapted().state_dict().items() if ".updates." in k}
+    m.load_state_dict(part, strict=False)
+    torch.testing.assert_close(m[0].base.weight, tiny()[0].weight + m[0].updates["default"].delta_weight(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_strict_false_base_weight_into_merged():
+    m = adapted(); lt.merge(m); W = tiny(seed=9)[0].weight.detach()
+    m.load_state_dict({"0.base.weight": W}, strict=False)
+    torch.testing.assert_close(m[0].base.weight, W + m[0].updates["default"].delta_weight(), atol=1e-5, rtol=1e-5)
+    lt.unmerge(m); torch.testing.assert_close(m[0].base.weight, W, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_dropout_follows_mode(mode):
+    m = getattr(tiny(), mode)(); lt.inject(m, "lora", targets=["0", "2"], rank=2, dropout=0.9); randomize(m)
+    assert all(x.training == (mode == "train") for x in m.modules())
+    m.eval(); assert torch.equal(out(m), out(m))
+    m.train(); assert not torch.equal(out(m), out(m))
+
+
+def test_trainable_flags_follow_set_adapter():
+    m = adapted(names=("default", "b"))
+    rg = lambda: {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad}
+    assert rg() == {"default"}
+    lt.set_adapter(m, "b"); assert rg() == {"b"}
+    lt.set_adapter(m, ["b", "default"]); assert rg() == {"b", "default"}
+
+
+# ---------------------------------------------------------------- 3. torch.func
+def _func_setup(method):
+    m = adapted(method).double(); Xd = X.double()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    pr = {k: v for k, v in params.items() if ".updates." in k}
+    f = lambda p: torch.func.functional_call(m, {**params, **p}, (Xd,))
+    return m, Xd, pr, f
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "lokh", "dora"])
+def test_func_grad_and_vmap_equal_eager(method):
+    m, Xd, pr, f = _func_setup(method)
+    g = torch.func.grad(lambda p: (f(p) ** 2).sum())(pr)
+    ge = torch.autograd.grad((m(Xd) ** 2).sum(), [p for n, p in m.named_parameters() if n in pr])
+    for k, e in zip(pr, ge): torch.testing.assert_close(g[k], e)
+    v = torch.func.vmap(lambda xi: torch.func.functional_call(m, dict(m.named_parameters()), (xi[None],))[0])(Xd)
+    torch.testing.assert_close(v, out(m, Xd))
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "lokh"])
+def test_func_jvp_and_hvp_match_finite_differences(method):
+    m, Xd, pr, f = _func_setup(method)
+    g = torch.Generator().manual_seed(3)
+    t = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in pr.items()}
+    sh = lambda s: {k: v + s * t[k] for k, v in pr.items()}
+    eps = 1e-5
+    torch.testing.assert_close(torch.func.jvp(f, (pr,), (t,))[1], (f(sh(eps)) - f(sh(-eps))) / (2 * eps),
+                               atol=1e-6, rtol=1e-6)
+    L = lambda p: (f(p) ** 2).sum()
+    h = torch.func.jvp(torch.func.grad(L), (pr,), (t,))[1]
+    g1, g2 = torch.func.grad(L)(sh(eps)), torch.func.grad(L)(sh(-eps))
+    for k in pr: torch.testing.assert_close(h[k], (g1[k] - g2[k]) / (2 * eps), atol=1e-5, rtol=1e-5)
