@@ -556,3 +556,169 @@ def test_func_jvp_and_hvp_match_finite_differences(method):
     h = torch.func.jvp(torch.func.grad(L), (pr,), (t,))[1]
     g1, g2 = torch.func.grad(L)(sh(eps)), torch.func.grad(L)(sh(-eps))
     for k in pr: torch.testing.assert_close(h[k], (g1[k] - g2[k]) / (2 * eps), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- 4. imports
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+IDS = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(cfg).eval()
+
+
+def _bert():
+    torch.manual_seed(0)
+    return transformers.BertModel(transformers.BertConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
+                                                          intermediate_size=32, vocab_size=50,
+                                                          max_position_embeddings=16)).eval()
+
+
+GT = ["c_attn", "c_proj", "c_fc"]
+PEFT_CASES = {
+    "gpt2_plain": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True)),
+    "gpt2_rslora": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True,
+                                                   use_rslora=True)),
+    "gpt2_patterns": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True,
+                                                     rank_pattern={"c_fc": 4}, alpha_pattern={"h.1.attn.c_attn": 9})),
+    "gpt2_dora": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True,
+                                                 use_dora=True)),
+    "gpt2_regex": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=r".*\.1\.attn\.c_(attn|proj)",
+                                                  fan_in_fan_out=True)),
+    "gpt2_modules_to_save": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["c_attn"],
+                                                            fan_in_fan_out=True, modules_to_save=["ln_f"])),
+    "gpt2_init_false": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True,
+                                                       init_lora_weights=False)),
+    "gpt2_gaussian": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT, fan_in_fan_out=True,
+                                                     init_lora_weights="gaussian")),
+    "bert_pissa": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"],
+                                                  init_lora_weights="pissa")),
+    "bert_olora": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"],
+                                                  init_lora_weights="olora")),
+    "bert_dora": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"],
+                                                 use_dora=True)),
+    "bert_loha": (_bert, lambda: peft.LoHaConfig(r=2, alpha=5, target_modules=["query", "value"],
+                                                 init_weights=False)),
+    "bert_lokr": (_bert, lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=["query", "value"],
+                                                 init_weights=False)),
+    "bert_embedding": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["word_embeddings", "query"])),
+    "bert_exclude": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"],
+                                                    exclude_modules=["encoder.layer.0.attention.self.value"])),
+    "bert_float_alpha": (_bert, lambda: peft.LoraConfig(r=3, lora_alpha=2.5, target_modules=["query"])),
+}
+PEFT_REFUSED = {
+    "gpt2_layers_to_transform": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT,
+                                 fan_in_fan_out=True, layers_to_transform=[1], layers_pattern="h"), "layers_to_transform"),
+    "bert_lokr_decompose_both": (_bert, lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=["query"],
+                                 init_weights=False, decompose_both=True), "decompose_both"),
+    "bert_bias_all": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"], bias="all"), "bias"),
+    "bert_pissa_niter": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"],
+                                                        init_lora_weights="pissa_niter_2"), "pissa_niter"),
+}
+
+
+def _peft_folder(tmp_path, mk, cfg):
+    pm = peft.get_peft_model(mk(), cfg())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if any(s in n for s in ("lora_B", "lora_embedding", "hada_", "lokr_", "magnitude")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_import_peft_equals_peft(tmp_path, case):
+    mk, cfg = PEFT_CASES[case]
+    d = _peft_folder(tmp_path / "p", mk, cfg)
+    before = tree(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(mk(), d).eval()
+    m = lt.import_peft(mk(), d)
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).last_hidden_state, ref(IDS).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", list(PEFT_REFUSED))
+def test_import_peft_refuses_clearly(tmp_path, case):
+    mk, cfg, word = PEFT_REFUSED[case]
+    d = _peft_folder(tmp_path / "p", mk, cfg)
+    m = mk(); s = snapshot(m)
+    with pytest.raises(ValueError, match=word): lt.import_peft(m, d)
+    same(s, m)
+
+
+def _peft_crafted(tmp_path, ce=None, te=None):
+    m = adapted(); lt.export_peft(m, tmp_path / "src")
+    c = json.loads((tmp_path / "src" / "adapter_config.json").read_text())
+    t = load_file(str(tmp_path / "src" / "adapter_model.safetensors"))
+    if ce: ce(c)
+    if te: te(t)
+    d = tmp_path / "c"; d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(c)); save_file(t, str(d / "adapter_model.safetensors"))
+    return d, m
+
+
+K0 = "base_model.model.0.lora_A.weight"
+PEFT_BAD = {
+    "alpha_none": (lambda c: c.update(lora_alpha=None), None, "lora_alpha"),
+    "alpha_missing": (lambda c: c.pop("lora_alpha"), None, "lora_alpha"),
+    "r_str": (lambda c: c.update(r="2"), None, "r must"),
+    "r_float": (lambda c: c.update(r=2.0), None, "r must"),
+    "r_zero": (lambda c: c.update(r=0), None, "r must"),
+    "r_bool": (lambda c: c.update(r=True), None, "r must"),
+    "alpha_str": (lambda c: c.update(lora_alpha="3"), None, "lora_alpha"),
+    "alpha_nan": (lambda c: c.update(lora_alpha=float("nan")), None, "lora_alpha"),
+    "alpha_inf": (lambda c: c.update(lora_alpha=float("inf")), None, "lora_alpha"),
+    "targets_int": (lambda c: c.update(target_modules=5), None, "target_modules"),
+    "dora_str": (lambda c: c.update(use_dora="yes"), None, "use_dora"),
+    "rslora_str": (lambda c: c.update(use_rslora="no"), None, "use_rslora"),
+    "fifo_str": (lambda c: c.update(fan_in_fan_out="false"), None, "fan_in_fan_out"),
+    "fifo_on_linear": (lambda c: c.update(fan_in_fan_out=True), None, "fan_in_fan_out"),
+    "ia3": (lambda c: c.update(peft_type="IA3"), None, "peft_type"),
+    "no_peft_type": (lambda c: c.pop("peft_type"), None, "peft_type"),
+    "rank_pattern_list": (lambda c: c.update(rank_pattern=[1]), None, "rank_pattern"),
+    "rank_pattern_mismatch": (lambda c: c.update(rank_pattern={"0": 4}), None, "shape"),
+    "alpha_pattern_str": (lambda c: c.update(alpha_pattern={"0": "9"}), None, "alpha_pattern"),
+    "dropout_str": (lambda c: c.update(lora_dropout="0.1"), None, "lora_dropout"),
+    "mts_str": (lambda c: c.update(modules_to_save="2"), None, "modules_to_save"),
+    "huge_f64": (None, lambda t: t.update({K0: t[K0].double() * 1e300}), "range"),
+    "complex": (None, lambda t: t.update({K0: t[K0].to(torch.complex64)}), "dtype"),
+    "int": (None, lambda t: t.update({K0: t[K0].to(torch.int64)}), "dtype"),
+    "bool": (None, lambda t: t.update({K0: t[K0] > 0}), "dtype"),
+    "float8": (None, lambda t: t.update({K0: t[K0].to(torch.float8_e4m3fn)}), "dtype"),
+    "nan": (None, lambda t: t[K0].fill_(float("nan")), "NaN"),
+    "inf": (None, lambda t: t[K0].fill_(float("inf")), "NaN or infinite"),
+    "unknown_factor": (None, lambda t: t.update({"base_model.model.0.lora_C.weight": torch.zeros(2)}), "factor"),
+    "unknown_module": (None, lambda t: t.update({"base_model.model.7.lora_A.weight": torch.zeros(2, 8)}), "7"),
+    "dotdot_module": (None, lambda t: t.update({"base_model.model.../x.lora_A.weight": torch.zeros(2, 8)}), "model"),
+    "missing": (None, lambda t: t.pop(K0), "lacks"),
+    "wrong_shape": (None, lambda t: t.update({K0: torch.zeros(3, 8)}), "shape"),
+    "transposed": (None, lambda t: t.update({K0: t[K0].T.contiguous()}), "shape"),
+    "scalar": (None, lambda t: t.update({K0: torch.tensor(1.0)}), "shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_BAD))
+def test_import_peft_bad_file_refused(tmp_path, case):
+    ce, te, word = PEFT_BAD[case]
+    d, _ = _peft_crafted(tmp_path, ce, te)
+    m = tiny(seed=3); s = snapshot(m)
+    with pytest.raises(ValueError, match=word): lt.import_peft(m, d)
+    same(s, m)
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.bfloat16, torch.float16])
+def test_import_peft_other_float_dtypes_load_values(tmp_path, dt):
+    d, m = _peft_crafted(tmp_path, te=lambda t: t.update({k: v.to(dt) for k, v in t.items()}))
+    f = lt.import_peft(tiny(), d)
+    assert all(p.dtype == torch.float32 for p in f.parameters())
+    tol = {torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt]
+    torch.testing.assert_close(out(f), out(m), atol=tol, rtol=tol)
