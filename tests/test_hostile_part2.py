@@ -722,3 +722,209 @@ def test_import_peft_other_float_dtypes_load_values(tmp_path, dt):
     assert all(p.dtype == torch.float32 for p in f.parameters())
     tol = {torch.float64: 1e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dt]
     torch.testing.assert_close(out(f), out(m), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("method,kw", [("lora", {}), ("lora", dict(rslora=True)), ("dora", {}), ("loha", {}),
+                                       ("lokr", {}), ("lora", dict(dropout=0.1)), ("lora", dict(alpha=None)),
+                                       ("lora", dict(rank_pattern={"2": 1}, alpha_pattern={"0": 7.0}))])
+def test_export_peft_equals_peft_loading_it(tmp_path, method, kw):
+    m = add(tiny(), method, **kw).eval(); randomize(m)
+    lt.export_peft(m, tmp_path)
+    ref = peft.PeftModel.from_pretrained(tiny(), tmp_path).eval()
+    torch.testing.assert_close(out(ref), out(m), atol=1e-5, rtol=1e-5)
+
+
+def test_export_peft_two_adapters_equals_peft(tmp_path):
+    m = adapted(names=("default", "b")); lt.set_adapter(m, ["default", "b"])
+    lt.export_peft(m, tmp_path)
+    ref = peft.PeftModel.from_pretrained(tiny(), tmp_path).eval()
+    ref.load_adapter(str(tmp_path / "b"), adapter_name="b"); ref.base_model.set_adapter(["default", "b"])
+    torch.testing.assert_close(out(ref), out(m), atol=1e-5, rtol=1e-5)
+
+
+def test_export_peft_lokh_refused_writes_nothing(tmp_path):
+    m = adapted("lokh"); s = snapshot(m)
+    with pytest.raises(ValueError, match="save_adapter"): lt.export_peft(m, tmp_path / "x")
+    same(s, m); assert os.listdir(tmp_path) == []
+
+
+def test_load_while_another_process_saves(tmp_path):
+    "A child saves two different adapters in turn, as fast as it can; every load gives one of them whole."
+    a, b = adapted(), adapted(); randomize(b, seed=42)
+    lt.save_adapter(a, tmp_path); ys = [out(a), out(b)]
+    pid = os.fork()
+    if pid == 0:
+        try:
+            while True:
+                for m in (a, b): lt.save_adapter(m, tmp_path)
+        finally: os._exit(0)
+    try:
+        for _ in range(25):
+            f = add(tiny(), "lora"); lt.load_adapter(f, tmp_path)
+            assert any(torch.equal(out(f), y) for y in ys)
+    finally: os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+
+
+# ---------------------------------------------------------------- 5. failed calls leave the model as it was
+def _inj(method="lora", **kw):
+    return lambda m: lt.inject(m, method, **{"targets": ["0", "2"], "name": "b", "rank": 2, **kw})
+
+
+FT = tiny(5)
+REFUSED = {
+    "rank0": (_inj(rank=0), ValueError, "rank"), "rank-1": (_inj(rank=-1), ValueError, "rank"),
+    "rank_float": (_inj(rank=2.0), TypeError, "rank"), "rank_bool": (_inj(rank=True), TypeError, "rank"),
+    "rank_huge": (_inj(rank=10 ** 6), ValueError, "rank"), "rank_str": (_inj(rank="2"), TypeError, "rank"),
+    "alpha_nan": (_inj(alpha=float("nan")), ValueError, "alpha"), "alpha_inf": (_inj(alpha=float("inf")), ValueError, "alpha"),
+    "alpha_neg": (_inj(alpha=-1.0), ValueError, "alpha"), "alpha_complex": (_inj(alpha=1j), TypeError, "alpha"),
+    "alpha_bool": (_inj(alpha=True), TypeError, "alpha"),
+    "dropout_1": (_inj(dropout=1.0), ValueError, "dropout"), "dropout_neg": (_inj(dropout=-0.1), ValueError, "dropout"),
+    "dropout_nan": (_inj(dropout=float("nan")), ValueError, "dropout"),
+    "dtype_complex": (_inj(dtype=torch.complex64), ValueError, "dtype"),
+    "dtype_int": (_inj(dtype=torch.int32), ValueError, "dtype"),
+    "dtype_f8": (_inj(dtype=torch.float8_e4m3fn), ValueError, "dtype"),
+    "dtype_str": (_inj(dtype="float32"), TypeError, "dtype"),
+    "targets_none": (_inj(targets=["zz"]), ValueError, "targets"), "targets_partial": (_inj(targets=["0", "zz"]), ValueError, "zz"),
+    "targets_int": (_inj(targets=3), TypeError, "targets"), "targets_empty": (_inj(targets=[]), ValueError, "targets"),
+    "targets_empty_str": (_inj(targets=""), ValueError, "targets"), "targets_relu": (_inj(targets=["1"]), TypeError, "ReLU"),
+    "method_bad": (_inj(method="ia3"), ValueError, "method"), "method_int": (_inj(method=3), ValueError, "method"),
+    "lokh_rank": (_inj(method="lokh"), ValueError, "p="), "lokh_p_huge": (_inj(method="lokh", rank=None, p=99), ValueError, "p="),
+    "rslora_loha": (_inj(method="loha", rslora=True), ValueError, "rslora"),
+    "unknown_option": (_inj(foo=1), TypeError, "foo"),
+    "rank_pattern_0": (_inj(rank_pattern={"0": 0}), ValueError, "rank"),
+    "alpha_pattern_nan": (_inj(alpha_pattern={"0": float("nan")}), ValueError, "alpha"),
+    "mts_is_target": (_inj(modules_to_save=["0"]), ValueError, "modules_to_save"),
+    "mts_missing": (_inj(modules_to_save=["zz"]), ValueError, "modules_to_save"),
+    "existing_name": (_inj(name="default"), ValueError, "default"),
+    "path_bad": (_inj(path="nope"), ValueError, "path"),
+    "merge_dup": (lambda m: lt.merge(m, ["default", "default"]), ValueError, "twice"),
+    "merge_unknown": (lambda m: lt.merge(m, "zz"), ValueError, "zz"),
+    "unmerge_unmerged": (lambda m: lt.unmerge(m), ValueError, "not merged"),
+    "set_unknown": (lambda m: lt.set_adapter(m, ["default", "zz"]), ValueError, "zz"),
+    "set_comma": (lambda m: lt.set_adapter(m, "default,b"), ValueError, "default,b"),
+    "delete_unknown": (lambda m: lt.delete_adapter(m, "zz"), ValueError, "zz"),
+    "delete_none": (lambda m: lt.delete_adapter(m, None), ValueError, "name"),
+    "sd_wrong_shape": (lambda m: m.load_state_dict({**m.state_dict(), "0.updates.default.A": torch.zeros(3, 8)}),
+                       RuntimeError, "size mismatch"),
+    "extract_existing": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2), ValueError, "default"),
+    "init_existing": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2), ValueError, "default"),
+}
+PLAIN_REFUSED = {
+    "extract_alpha0": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, alpha=0), ValueError, "alpha"),
+    "extract_rank0": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=0), ValueError, "rank"),
+    "extract_rank_huge": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=100), ValueError, "rank"),
+    "extract_shapes": (lambda m: lt.extract_adapters(m, nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4)),
+                                                     "lora", targets=["0", "2"], rank=2), ValueError, "shape"),
+    "extract_missing": (lambda m: lt.extract_adapters(m, {"0.weight": FT[0].weight}, "lora", targets=["0", "2"], rank=2),
+                        ValueError, "2.weight"),
+    "extract_method": (lambda m: lt.extract_adapters(m, FT, "ia3", targets=["0", "2"], rank=2), ValueError, "method"),
+    "extract_budget": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], budget=1), ValueError, "budget"),
+    "extract_rank_budget": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, budget=100),
+                            ValueError, "budget"),
+    "extract_alpha_nan": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, alpha=float("nan")),
+                          ValueError, "alpha"),
+    "extract_fit_option": (lambda m: lt.extract_adapters(m, FT, "loha", targets=["0", "2"], rank=2, n_iter=-1),
+                           TypeError, "n_iter"),
+    "extract_max_iter": (lambda m: lt.extract_adapters(m, FT, "loha", targets=["0", "2"], rank=2, max_iter="x"),
+                         TypeError, "max_iter"),
+    "init_alpha0": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2, alpha=0), ValueError, "alpha"),
+    "init_rank_huge": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=100), ValueError, "rank"),
+    "init_rank_neg": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=-1), ValueError, "rank"),
+    "init_no_match": (lambda m: lt.init_from_weight(m, "lora", targets=["zz"], rank=2), ValueError, "targets"),
+    "init_lokh_p": (lambda m: lt.init_from_weight(m, "lokh", targets=["0", "2"], p=50), ValueError, "p="),
+    "init_dtype_int": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2, dtype=torch.int32),
+                       ValueError, "dtype"),
+    "init_fit_option": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2, fit_bad=1), TypeError, "fit_bad"),
+    "init_max_iter": (lambda m: lt.init_from_weight(m, "loha", targets=["0", "2"], rank=2, max_iter=-1), ValueError, "max_iter"),
+    "plain_merge": (lambda m: lt.merge(m), ValueError, "no adapters"),
+    "plain_unmerge": (lambda m: lt.unmerge(m), ValueError, "no adapters"),
+    "plain_unload": (lambda m: lt.unload(m), ValueError, "no adapters"),
+    "plain_merge_and_unload": (lambda m: lt.merge_and_unload(m), ValueError, "no adapters"),
+    "plain_set": (lambda m: lt.set_adapter(m, "a"), ValueError, "no adapters"),
+    "plain_disable": (lambda m: lt.disable_adapters(m).__enter__(), ValueError, "no adapters"),
+}
+
+
+@pytest.mark.parametrize("case,merged", [(c, g) for c in REFUSED for g in (False, True)
+                                         if not (g and c == "unmerge_unmerged")])
+def test_refused_call_on_adapted_model_changes_nothing(case, merged):
+    fn, exc, word = REFUSED[case]
+    m = adapted()
+    if merged: lt.merge(m)
+    s = snapshot(m); y = out(m)
+    with pytest.raises(exc, match=word): fn(m)
+    same(s, m); assert torch.equal(out(m), y)
+
+
+@pytest.mark.parametrize("case", list(PLAIN_REFUSED))
+def test_refused_call_on_plain_model_changes_nothing(case):
+    fn, exc, word = PLAIN_REFUSED[case]
+    m = tiny(); s = snapshot(m)
+    with pytest.raises(exc, match=word): fn(m)
+    same(s, m)
+
+
+# ---------------------------------------------------------------- loads into adapters in every state
+@pytest.fixture
+def sources(tmp_path):
+    src = adapted(); randomize(src, seed=11)
+    lt.save_adapter(src, tmp_path / "s"); lt.export_peft(src, tmp_path / "p")
+    return src, {"load": lambda m, **kw: lt.load_adapter(m, tmp_path / "s", **kw),
+                 "import": lambda m, **kw: lt.import_peft(m, tmp_path / "p", **kw)}
+
+
+@pytest.mark.parametrize("how", ["load", "import"])
+def test_load_into_merged_adapter_refused(sources, how):
+    src, load = sources
+    m = adapted(); lt.merge(m); s = snapshot(m)
+    with pytest.raises(ValueError, match="merged"): load[how](m)
+    same(s, m)
+
+
+@pytest.mark.parametrize("how", ["load", "import"])
+def test_load_inside_disable(sources, how):
+    src, load = sources
+    m = adapted()
+    with lt.disable_adapters(m):
+        load[how](m); torch.testing.assert_close(out(m), out(tiny()))
+    torch.testing.assert_close(out(m), out(src), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["load", "import"])
+def test_load_into_inactive_adapter_keeps_it_inactive(sources, how):
+    src, load = sources
+    m = adapted(names=("default", "b")); lt.set_adapter(m, "b")
+    load[how](m)
+    assert lt.active_adapters(m) == ["b"]
+    assert {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad} == {"b"}
+
+
+@pytest.mark.parametrize("how", ["load", "import"])
+def test_load_for_inference(sources, how):
+    src, load = sources
+    m = tiny(); load[how](m, trainable=False)
+    assert not any(p.requires_grad for p in m.parameters())
+    torch.testing.assert_close(out(m), out(src), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["load", "import"])
+@pytest.mark.parametrize("model", ["wider", "subset"])
+def test_load_into_other_architecture_refused(sources, how, model):
+    src, load = sources
+    m = nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4)) if model == "wider" else nn.Sequential(nn.Linear(8, 6))
+    s = snapshot(m)
+    with pytest.raises(ValueError, match="shape|does not have"): load[how](m)
+    same(s, m)
+
+
+def test_merged_model_saves_its_factors(tmp_path):
+    m = adapted(); y = out(m); lt.merge(m); lt.save_adapter(m, tmp_path)
+    f = add(tiny(), "lora"); lt.load_adapter(f, tmp_path)
+    torch.testing.assert_close(out(f), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_half_model_merge_unmerge_restores_w0(dt):
+    m = tiny().to(dt); W = m[0].weight.detach().clone(); add(m, "lora"); randomize(m)
+    lt.merge(m); lt.unmerge(m)
+    assert torch.equal(m[0].base.weight, W)
