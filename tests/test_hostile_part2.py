@@ -70,7 +70,8 @@ def tree(root):
         for e in dirs + files:
             p = os.path.join(d, e)
             r = os.path.relpath(p, root)
-            out[r] = ("L", os.readlink(p)) if os.path.islink(p) else (None if os.path.isdir(p) else Path(p).read_bytes())
+            link, folder = os.path.islink(p), os.path.isdir(p)
+            out[r] = ("L", os.readlink(p)) if link else (None if folder else Path(p).read_bytes())
     return out
 
 
@@ -175,7 +176,8 @@ def test_symlink_to_dir_refused(tmp_path, save):
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("save,fname", [(lt.save_adapter, "adapter_config.json"), (lt.save_adapter, "adapter.safetensors"),
+@pytest.mark.parametrize("save,fname", [(lt.save_adapter, "adapter_config.json"),
+                                        (lt.save_adapter, "adapter.safetensors"),
                                         (lt.export_peft, "adapter_config.json"),
                                         (lt.export_peft, "adapter_model.safetensors")])
 @pytest.mark.parametrize("kind", ["dir", "symlink", "dangling"])
@@ -468,7 +470,8 @@ def test_disable_with_verb_inside(tmp_path, verb):
         elif verb == "unmerge": lt.unmerge(m)
         else: m.load_state_dict(m.state_dict())
         torch.testing.assert_close(out(m), y0)
-    if verb in ("inject", "load", "merge", "unmerge", "sd"): torch.testing.assert_close(out(m), yA, atol=1e-5, rtol=1e-5)
+    if verb in ("inject", "load", "merge", "unmerge", "sd"):
+        torch.testing.assert_close(out(m), yA, atol=1e-5, rtol=1e-5)
     elif verb == "unload": torch.testing.assert_close(out(m), y0)
     else: assert lt.active_adapters(m) == (["default"] if verb == "delete" else ["b"])
 
@@ -612,7 +615,8 @@ PEFT_CASES = {
 }
 PEFT_REFUSED = {
     "gpt2_layers_to_transform": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT,
-                                 fan_in_fan_out=True, layers_to_transform=[1], layers_pattern="h"), "layers_to_transform"),
+                                 fan_in_fan_out=True, layers_to_transform=[1], layers_pattern="h"),
+                                 "layers_to_transform"),
     "bert_lokr_decompose_both": (_bert, lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=["query"],
                                  init_weights=False, decompose_both=True), "decompose_both"),
     "bert_bias_all": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"], bias="all"), "bias"),
@@ -770,12 +774,13 @@ def _inj(method="lora", **kw):
     return lambda m: lt.inject(m, method, **{"targets": ["0", "2"], "name": "b", "rank": 2, **kw})
 
 
-FT = tiny(5)
+FT, T2 = tiny(5), ["0", "2"]
 REFUSED = {
     "rank0": (_inj(rank=0), ValueError, "rank"), "rank-1": (_inj(rank=-1), ValueError, "rank"),
     "rank_float": (_inj(rank=2.0), TypeError, "rank"), "rank_bool": (_inj(rank=True), TypeError, "rank"),
     "rank_huge": (_inj(rank=10 ** 6), ValueError, "rank"), "rank_str": (_inj(rank="2"), TypeError, "rank"),
-    "alpha_nan": (_inj(alpha=float("nan")), ValueError, "alpha"), "alpha_inf": (_inj(alpha=float("inf")), ValueError, "alpha"),
+    "alpha_nan": (_inj(alpha=float("nan")), ValueError, "alpha"),
+    "alpha_inf": (_inj(alpha=float("inf")), ValueError, "alpha"),
     "alpha_neg": (_inj(alpha=-1.0), ValueError, "alpha"), "alpha_complex": (_inj(alpha=1j), TypeError, "alpha"),
     "alpha_bool": (_inj(alpha=True), TypeError, "alpha"),
     "dropout_1": (_inj(dropout=1.0), ValueError, "dropout"), "dropout_neg": (_inj(dropout=-0.1), ValueError, "dropout"),
@@ -784,11 +789,14 @@ REFUSED = {
     "dtype_int": (_inj(dtype=torch.int32), ValueError, "dtype"),
     "dtype_f8": (_inj(dtype=torch.float8_e4m3fn), ValueError, "dtype"),
     "dtype_str": (_inj(dtype="float32"), TypeError, "dtype"),
-    "targets_none": (_inj(targets=["zz"]), ValueError, "targets"), "targets_partial": (_inj(targets=["0", "zz"]), ValueError, "zz"),
+    "targets_none": (_inj(targets=["zz"]), ValueError, "targets"),
+    "targets_partial": (_inj(targets=["0", "zz"]), ValueError, "zz"),
     "targets_int": (_inj(targets=3), TypeError, "targets"), "targets_empty": (_inj(targets=[]), ValueError, "targets"),
-    "targets_empty_str": (_inj(targets=""), ValueError, "targets"), "targets_relu": (_inj(targets=["1"]), TypeError, "ReLU"),
+    "targets_empty_str": (_inj(targets=""), ValueError, "targets"),
+    "targets_relu": (_inj(targets=["1"]), TypeError, "ReLU"),
     "method_bad": (_inj(method="ia3"), ValueError, "method"), "method_int": (_inj(method=3), ValueError, "method"),
-    "lokh_rank": (_inj(method="lokh"), ValueError, "p="), "lokh_p_huge": (_inj(method="lokh", rank=None, p=99), ValueError, "p="),
+    "lokh_rank": (_inj(method="lokh"), ValueError, "p="),
+    "lokh_p_huge": (_inj(method="lokh", rank=None, p=99), ValueError, "p="),
     "rslora_loha": (_inj(method="loha", rslora=True), ValueError, "rslora"),
     "unknown_option": (_inj(foo=1), TypeError, "foo"),
     "rank_pattern_0": (_inj(rank_pattern={"0": 0}), ValueError, "rank"),
@@ -806,19 +814,19 @@ REFUSED = {
     "delete_none": (lambda m: lt.delete_adapter(m, None), ValueError, "name"),
     "sd_wrong_shape": (lambda m: m.load_state_dict({**m.state_dict(), "0.updates.default.A": torch.zeros(3, 8)}),
                        RuntimeError, "size mismatch"),
-    "extract_existing": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2), ValueError, "default"),
+    "extract_existing": (lambda m: lt.extract_adapters(m, FT, "lora", targets=T2, rank=2), ValueError, "default"),
     "init_existing": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2), ValueError, "default"),
 }
 PLAIN_REFUSED = {
-    "extract_alpha0": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, alpha=0), ValueError, "alpha"),
+    "extract_alpha0": (lambda m: lt.extract_adapters(m, FT, "lora", targets=T2, rank=2, alpha=0), ValueError, "alpha"),
     "extract_rank0": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=0), ValueError, "rank"),
-    "extract_rank_huge": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=100), ValueError, "rank"),
+    "extract_rank_huge": (lambda m: lt.extract_adapters(m, FT, "lora", targets=T2, rank=100), ValueError, "rank"),
     "extract_shapes": (lambda m: lt.extract_adapters(m, nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4)),
                                                      "lora", targets=["0", "2"], rank=2), ValueError, "shape"),
-    "extract_missing": (lambda m: lt.extract_adapters(m, {"0.weight": FT[0].weight}, "lora", targets=["0", "2"], rank=2),
+    "extract_missing": (lambda m: lt.extract_adapters(m, {"0.weight": FT[0].weight}, "lora", targets=T2, rank=2),
                         ValueError, "2.weight"),
     "extract_method": (lambda m: lt.extract_adapters(m, FT, "ia3", targets=["0", "2"], rank=2), ValueError, "method"),
-    "extract_budget": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], budget=1), ValueError, "budget"),
+    "extract_budget": (lambda m: lt.extract_adapters(m, FT, "lora", targets=T2, budget=1), ValueError, "budget"),
     "extract_rank_budget": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, budget=100),
                             ValueError, "budget"),
     "extract_alpha_nan": (lambda m: lt.extract_adapters(m, FT, "lora", targets=["0", "2"], rank=2, alpha=float("nan")),
@@ -834,8 +842,9 @@ PLAIN_REFUSED = {
     "init_lokh_p": (lambda m: lt.init_from_weight(m, "lokh", targets=["0", "2"], p=50), ValueError, "p="),
     "init_dtype_int": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2, dtype=torch.int32),
                        ValueError, "dtype"),
-    "init_fit_option": (lambda m: lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2, fit_bad=1), TypeError, "fit_bad"),
-    "init_max_iter": (lambda m: lt.init_from_weight(m, "loha", targets=["0", "2"], rank=2, max_iter=-1), ValueError, "max_iter"),
+    "init_fit_option": (lambda m: lt.init_from_weight(m, "lora", targets=T2, rank=2, fit_bad=1), TypeError, "fit_bad"),
+    "init_max_iter": (lambda m: lt.init_from_weight(m, "loha", targets=T2, rank=2, max_iter=-1),
+                      ValueError, "max_iter"),
     "plain_merge": (lambda m: lt.merge(m), ValueError, "no adapters"),
     "plain_unmerge": (lambda m: lt.unmerge(m), ValueError, "no adapters"),
     "plain_unload": (lambda m: lt.unload(m), ValueError, "no adapters"),
@@ -911,7 +920,8 @@ def test_load_for_inference(sources, how):
 @pytest.mark.parametrize("model", ["wider", "subset"])
 def test_load_into_other_architecture_refused(sources, how, model):
     src, load = sources
-    m = nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4)) if model == "wider" else nn.Sequential(nn.Linear(8, 6))
+    wide = nn.Sequential(nn.Linear(8, 7), nn.ReLU(), nn.Linear(7, 4))
+    m = wide if model == "wider" else nn.Sequential(nn.Linear(8, 6))
     s = snapshot(m)
     with pytest.raises(ValueError, match="shape|does not have"): load[how](m)
     same(s, m)
@@ -928,3 +938,24 @@ def test_half_model_merge_unmerge_restores_w0(dt):
     m = tiny().to(dt); W = m[0].weight.detach().clone(); add(m, "lora"); randomize(m)
     lt.merge(m); lt.unmerge(m)
     assert torch.equal(m[0].base.weight, W)
+
+
+def test_adapter_subfolder_symlink_refused(tmp_path):
+    (tmp_path / "elsewhere").mkdir(); (tmp_path / "root").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "root" / "b")
+    m = adapted(names=("default", "b")); lt.set_adapter(m, ["default", "b"])
+    before = tree(tmp_path)
+    with pytest.raises(ValueError, match="symbolic link"): lt.save_adapter(m, tmp_path / "root")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("name,word", [(["default", "default"], "twice"), ("zz", "zz")])
+def test_save_bad_name_lists_write_nothing(tmp_path, name, word):
+    with pytest.raises(ValueError, match=word): lt.save_adapter(adapted(), tmp_path / "s", name=name)
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_only_named_nondefault_goes_to_subfolder(tmp_path):
+    m = adapted(names=("default", "b"))
+    lt.save_adapter(m, tmp_path, name=["b"])
+    assert sorted(tree(tmp_path)) == ["b", "b/adapter.safetensors", "b/adapter_config.json"]
