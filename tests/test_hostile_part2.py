@@ -959,3 +959,72 @@ def test_save_only_named_nondefault_goes_to_subfolder(tmp_path):
     m = adapted(names=("default", "b"))
     lt.save_adapter(m, tmp_path, name=["b"])
     assert sorted(tree(tmp_path)) == ["b", "b/adapter.safetensors", "b/adapter_config.json"]
+
+
+# ---------------------------------------------------------------- modules_to_save and DoRA against plain tensors
+def _mts_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    for n in ("a", "b"): lt.inject(m, "lora", targets=["0"], rank=2, name=n, modules_to_save=["2"])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".updates." in n or ".copies." in n: p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    W0 = m[0].base.weight.detach().double().clone()
+    return m, W0
+
+
+def _mts_ref(m, W0, act):
+    "Layer 0 `W0 + s·BA` of `act`, layer 2 the copy of `act` (the original for `None`)."
+    W = W0 if act is None else W0 + oracle_delta(m[0].updates[act])
+    l2 = m[2].original if act is None else m[2].copies[act]
+    h = torch.relu(X.double() @ W.T + m[0].base.bias.double())
+    return h @ l2.weight.double().T + l2.bias.double()
+
+
+@pytest.mark.parametrize("act", ["a", "b"])
+def test_modules_to_save_follow_state(tmp_path, act):
+    m, W0 = _mts_model(); lt.set_adapter(m, act)
+    ok = lambda a: torch.testing.assert_close(out(m).double(), _mts_ref(m, W0, a), atol=1e-5, rtol=1e-5)
+    ok(act)
+    with lt.disable_adapters(m): ok(None)
+    lt.merge(m); ok(act); lt.unmerge(m); ok(act)
+    assert {n.split(".")[2] for n, p in m.named_parameters() if p.requires_grad} == {act}
+    s = snapshot(m)
+    with pytest.raises(ValueError, match="trained copy"): lt.set_adapter(m, ["a", "b"])
+    same(s, m)
+    lt.save_adapter(m, tmp_path / "s", name=act); lt.export_peft(m, tmp_path / "p", name=act)
+    sub = lambda d: d / act if act != "default" else d
+    for load in (lambda f: lt.load_adapter(f, sub(tmp_path / "s")), lambda f: lt.import_peft(f, sub(tmp_path / "p"))):
+        torch.manual_seed(0); f = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval(); load(f)
+        torch.testing.assert_close(out(f).double(), _mts_ref(m, W0, act), atol=1e-5, rtol=1e-5)
+    r = _mts_ref(m, W0, act); lt.merge_and_unload(m)
+    torch.testing.assert_close(out(m).double(), r, atol=1e-5, rtol=1e-5)
+    assert all(type(x) in (nn.Linear, nn.ReLU) for x in m)
+
+
+def test_modules_to_save_unload_gives_original():
+    m, W0 = _mts_model(); r = _mts_ref(m, W0, None); lt.unload(m)
+    torch.testing.assert_close(out(m).double(), r, atol=1e-6, rtol=1e-6)
+
+
+def _dora_W(W0, u):
+    f = {k: p.detach().double() for k, p in u.named_parameters()}
+    V = W0 + u.scale * (f["B"] @ f["A"])
+    return f["magnitude"][:, None] * V / V.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("act", [["d"], ["l"], ["d", "l"], ["l", "d"]])
+def test_dora_mixed_with_lora_matches_formula(act):
+    m = tiny().eval(); W0 = [m[i].weight.detach().double().clone() for i in (0, 2)]
+    b = [m[i].bias.detach().double() for i in (0, 2)]
+    add(m, "dora", "d"); add(m, "lora", "l"); randomize(m, seed=3)
+    with torch.no_grad():
+        for i in (0, 2): m[i].updates["d"].magnitude.mul_(1.3)
+    Ws = [W0[j] + sum(_dora_W(W0[j], m[i].updates[n]) - W0[j] if n == "d" else oracle_delta(m[i].updates[n])
+                      for n in act) for j, i in enumerate((0, 2))]
+    r = torch.relu(X.double() @ Ws[0].T + b[0]) @ Ws[1].T + b[1]
+    lt.set_adapter(m, act)
+    torch.testing.assert_close(out(m).double(), r, atol=1e-5, rtol=1e-5)
+    lt.merge(m); torch.testing.assert_close(out(m).double(), r, atol=1e-5, rtol=1e-5)
+    lt.unmerge(m); assert torch.equal(m[0].base.weight.double(), W0[0])
