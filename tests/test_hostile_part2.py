@@ -1028,3 +1028,27 @@ def test_dora_mixed_with_lora_matches_formula(act):
     torch.testing.assert_close(out(m).double(), r, atol=1e-5, rtol=1e-5)
     lt.merge(m); torch.testing.assert_close(out(m).double(), r, atol=1e-5, rtol=1e-5)
     lt.unmerge(m); assert torch.equal(m[0].base.weight.double(), W0[0])
+
+
+def test_crafted_file_on_unadaptable_module_refused(tmp_path):
+    config, t = _good(tmp_path)
+    config["modules"]["1"] = copy.deepcopy(config["modules"]["2"]); t["1.A"], t["1.B"] = t["2.A"].clone(), t["2.B"].clone()
+    _craft(tmp_path / "c", config, t)
+    f = adapted(seed=4); s = snapshot(f)
+    with pytest.raises(ValueError, match="ReLU"): lt.load_adapter(f, tmp_path / "c", name="new")
+    same(s, f)
+
+
+def test_crafted_peft_file_on_unadaptable_module_refused(tmp_path):
+    d, _ = _peft_crafted(tmp_path, te=lambda t: t.update({"base_model.model.1.lora_A.weight": torch.zeros(2, 6),
+                                                          "base_model.model.1.lora_B.weight": torch.zeros(4, 2)}))
+    f = tiny(); s = snapshot(f)
+    with pytest.raises(ValueError, match="ReLU"): lt.import_peft(f, d)
+    same(s, f)
+
+
+def test_load_under_another_name_adds_inactive(tmp_path):
+    f = adapted(); lt.save_adapter(adapted(seed=9), tmp_path); y = out(f)
+    lt.load_adapter(f, tmp_path, name="other")
+    assert lt.adapter_names(f) == ["default", "other"] and lt.active_adapters(f) == ["default"]
+    assert torch.equal(out(f), y)
