@@ -1052,3 +1052,34 @@ def test_load_under_another_name_adds_inactive(tmp_path):
     lt.load_adapter(f, tmp_path, name="other")
     assert lt.adapter_names(f) == ["default", "other"] and lt.active_adapters(f) == ["default"]
     assert torch.equal(out(f), y)
+
+
+def test_copies_and_pickles_of_a_merged_model_unmerge_to_w0(tmp_path):
+    m = adapted(); y = out(m); lt.merge(m)
+    torch.save(m, tmp_path / "m.pt")
+    for c in (copy.deepcopy(m), torch.load(tmp_path / "m.pt", weights_only=False)):
+        torch.testing.assert_close(out(c), y, atol=1e-5, rtol=1e-5)
+        assert c[0].merged == ["default"]
+        lt.unmerge(c); assert torch.equal(c[0].base.weight, tiny()[0].weight)
+
+
+@pytest.mark.parametrize("dt", [torch.float64, torch.float16])
+def test_dtype_change_while_merged_unmerges_to_w0(dt):
+    m = adapted(); lt.merge(m); m.to(dt); lt.unmerge(m)
+    assert torch.equal(m[0].base.weight, tiny()[0].weight.to(dt))
+
+
+def test_assign_load_into_merged_model():
+    m = adapted(); y = out(m); lt.merge(m)
+    m.load_state_dict(adapted().state_dict(), assign=True)
+    torch.testing.assert_close(out(m), y, atol=1e-5, rtol=1e-5)
+    lt.unmerge(m); assert torch.equal(m[0].base.weight, tiny()[0].weight)
+
+
+def test_merge_of_tied_lm_head_refused():
+    torch.manual_seed(0)
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50,
+                                                             n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+    lt.inject(g, "lora", targets=["lm_head"], rank=2); s = snapshot(g)
+    with pytest.raises(ValueError, match="tied"): lt.merge(g)
+    same(s, g)
