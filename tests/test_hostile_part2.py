@@ -1032,7 +1032,8 @@ def test_dora_mixed_with_lora_matches_formula(act):
 
 def test_crafted_file_on_unadaptable_module_refused(tmp_path):
     config, t = _good(tmp_path)
-    config["modules"]["1"] = copy.deepcopy(config["modules"]["2"]); t["1.A"], t["1.B"] = t["2.A"].clone(), t["2.B"].clone()
+    config["modules"]["1"] = copy.deepcopy(config["modules"]["2"])
+    t["1.A"], t["1.B"] = t["2.A"].clone(), t["2.B"].clone()
     _craft(tmp_path / "c", config, t)
     f = adapted(seed=4); s = snapshot(f)
     with pytest.raises(ValueError, match="ReLU"): lt.load_adapter(f, tmp_path / "c", name="new")
