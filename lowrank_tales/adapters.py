@@ -126,9 +126,6 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
         self.spec = dict(path=path, dtype=dtype, dropout=self.dropout)  # with the method's own: what rebuilds it
         self.dora = bool(dora)
         if self.dora:
-            if kind == "embedding":
-                raise ValueError(f"dora=True adapts {KIND_NAMES['linear']}; {KIND_NAMES['conv']} here, not "
-                                 f"{type(base).__name__}")
             with torch.no_grad(): m = weight_matrix(base).norm(dim=1)  # ‖W0‖ per output (as PEFT): ΔW starts at 0
             self.magnitude, self.spec["dora"] = nn.Parameter(m.to(**self.factory)), True
 
@@ -578,12 +575,20 @@ class AdaptedLayer(_LayerState):
         with torch.no_grad():
             W0f = W0.to(torch.promote_types(W0.dtype, torch.float32))
             norm = u.add_delta(W0f, [f.detach() for f in u.factors], u.scale).norm(dim=1)
+        if u.kind == "embedding": return self._dora_embedding(u, x, W0, u.magnitude / norm)
         c = (u.magnitude / norm).to(dt)
         if u.kind == "conv":  # per output channel, the channel axis before the spatial ones (PEFT's `_DoraConvNdLayer`)
             c = c.reshape(-1, *[1] * (self.base.weight.dim() - 2))
             if plain is None: plain = self.base._conv_forward(x, as_layer_weight(self.base, W0).to(dt), None)
         elif plain is None: plain = F.linear(x, W0.to(dt))
         return (c - 1) * plain + c * self._update_only(u, x, dt)
+
+    def _dora_embedding(self, u: Update, ids, W0, c):
+        "DoRA's term for an embedding, `(c − 1)·W0[ids] + c·s·B A[ids]` (PEFT's `DoraEmbeddingLayer`, one adapter)."
+        y0 = self._apply_matrix(ids, W0, None)  # the lookup in W0
+        h = F.embedding(ids, u.A.T.to(y0.dtype), padding_idx=self.base.padding_idx) @ u.B.T.to(y0.dtype)
+        c = c.to(y0.dtype)
+        return (c - 1) * y0 + c * u.scale * h
 
 # %% ../nbs/06_adapters.ipynb #7b1f930c
 class _AliasOf(type):
