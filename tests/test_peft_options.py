@@ -230,3 +230,36 @@ def test_dora_export_beyond_linear_keeps_its_meaning(tmp_path, target):
     except ValueError: return  # refused by name: acceptable
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), tmp_path)
     with torch.no_grad(): torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=1e-5)
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    for name in ("a", "b"): inject(model, "lora", targets=["q_proj", "v_proj"], rank=2, name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters(): p.add_(0.5 * torch.randn_like(p)) if ".updates." in n else None
+    return model.eval()
+
+
+def _check_rows(model):
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(ids, adapter_names=["a", "b", "__base__"]).logits
+        for i, n in enumerate(["a", "b"]):
+            lt.set_adapter(model, n)
+            torch.testing.assert_close(y[i:i + 1], model(ids[i:i + 1]).logits)
+        with lt.disable_adapters(model): torch.testing.assert_close(y[2:], model(ids[2:]).logits)
+
+
+def test_adapter_names_on_a_transformers_model():
+    "A transformers model takes `**kwargs`: with the hook, `adapter_names=` runs per row, exactly."
+    _check_rows(lt.accept_adapter_names(_tiny_llama()))
+
+
+@pytest.mark.xfail(strict=True, reason="install() (07, not this branch's cell) must call accept_adapter_names(model) "
+                   "after its checks: until then a transformers model swallows adapter_names= in **kwargs")
+def test_adapter_names_never_silently_ignored_after_inject():
+    _check_rows(_tiny_llama())
