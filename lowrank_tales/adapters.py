@@ -699,8 +699,8 @@ class LoRAUpdate(Update):
                  rslora: bool = False,  # scale `alpha / √rank` (PEFT's `use_rslora`)
                  dora: bool = False,  # a trained magnitude per output (PEFT's `use_dora`)
                  init: bool | str = True):  # PEFT's `init_lora_weights`: True, False, or one of `LORA_INITS`
-        _check_init(init, layer_kind(base), rank)
         super().__init__(base, path, dtype, dropout, dora)
+        _check_init(init, self.kind, rank)
         self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.rslora = bool(rslora)
         r = math.sqrt(self.rank) if self.rslora else self.rank
