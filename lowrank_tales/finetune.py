@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_files import load_adapter, read_config, save_adapter
+from .adapter_files import load_adapter, parse_config, save_adapter
 from .core import check_int, iterations
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
@@ -175,8 +175,8 @@ def checkpoint_adapters(folder) -> list[Path]:
     root = Path(folder)
     if not root.is_dir(): raise ValueError(f"checkpoint {str(root)!r} is not a folder")
     has = lambda f: (f / "adapter_config.json").is_file()
-    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p)
-            and read_config(p, "adapter_config.json").get("name") == p.name]
+    name = lambda f: parse_config((f / "adapter_config.json").read_bytes(), f, "adapter_config.json").get("name")
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p) and name(p) == p.name]
     if not (found := [root] * has(root) + subs):
         raise ValueError(f"checkpoint {str(root)!r} holds no adapter_config.json: it was not written through "
                          "AdapterCheckpoints (a whole-model checkpoint of a plain Trainer?)")
