@@ -16,11 +16,12 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DEFAULT_MAX_ITER', 'is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'compute_dtype', 'is_sparse',
-           'as_float_array', 'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem',
-           'check_finite', 'check_int', 'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol',
-           'as_generator', 'random_normal', 'iterations', 'torch_threads', 'n_elements', 'Factorization',
-           'relative_error', 'rescale_factorization', 'ConvergenceWarning', 'Losses', 'fit_loop', 'fit_result']
+__all__ = ['DEFAULT_MAX_ITER', 'is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'optional_import', 'compute_dtype',
+           'is_sparse', 'as_float_array', 'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2',
+           'scale_problem', 'check_finite', 'check_int', 'check_nonnegative', 'check_mask', 'observed_data',
+           'check_choice', 'check_tol', 'as_generator', 'random_normal', 'iterations', 'torch_threads', 'n_elements',
+           'Factorization', 'relative_error', 'rescale_factorization', 'ConvergenceWarning', 'Losses', 'fit_loop',
+           'fit_result']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -49,6 +50,16 @@ def like(x, ref):
     "`x` converted to the array kind, dtype and device of `ref`."
     if is_tensor(ref): return to_tensor(x, device=ref.device, dtype=ref.dtype)
     return to_numpy(x).astype(ref.dtype, copy=False)
+
+# %% ../nbs/00_core.ipynb #c0e1a002
+def optional_import(module: str,  # the module to import, e.g. "transformers"
+                    extra: str):  # the extra of lowrank_tales that installs it, e.g. "data"
+    "The imported `module`, or `ImportError` naming `pip install \"lowrank_tales[extra]\"`."
+    import importlib
+    try: return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is needed here but could not be imported ({e}); "
+                          f'install it with: pip install "lowrank_tales[{extra}]"') from None
 
 # %% ../nbs/00_core.ipynb #d48d434b
 _TORCH_INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,

