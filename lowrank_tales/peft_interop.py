@@ -55,7 +55,7 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
     "Why update `u` on layer `base` cannot be written as a PEFT adapter, or `None`."
     if u.method == "lokh":
         return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
-    if isinstance(u, UPDATES["loha"]) and u.ranks[0] != u.ranks[1]:
+    if u.method == "loha" and u.ranks[0] != u.ranks[1]:
         return f"PEFT's LoHa has one rank, this adapter has ranks {u.ranks}"
     if u.method != "lora" and u.dropout:
         return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
@@ -77,7 +77,7 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
 # %% ../nbs/07b_peft.ipynb #33bd39d4
 def peft_rank(u: Update) -> int:
     "The `r` PEFT records for update `u`."
-    return u.ranks[0] if isinstance(u, UPDATES["loha"]) else u.rank
+    return u.ranks[0] if u.method == "loha" else u.rank
 
 # %% ../nbs/07b_peft.ipynb #55c49170
 def peft_alpha(u: Update) -> float:
