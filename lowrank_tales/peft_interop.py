@@ -162,7 +162,8 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
 UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
-                        rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None, alora_invocation_tokens=None, bias="none",
+                        rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
+                        alora_invocation_tokens=None, bias="none",
                         target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
