@@ -9,7 +9,7 @@ __all__ = []
 # %% ../nbs/99_api.ipynb #23544bda
 # The public API is this list of imports: to publish a name, add it to its chapter's line. `__all__` and the
 # table below are made from it.
-from .core import Factorization
+from .core import ConvergenceWarning, Factorization
 from .kernels import randomized_svd, weighted_grams, solve_weighted_columns
 from .alternating import dense_als
 from .completion import als, predict

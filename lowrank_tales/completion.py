@@ -10,16 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
-                                check_nonnegative, check_solvable, check_tol, fit_loop, fit_result, is_tensor, like,
-                                namespace, observed_data, random_normal, scale_problem, to_numpy, to_tensor,
-                                _sum_squares)
+from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, as_generator, check_choice,
+                                check_finite, check_int, check_nonnegative, check_solvable, check_tol, fit_loop,
+                                fit_result, is_tensor, like, namespace, observed_data, random_normal, scale_problem,
+                                to_numpy, to_tensor, torch_threads, _sum_squares)
 from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
                                    weighted_grams)
 from .alternating import dense_als
 
 # %% auto #0
-__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'add_observation', 'masked_sweep', 'predict', 'als']
+__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'DEFAULT_BIAS_REG', 'COMPLETION_TOL', 'SERIAL_WORK', 'add_observation',
+           'masked_sweep', 'predict', 'als']
 
 # %% ../nbs/02_completion.ipynb #350cd633
 def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
@@ -140,8 +141,8 @@ def _with_ones(X):
 
 # %% ../nbs/02_completion.ipynb #ea2c733b
 def _penalty(reg_rows, reg_cols, Wb, Zc) -> float:
-    "Σ_m λ_m‖w̃_m‖² + Σ_n λ_n‖z̃_n‖² for the (augmented) free factors Wb (M, k) and Zc (k, N)."
-    return float((reg_rows * (Wb * Wb).sum(1)).sum() + (reg_cols * (Zc * Zc).sum(0)).sum())
+    "Σ λ‖w̃_m‖² + Σ λ‖z̃_n‖² for the augmented factors Wb (M, k), Zc (k, N); ridges per row (M,) or per unknown (k, M)."
+    return float((reg_rows * (Wb * Wb).T).sum() + (reg_cols * (Zc * Zc)).sum())
 
 # %% ../nbs/02_completion.ipynb #97dfdbfa
 def _half_step(F, weights, T, t2, reg):
@@ -149,7 +150,7 @@ def _half_step(F, weights, T, t2, reg):
     rhs = (T @ F).T
     X = solve_weighted_columns(F, weights, rhs, reg)
     # x_nᵀ G_n x_n = x_nᵀ r_n − λ_n‖x_n‖², as (G_n + λ_n I) x_n = r_n
-    XtGX = float((X * rhs).sum() - (reg * (X * X).sum(0)).sum())
+    XtGX = float((X * rhs).sum() - (reg * X * X).sum())  # reg: one per column (N,) or per unknown (k, N)
     return X, t2 - 2 * float((X * rhs).sum()) + XtGX
 
 # %% ../nbs/02_completion.ipynb #7cf54bc8
@@ -198,8 +199,8 @@ def _cg_rows(obs, F, T, reg, Y0, steps):
 def masked_sweep(obs,  # the observations (internal `_Observed`)
                  W,  # left factor (M, K)
                  Z,  # right factor (K, N)
-                 reg_rows,  # ridge per row (M,)
-                 reg_cols,  # ridge per column (N,)
+                 reg_rows,  # ridge per row (M,), or per unknown of every row (K+1, M) with biases
+                 reg_cols,  # ridge per column (N,), or per unknown of every column (K+1, N) with biases
                  mean=0.0,  # global mean μ (0 without biases)
                  b=None,  # row biases (M,), or None for no biases
                  c=None,  # column biases (N,), or None
@@ -277,12 +278,11 @@ def _masked_start(obs, rank, mean, init, rng):
 
 # %% ../nbs/02_completion.ipynb #13079b2c
 def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0,
-                cg_steps=0) -> Factorization:
+                cg_steps=0, bias_reg=None) -> Factorization:
     "ALS over the observed entries `obs`; the factors come back in the caller's kind, dtype and device."
     M, N = obs.shape
-    n_rows, n_cols = (like(to_numpy(_bincount(x, n)), obs.vals) for x, n in ((obs.rows, M), (obs.cols, N)))
-    reg_rows = reg * (n_rows.clip(1) if weighted_reg else n_rows * 0 + 1)
-    reg_cols = reg * (n_cols.clip(1) if weighted_reg else n_cols * 0 + 1)
+    reg_rows, reg_cols = (_ridge_of(_bincount(x, n), obs.vals, reg, bias_reg if biases else None, weighted_reg, rank)
+                          for x, n in ((obs.rows, M), (obs.cols, N)))
     mean = float(obs.vals.mean()) if biases else 0.0
     W, Z = _masked_start(obs, rank, mean, init, as_generator(seed))
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
@@ -312,6 +312,14 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
                       (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
                       f"als (masked{', biases' if biases else ''})" + (", cg" if cg_steps else ""), e, 2, extras)
 
+# %% ../nbs/02_completion.ipynb #13079b2d
+def _ridge_of(counts, ref, reg: float, bias_reg, weighted: bool, rank: int):
+    "The ridge of each row's (column's) system: (n,), or (K+1, n) when the bias unknown has its own `bias_reg`."
+    base = like(to_numpy(counts), ref)
+    base = base.clip(1) if weighted else base * 0 + 1  # weighted-λ: times the number of observations (at least 1)
+    if bias_reg is None or bias_reg == reg: return reg * base
+    return like(np.r_[np.full(rank, reg), bias_reg][:, None], ref) * base[None]
+
 # %% ../nbs/02_completion.ipynb #b27bad9c
 def _biased_product(extras):
     "`combine(W, Z)`: W Z plus the mean and the row and column biases stored in `extras` (when there are any)."
@@ -320,48 +328,64 @@ def _biased_product(extras):
         return W @ Z + extras["mean"] + extras["row_bias"][:, None] + extras["col_bias"][None, :]
     return combine
 
+# %% ../nbs/02_completion.ipynb #b27bad9d
+def _check_flags(biases, weighted_reg, bias_reg) -> None:
+    "`TypeError`/`ValueError` unless `biases` is a bool, `weighted_reg` a bool or None, `bias_reg` None or λ ≥ 0."
+    if not isinstance(biases, (bool, np.bool_)): raise TypeError(f"biases must be True or False, got {biases!r}")
+    if weighted_reg is not None and not isinstance(weighted_reg, (bool, np.bool_)):
+        raise TypeError(f"weighted_reg must be True, False or None, got {weighted_reg!r}")
+    if bias_reg is None: return
+    check_nonnegative(bias_reg, "bias_reg")
+    if not biases: raise ValueError(f"bias_reg={bias_reg!r} regularises the biases: pass biases=True, or leave it None")
+
 # %% ../nbs/02_completion.ipynb #62b0e268
 CG_RANK, CG_OBSERVATIONS = 32, 10 ** 5  # method="auto" takes CG from this rank on (and this many observations)
-DEFAULT_REG = 0.05  # `reg=None` with missing entries: the weighted ridge λ = 0.05 · rms of the observed values
+DEFAULT_REG = 0.04  # `reg=None` with missing entries: the weighted ridge λ = 0.04 · rms of the observed values
+DEFAULT_BIAS_REG = 0.2  # `bias_reg` with `reg=None` and missing entries: the biases' weighted ridge (unitless)
+COMPLETION_TOL = 1e-2  # `tol=None` with missing entries: stop once a sweep lowers the training loss by under 1 %
+SERIAL_WORK = 5 * 10 ** 7  # a fit of fewer multiply-adds per sweep (|Ω|·k², k unknowns a system) runs on one thread
 
 def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask`), or scipy.sparse / torch sparse
         rank: int,  # K, the number of columns of W (1 ≤ K ≤ min(M, N))
         *,
         mask=None,  # boolean (M, N), True where A is observed; None: every entry (dense A), the stored ones (sparse)
-        reg=None,  # ridge λ ≥ 0 on both factors (and biases); None: 0 dense, weighted 0.05·rms(A) with missing entries
+        reg=None,  # ridge λ ≥ 0 on the factors; None: 0 dense, 0.04·rms(A) with missing entries (weighted there)
         init: str = "svd",  # "svd" (randomized SVD) or "random"
-        max_iter: int = 100,  # maximum number of sweeps
-        tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter sweeps
+        max_iter: int = DEFAULT_MAX_ITER,  # maximum number of sweeps (100; reaching the default unconverged warns)
+        tol=None,  # stop when a sweep lowers the loss by ≤ tol of itself; None: 1e-10 dense, 1e-2 missing; 0: never
         seed=None,  # random seed for the initialisation: None, an integer or a numpy Generator
         method: str = "auto",  # K×K systems: "cholesky" (exact), "cg" (3 CG steps per sweep), "auto" (CG from K ≥ 32)
         progress=None,  # progress bar: True, False, or None (automatic)
         biases: bool = False,  # fit a global mean, row biases and column biases too
-        weighted_reg=None,  # scale each row's and column's ridge by its number of observations; None: when reg is None
+        weighted_reg=None,  # scale each row's and column's ridge by its observations; None: when entries are missing
+        bias_reg=None,  # ridge on the biases (biases=True); None: `reg`, or DEFAULT_BIAS_REG when reg is None too
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optional biases."
-    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
-    max_iter = check_int(max_iter, "max_iter", 0)
+    init = check_choice(init, "init", ("svd", "random"))
     method = check_choice(method, "method", ("auto", "cholesky", "cg"))
-    if not isinstance(biases, (bool, np.bool_)): raise TypeError(f"biases must be True or False, got {biases!r}")
-    if weighted_reg is not None and not isinstance(weighted_reg, (bool, np.bool_)):
-        raise TypeError(f"weighted_reg must be True, False or None, got {weighted_reg!r}")
+    max_iter, tol = check_int(max_iter, "max_iter", 0), None if tol is None else check_tol(tol)
+    _check_flags(biases, weighted_reg, bias_reg)
     auto_reg, reg = reg is None, check_nonnegative(0.0 if reg is None else reg, "reg")
     if mask is None and not biases and not _is_sparse(A) and not isinstance(A, np.ma.MaskedArray):
         A = as_float_array(A, "A")
-        M, N = A.shape
-        reg = (reg * N, reg * M) if weighted_reg else reg
+        reg = (reg * A.shape[1], reg * A.shape[0]) if weighted_reg else reg
         if method == "cg":
             raise ValueError("method='cg' solves the systems of missing entries; dense A is solved by Cholesky")
-        return dense_als(A, rank, reg=reg, init=init, max_iter=max_iter, tol=tol, seed=seed, progress=progress)
+        return dense_als(A, rank, reg=reg, init=init, max_iter=max_iter, tol=1e-10 if tol is None else tol, seed=seed,
+                         progress=progress)
     obs = _observed(A, mask)
     if len(obs.vals) == 0:
         raise ValueError("A stores no entry: the stored entries of a sparse A are the observations, and there are none")
     check_finite(check_solvable(obs.vals, "A"), "A", " at observed entries")
     rank = check_int(rank, "rank", 1, min(obs.shape), f" (min(M, N) for A of shape {obs.shape})")
-    missing = len(obs.vals) < obs.shape[0] * obs.shape[1]  # some entry unobserved: the default ridge applies
-    weighted_reg = auto_reg and missing if weighted_reg is None else bool(weighted_reg)
-    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny, scale back at the end
+    missing = len(obs.vals) < obs.shape[0] * obs.shape[1]  # some entry unobserved: the completion defaults apply
+    weighted_reg = missing if weighted_reg is None else bool(weighted_reg)
+    tol = (COMPLETION_TOL if missing else 1e-10) if tol is None else tol
+    bias_reg = (DEFAULT_BIAS_REG if auto_reg and missing else reg) if bias_reg is None else bias_reg
+    obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (bias_reg is unitless)
     if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
     cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
-    return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
-                       3 if cg else 0)
+    small = len(obs.vals) * (rank + bool(biases)) ** 2 < SERIAL_WORK  # tiny operations: threads only wait
+    with torch_threads(1 if small else None):
+        return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
+                           3 if cg else 0, bias_reg)

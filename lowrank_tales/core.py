@@ -4,9 +4,11 @@
 
 # %% ../nbs/00_core.ipynb #d4ac5507
 from __future__ import annotations
+import contextlib
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -14,11 +16,11 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'compute_dtype', 'is_sparse', 'as_float_array',
-           'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem', 'check_finite',
-           'check_int', 'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol', 'as_generator',
-           'random_normal', 'iterations', 'n_elements', 'Factorization', 'relative_error', 'rescale_factorization',
-           'fit_loop', 'fit_result']
+__all__ = ['DEFAULT_MAX_ITER', 'is_tensor', 'namespace', 'to_numpy', 'to_tensor', 'like', 'compute_dtype', 'is_sparse',
+           'as_float_array', 'stored_entries', 'check_solvable', 'unit_exponent', 'scale_pow2', 'scale_problem',
+           'check_finite', 'check_int', 'check_nonnegative', 'check_mask', 'observed_data', 'check_choice', 'check_tol',
+           'as_generator', 'random_normal', 'iterations', 'torch_threads', 'n_elements', 'Factorization',
+           'relative_error', 'rescale_factorization', 'ConvergenceWarning', 'Losses', 'fit_loop', 'fit_result']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -226,7 +228,7 @@ def check_int(value, name: str, low: int = 1, high: int | None = None, why: str 
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ValueError(f"{name} must be {bound}{why}, got {value}")
-    return int(value)
+    return value if isinstance(value, int) else int(value)  # an int subclass (a default cap) is kept
 
 # %% ../nbs/00_core.ipynb #a5ecbf9c
 def check_nonnegative(value, name: str) -> float:
@@ -314,6 +316,16 @@ def iterations(n: int, progress: bool | None = None, desc: str = ""):
     from tqdm.auto import tqdm
     return tqdm(range(n), desc=desc, delay=0 if progress else 2, leave=False)
 
+# %% ../nbs/00_core.ipynb #d2e8492b
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    "Run the enclosed code on `n` torch threads (None: as they are); the previous number is restored after."
+    before = torch.get_num_threads()
+    if n is not None and n != before: torch.set_num_threads(n)
+    try: yield
+    finally:
+        if torch.get_num_threads() != before: torch.set_num_threads(before)
+
 # %% ../nbs/00_core.ipynb #f6d7c51c
 def n_elements(x) -> int:
     "Number of entries of an array or tensor."
@@ -330,6 +342,10 @@ class Factorization:
     n_iter: int = 0  # iterations run
     method: str = ""  # which algorithm produced it
     extras: dict = field(default_factory=dict)  # named arrays that are part of the model but not factors (e.g. biases)
+    converged: bool | None = None  # met its stopping rule (True), stopped at max_iter (False); None: read `losses`
+
+    def __post_init__(self):
+        if self.converged is None: self.converged = getattr(self.losses, "converged", None)  # from `fit_loop`
 
     def approx(self):
         "The approximation of `A` these factors describe."
@@ -344,7 +360,12 @@ class Factorization:
     def __repr__(self):
         shapes = ", ".join(str(tuple(f.shape)) for f in self.factors)
         return (f"Factorization({self.method or 'factors'}: {shapes}; rel_error={self.rel_error:.4g}, "
-                f"n_iter={self.n_iter}, n_params={self.n_params})")
+                f"n_iter={self.n_iter}, n_params={self.n_params}{_ending(self.converged)})")
+
+# %% ../nbs/00_core.ipynb #1f519e81
+def _ending(converged) -> str:
+    "How a `Factorization` repr ends: nothing for a converged fit (or unknown), `, not converged` for a capped one."
+    return ", not converged" if converged is False else ""
 
 # %% ../nbs/00_core.ipynb #7aa06d83
 def _sum_squares(X) -> float:
@@ -371,25 +392,54 @@ def rescale_factorization(f: Factorization, e: int, degree: int) -> Factorizatio
     for k, v in f.extras.items(): f.extras[k] = scale_pow2(v, e)  # in place: `combine` may close over this dict
     return f
 
+# %% ../nbs/00_core.ipynb #c0a1f001
+class ConvergenceWarning(UserWarning):
+    "A fit stopped at its default cap of sweeps before it met its stopping rule."
+
+# %% ../nbs/00_core.ipynb #c0a1f002
+class Losses(list):
+    "The loss after each sweep (`[0]`: at the start), and whether the stopping rule ended the loop (`converged`)."
+    converged: bool = False
+
+# %% ../nbs/00_core.ipynb #c0a1f003
+class _DefaultCap(int):
+    "An `int` that marks a fitter's default `max_iter`: it prints as the number, and `fit_loop` warns when it binds."
+
+# %% ../nbs/00_core.ipynb #c0a1f004
+DEFAULT_MAX_ITER = _DefaultCap(100)  # the default cap of the iterative fitters; reaching it unconverged warns
+
 # %% ../nbs/00_core.ipynb #b4fb9ce5
 def fit_loop(sweep: Callable,  # `sweep()` runs one sweep and returns the loss after it
              loss0: float,  # the loss at the start
-             max_iter: int,  # most sweeps
+             max_iter: int,  # most sweeps (`DEFAULT_MAX_ITER`: warn when it stops an unconverged fit)
              tol: float,  # relative decrease of the loss at which a sweep counts as stalled; 0: run max_iter
              progress=None,  # progress bar: True, False, or None (automatic)
              desc: str = "",  # the bar's label
              precision: Callable | None = None,  # `precision(loss)`: smallest decrease the loss formula resolves
              patience: int = 1,  # stalled sweeps in a row that stop the loop
-            ) -> list:  # the losses, starting with `loss0`
+            ) -> Losses:  # the losses, starting with `loss0`; `.converged`: whether the rule stopped the loop
     "Run sweeps until the loss stops decreasing (relative decrease ≤ `tol`, or within its precision) or `max_iter`."
-    losses, stalled = [float(loss0)], 0
+    losses, stalled = Losses([float(loss0)]), 0
     for _ in iterations(max_iter, progress, desc=desc):
         losses.append(float(sweep()))
         if tol == 0: continue
         floor = tol * abs(losses[-2]) + (precision(losses[-1]) if precision else 0.0)
         stalled = stalled + 1 if losses[-2] - losses[-1] <= floor else 0
-        if stalled >= patience: break
+        if stalled >= patience:
+            losses.converged = True
+            break
+    if not losses.converged and tol > 0 and isinstance(max_iter, _DefaultCap): _warn_cap(desc, max_iter, tol, losses)
     return losses
+
+# %% ../nbs/00_core.ipynb #c0a1f006
+def _warn_cap(desc: str, max_iter: int, tol: float, losses: list) -> None:
+    "Warn that a fit stopped at its default cap, with the decrease of its last sweep."
+    last = (losses[-2] - losses[-1]) / abs(losses[-2]) if len(losses) > 1 and losses[-2] else float("nan")
+    cap = int(max_iter)
+    warnings.warn(f"{desc or 'the fit'} stopped at its default cap of {cap} sweeps before meeting tol={tol:g} (its "
+                  f"last sweep lowered the loss by {last:.2g} of itself): pass a larger max_iter to go on, or "
+                  f"max_iter={cap} to accept this fit; Factorization.converged is False",
+                  ConvergenceWarning, stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #b829f37c
 def fit_result(factors: tuple,  # the factors of the scaled problem
@@ -401,7 +451,8 @@ def fit_result(factors: tuple,  # the factors of the scaled problem
                degree: int = 2,  # degree of the approximation in its factors
                extras: dict | None = None,  # named model arrays (biases), scaled like the data
               ) -> Factorization:  # the fit of the caller's data
-    "The `Factorization` of a fit, with the scaling of `scale_problem` undone."
+    "The `Factorization` of a fit (converged as `fit_loop` says), with the scaling of `scale_problem` undone."
     f = Factorization(tuple(factors), combine, losses=[max(float(l), 0.0) for l in losses], rel_error=float(rel_error),
-                      n_iter=len(losses) - 1, method=method, extras={} if extras is None else extras)
+                      n_iter=len(losses) - 1, method=method, extras={} if extras is None else extras,
+                      converged=getattr(losses, "converged", True))  # a plain list: a closed form, exact
     return rescale_factorization(f, e, degree)

@@ -26,17 +26,17 @@ def _cholesky_with_jitter(G: torch.Tensor) -> torch.Tensor:
     bad = (info.reshape(-1) > 0).nonzero().flatten()  # the matrices that failed so far
     for power in range(-12 if G.dtype == torch.float64 else -6, 1):
         Gb = Gf[bad]
-        scale = (Gb.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k).clamp_min(torch.finfo(G.dtype).tiny)
+        scale = Gb.diagonal(dim1=-2, dim2=-1).abs().sum(-1, keepdim=True) / k
+        scale = torch.where(scale > torch.finfo(G.dtype).tiny, scale, 1.0)  # a zero Gram (an empty row): unit ridge
         Lf[bad], info_b = torch.linalg.cholesky_ex(Gb + (10.0 ** power) * scale[..., None] * eye)
         bad = bad[info_b > 0]
         if len(bad) == 0: return Lf.reshape(G.shape)
     raise np.linalg.LinAlgError("Gram matrix is not positive semidefinite (did the data contain NaN or inf?)")
 
 # %% ../nbs/00a_kernels.ipynb #b7c1d2e1
-def _ldl_solve(G: torch.Tensor, B: torch.Tensor):
-    "`G⁻¹ B` for many small SPD matrices G (n, K, K) by LDLᵀ across the batch; also which matrices had positive pivots."
-    K = G.shape[-1]
-    A, y = G.permute(1, 2, 0).contiguous(), B.permute(1, 2, 0).contiguous()  # (K, K, n) and (K, R, n)
+def _ldl_eliminate(A: torch.Tensor, y: torch.Tensor):
+    "Solve in place, batch last: A (K, K, n) SPD (lower triangles read), y (K, R, n); y then X, and which succeeded."
+    K = A.shape[0]
     for j in range(K - 1):
         col = A[j + 1:, j] / A[j, j]  # the multipliers l_ij of every matrix, i > j
         A[j + 1:, j + 1:].addcmul_(A[j + 1:, j, None], col[None], value=-1)  # trailing update (upper half unused)
@@ -45,14 +45,26 @@ def _ldl_solve(G: torch.Tensor, B: torch.Tensor):
     pivots = A.diagonal(dim1=0, dim2=1).T  # D, (K, n)
     y /= pivots[:, None]
     for j in range(K - 2, -1, -1): y[j] -= (A[j + 1:, j, None] * y[j + 1:]).sum(0)  # Lᵀ x = D⁻¹ L⁻¹ b
-    ok = (pivots > 0).all(0) & y.isfinite().flatten(0, 1).all(0)
-    return y.permute(2, 0, 1), ok
+    return y, (pivots > 0).all(0) & y.isfinite().flatten(0, 1).all(0)
+
+# %% ../nbs/00a_kernels.ipynb #b7c1d2e5
+def _ldl_solve(G: torch.Tensor, B: torch.Tensor):
+    "`G⁻¹ B` for many small SPD matrices G (n, K, K) by LDLᵀ across the batch; also which matrices had positive pivots."
+    # (K, K, n) and (K, R, n), always copies: `.contiguous()` of a transposed B would be B itself, eliminated in place
+    A, y = (X.permute(1, 2, 0).clone(memory_format=torch.contiguous_format) for X in (G, B))
+    X, ok = _ldl_eliminate(A, y)
+    return X.permute(2, 0, 1), ok
+
+# %% ../nbs/00a_kernels.ipynb #b7c1d2e6
+def _batch_ldl(device, K: int, n: int) -> bool:
+    "Whether n systems of size K go to the batched LDLᵀ (many small matrices on the CPU) rather than to LAPACK."
+    return device.type == "cpu" and K <= 16 and n >= 2048
 
 # %% ../nbs/00a_kernels.ipynb #b7c1d2e3
 def _cholesky_solve(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     "`G⁻¹ B` by Cholesky for a batch (..., K, K): LDLᵀ across the batch for many small matrices on the CPU."
     K = G.shape[-1]
-    if not (G.ndim == 3 and G.device.type == "cpu" and K <= 16 and G.shape[0] >= 2048):
+    if not (G.ndim == 3 and _batch_ldl(G.device, K, G.shape[0])):
         return torch.cholesky_solve(B, _cholesky_with_jitter(G))
     X, ok = _ldl_solve(G, B)
     if not bool(ok.all()):
@@ -88,22 +100,38 @@ def gram_solve(G,  # Gram matrix (K, K), symmetric positive semidefinite
     return _triangular_solve(L.T, _triangular_solve(L, B, lower=True), lower=False)
 
 # %% ../nbs/00a_kernels.ipynb #4fc7530d
-def _ridges(reg, N: int, G):
-    "The ridge of each of `N` systems (`reg` one number or one per system), in the kind, dtype and device of `G`."
+def _ridges(reg, N: int, K: int, ref):
+    "The ridge of `N` systems of size K: (N,) from a number or one per system, (N, K) from one per unknown (K, N)."
     r = np.asarray(to_numpy(reg), dtype=np.float64)
+    if r.shape == (K, N): return like(r.T.copy(), ref)
     if r.ndim > 1 or r.size not in (1, N):
-        raise ValueError(f"reg must be one number or one per system ({N}), got shape {r.shape}")
-    return like(np.broadcast_to(r.reshape(-1), (N,)).copy(), G)
+        raise ValueError(f"reg must be one number, one per system ({N},) or one per unknown and system ({K}, {N}), "
+                         f"got shape {r.shape}")
+    return like(np.broadcast_to(r.reshape(-1), (N,)).copy(), ref)
 
+# %% ../nbs/00a_kernels.ipynb #4fc7530e
+def _diagonal(r):
+    "The ridges `r` of `_ridges` as the diagonals of a batch: (N, 1) for one per system, (N, K) per unknown."
+    return r[:, None] if r.ndim == 1 else r
+
+# %% ../nbs/00a_kernels.ipynb #4fc7530f
+def _lower_grams(H, K: int, r):
+    "Gram matrices (n, K, K) from their distinct entries H (n, K(K+1)/2): lower triangles, ridges r on the diagonal."
+    k, l = np.triu_indices(K)
+    G = H.new_zeros(H.shape[0], K * K)
+    G[:, torch.from_numpy(l * K + k).to(G.device)] = H  # the lower triangles: all that Cholesky reads
+    G = G.view(-1, K, K)
+    G.diagonal(dim1=1, dim2=2).add_(r)
+    return G
 
 # %% ../nbs/00a_kernels.ipynb #c15538b3
 def ridge_solve(G,  # batch of Gram matrices (N, K, K)
                 rhs,  # right-hand sides (K, N), one column per system
-                reg=0.0,  # ridge: a number, or one per system (N,)
+                reg=0.0,  # ridge: a number, one per system (N,), or one per unknown (K, N)
                ):  # X (K, N) with (G[n] + reg[n] I) x_n = rhs[:, n]
     "Solve every system `(G[n] + reg[n] I) x_n = rhs[:, n]` by one batched Cholesky; `G` is left unchanged."
     N, K = G.shape[0], G.shape[-1]
-    G = G + _ridges(reg, N, G)[:, None, None] * like(np.eye(K), G)
+    G = G + _diagonal(_ridges(reg, N, K, G))[:, :, None] * like(np.eye(K), G)
     return spd_solve(G, rhs.T[:, :, None])[:, :, 0].T
 
 # %% ../nbs/00a_kernels.ipynb #1d56ce9d
@@ -235,18 +263,31 @@ def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
 def solve_weighted_columns(W,  # factor (M, K)
                            weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse
                            rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
-                           reg=0.0,  # ridge: a number, or one per column (N,)
+                           reg=0.0,  # ridge: a number, one per column (N,), or one per unknown (K, N)
                           ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
     "Solve every column's weighted, ridge-regularised normal equations by one batched Cholesky."
     K, N = rhs.shape
-    H = to_tensor(_gram_pairs(W, weights))
-    k, l = np.triu_indices(K)
-    G = H.new_zeros(N, K * K)
-    G[:, torch.from_numpy(l * K + k).to(G.device)] = H  # the lower triangles: all that Cholesky reads
-    G = G.view(N, K, K)
-    G.diagonal(dim1=1, dim2=2).add_(_ridges(reg, N, G)[:, None])
-    X = _cholesky_solve(G, to_tensor(rhs).T[:, :, None])[:, :, 0].T
+    H = to_tensor(_gram_pairs(W, weights))  # (N, K(K+1)/2): the distinct entries of every Gram matrix
+    r, b = _diagonal(_ridges(reg, N, K, H)), to_tensor(rhs)
+    if _batch_ldl(H.device, K, N): X = _ldl_columns(H, b, r)  # built batch-last: no (N, K, K) copy to transpose
+    else: X = _cholesky_solve(_lower_grams(H, K, r), b.T[:, :, None])[:, :, 0].T
     return X if is_tensor(rhs) else X.numpy()
+
+# %% ../nbs/00a_kernels.ipynb #146ce125
+def _ldl_columns(H, rhs, r):
+    "`(G_n + ridge) x_n = rhs[:, n]` by the batched LDLᵀ, the Grams laid out batch-last straight from H (N, pairs)."
+    K, N = rhs.shape
+    k, l = np.triu_indices(K)
+    A = H.new_zeros(K * K, N)
+    A[torch.from_numpy(l * K + k)] = H.T  # the lower triangles, one row of A per entry
+    A[torch.arange(K) * (K + 1)] += r.T  # the ridges on the diagonals
+    X, ok = _ldl_eliminate(A.view(K, K, N), rhs[:, None, :].clone())
+    X = X[:, 0]
+    if not bool(ok.all()):  # semidefinite: LAPACK with a jitter, for these matrices only
+        bad = (~ok).nonzero().flatten()
+        G = _lower_grams(H[bad], K, r[bad])
+        X[:, bad] = torch.cholesky_solve(rhs[:, bad].T[:, :, None], _cholesky_with_jitter(G))[:, :, 0].T
+    return X
 
 # %% ../nbs/00a_kernels.ipynb #6ae9e44e
 def divisors(n: int) -> list:

@@ -177,7 +177,8 @@ def test_distributed_als_two_ranks_equal_single_process(split, init, weighted):
 def test_distributed_als_stops_like_als_and_infers_the_shape():
     rows, cols, vals, shape, K = problem(seed=3)
     owner = np.random.default_rng(0).integers(0, 2, len(vals))
-    ref = als(scipy.sparse.csr_array((vals, (rows, cols)), shape=shape), K, reg=0.01, seed=0, max_iter=100, tol=1e-3)
+    ref = als(scipy.sparse.csr_array((vals, (rows, cols)), shape=shape), K, reg=0.01, weighted_reg=False, seed=0,
+              max_iter=100, tol=1e-3)
     f0, _ = launch(als_on_shard, 2, rows, cols, vals, owner, K, reg=0.01, seed=0, max_iter=100, tol=1e-3,
                    timeout=TIMEOUT, echo=False)
     assert f0.n_iter == ref.n_iter < 100
