@@ -11,19 +11,17 @@ import re
 import torch
 from torch import nn
 
-from .adapters import (KIND_NAMES, LAYERS, UPDATES, AdaptedLayer, Adapter, Update, check_name,
+from .adapters import (KIND_NAMES, LAYERS, METHODS, UPDATES, AdaptedLayer, Adapter, Update, check_name,
                                     check_unique, layer_kind)
 
 # %% auto #0
-__all__ = ['METHODS', 'ALL_LINEAR', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers', 'check_model',
-           'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets', 'unmatched',
-           'adapt_problem', 'plan_injection', 'SavedModule', 'replace_module', 'build_update', 'install', 'inject',
-           'plan_saved', 'select_targets', 'trainable_parameters', 'merge', 'unmerge', 'set_adapter',
-           'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload']
+__all__ = ['ALL_LINEAR', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers', 'check_model', 'saved_modules',
+           'adapter_names', 'active_adapters', 'shadow', 'make_adapter', 'check_targets', 'unmatched', 'adapt_problem',
+           'plan_injection', 'SavedModule', 'replace_module', 'build_update', 'install', 'inject', 'plan_saved',
+           'select_targets', 'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters',
+           'delete_adapter', 'unload', 'merge_and_unload']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
-METHODS = LAYERS  # the layer class of each method, by the name `inject` takes
-
 def target_matches(name: str, targets: str | list) -> bool:
     """Whether module `name` is targeted.
 
