@@ -19,7 +19,7 @@ from .khatri_rao_decomposition import khatri_rao_als, nearest_partition_khatri_r
 from .adapters import AdaptedLayer, Adapter, Update, LoRA, LoHA, LoKr, LoKH
 from .injection import (inject, set_adapter, adapter_names, active_adapters, delete_adapter,
                                      disable_adapters, merge, unmerge, merge_and_unload, unload, trainable_parameters)
-from .injection import select_targets, exact_targets
+from .injection import select_targets, exact_targets, adapter_batch, accept_adapter_names
 from .adapter_files import save_adapter, load_adapter
 from .peft_interop import export_peft, import_peft
 from .extraction import Extraction, extract_adapter, extract_adapters, init_from_weight, fill_adapter

@@ -19,11 +19,11 @@ from .core import check_int, check_nonnegative
 from .products import face_split, khatri_rao, kron
 
 # %% auto #0
-__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'METHODS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape', 'weight_matrix',
-           'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'check_name',
-           'check_unique', 'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update', 'LoRAUpdate', 'LoRA',
-           'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims', 'max_factors',
-           'LoKHUpdate', 'LoKH']
+__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'LORA_INITS', 'METHODS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape',
+           'weight_matrix', 'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear',
+           'check_name', 'check_unique', 'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update',
+           'LoRAUpdate', 'LoRA', 'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims',
+           'max_factors', 'LoKHUpdate', 'LoKH']
 
 # %% ../nbs/06_adapters.ipynb #37133005
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -98,6 +98,8 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
     kinds = ("linear", "conv")  # the layer kinds the method adapts (see `layer_kind`)
     method = ""  # the name `inject` knows the method by
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the factors and the layer's weight
+    rank_dropout = module_dropout = 0.0  # PEFT's LoHa/LoKr train-time dropouts (see `_lyco_options`)
+    rank_dropout_scale = False  # whether rank dropout rescales the kept rows by 1 / (fraction kept)
 
     def __init__(self, base: nn.Module, path: str = "auto", dtype: torch.dtype | None = None,
                  dropout: float = 0.0,  # probability of zeroing an input of the update (PEFT's `lora_dropout`)
@@ -124,8 +126,6 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
         self.spec = dict(path=path, dtype=dtype, dropout=self.dropout)  # with the method's own: what rebuilds it
         self.dora = bool(dora)
         if self.dora:
-            if kind != "linear":
-                raise ValueError(f"dora=True adapts {KIND_NAMES['linear']} here, not {type(base).__name__}")
             with torch.no_grad(): m = weight_matrix(base).norm(dim=1)  # ‖W0‖ per output (as PEFT): ΔW starts at 0
             self.magnitude, self.spec["dora"] = nn.Parameter(m.to(**self.factory)), True
 
@@ -241,6 +241,33 @@ class FoldedLinear(torch.autograd.Function):
             grads = [gr for u, (_, pull) in zip(ups, parts) for gr in pull(G if one else G * u.scale)]
         return (dx, None, None, None, *[gr if n else None for gr, n in zip(grads, need[4:])])
 
+# %% ../nbs/06_adapters.ipynb #a1b2c3g1
+def _lyco_options(u: Update, rank_dropout, module_dropout, use_effective_conv2d, base) -> None:
+    "PEFT's LoHa/LoKr options on `u`, checked: probabilities in [0, 1), not beside DoRA; no Tucker conv form."
+    for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+        if check_nonnegative(p, name) >= 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+    if (rank_dropout or module_dropout) and u.dora:
+        raise ValueError("rank_dropout and module_dropout are LoHa/LoKr options without DoRA (as PEFT): use dora=False")
+    if use_effective_conv2d and u.kind == "conv" and math.prod(base.kernel_size) > 1:
+        raise ValueError(f"use_effective_conv2d=True (PEFT's Tucker form of a {tuple(base.kernel_size)} kernel) is "
+                         f"not supported: ours adapts the flattened kernel; use use_effective_conv2d=False")
+    u.rank_dropout, u.module_dropout = float(rank_dropout), float(module_dropout)
+    u.spec.update({k: float(v) for k, v in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)) if v})
+
+# %% ../nbs/06_adapters.ipynb #a1b2c3g2
+def _lyco_draws(live: list) -> tuple:
+    """PEFT's draws, adapter by adapter in order: a coin that skips it (`module_dropout`), then a mask over the rows
+    of `ΔW` (`rank_dropout`, rescaled where `rank_dropout_scale`). Returns the updates kept whole, and `(u, mask)`."""
+    kept, masked = [], []
+    for u in live:
+        if not (u.rank_dropout or u.module_dropout): kept.append(u); continue
+        if not bool(torch.rand(1) > u.module_dropout): continue  # skipped this step
+        if not u.rank_dropout: kept.append(u); continue
+        mask = (torch.rand(u.d_out) > u.rank_dropout).to(u.factors[0].dtype)  # the dtype of ΔW (PEFT: of the weight)
+        if u.rank_dropout_scale: mask = mask / mask.mean() if bool(mask.any()) else mask  # PEFT: 0/0 = NaN; ours 0
+        masked.append((u, mask))
+    return kept, masked
+
 # %% ../nbs/06_adapters.ipynb #f18fbf4f
 def check_name(name, what: str = "name") -> str:
     "`name` if it can name an adapter and its folder (never `..`, an absolute path, a hidden entry), else `ValueError`."
@@ -305,6 +332,12 @@ class _LayerState(nn.Module):
         if check_name(name) in self.updates: raise ValueError(f"the layer already has an adapter named {name!r}")
         if (update.d_out, update.d_in) != layer_shape(self.base):
             raise ValueError(f"update is sized {update.d_out}×{update.d_in}, the layer {layer_shape(self.base)}")
+        residual = update.__dict__.get("residual")  # `W0 − s·BA` of an olora/pissa start, written into the base
+        if residual is not None and self.merged:
+            raise ValueError(f"an adapter initialised by {update.init!r} rewrites the base weight: unmerge() "
+                             f"{self.merged} first")
+        if residual is not None:
+            with torch.no_grad(): self.base.weight.copy_(as_layer_weight(self.base, update.__dict__.pop("residual")))
         self.updates[name] = update.train(self.training)
         self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
 
@@ -437,10 +470,42 @@ class AdaptedLayer(_LayerState):
     def forward(self, x):
         "The frozen layer plus the live updates, each by its path, in autocast's dtype where autocast is on."
         if self._state[2] and self._state[1]: return self._apply_matrix(x, self._w0(), self.bias)  # disabled, merged
-        if not (live := self.live()): return self.base(x)
+        if (rows := self.__dict__.get("_rows")) is not None and not self._state[2]: return self._per_row(x, rows)
+        return self._live_forward(x, self.live())
+
+    def _live_forward(self, x, live: list):
+        "`base(x)` plus the updates `live`; in training, PEFT's rank and module dropouts drawn first (`_lyco_draws`)."
+        masked = []
+        if self.training and any(u.rank_dropout or u.module_dropout for u in live): live, masked = _lyco_draws(live)
+        y = self._forward_updates(x, live)
+        for u, mask in masked:  # `s·ΔW` with rows zeroed, formed (as PEFT's LoHa/LoKr always form it)
+            D = u.delta(*u.factors) * u.scale * mask.to(u.factors[0].device)[:, None]
+            y = y + self._apply_matrix(F.dropout(x, u.dropout) if u.dropout else x, D, None)
+        return y
+
+    def _forward_updates(self, x, live: list):
+        "`base(x)` plus the updates `live`, each by its path (a `torch.func` transform: plain autograd ops)."
+        if not live: return self.base(x)
         if _autograd_only(): return self._reference(x, live)
         dt = compute_dtype(x)
         with _autocast_off(x): return self._adapted(x.to(dt), live, dt)
+
+    def _per_row(self, x, names: tuple):
+        "Row `i` of `x` through adapter `names[i]` alone (`'__base__'` or one this layer lacks: the base layer)."
+        if self._state[1]:
+            raise ValueError(f"adapters {list(self._state[1])} are merged into this layer's weight: a per-row batch "
+                             f"needs them unmerged (as PEFT): call unmerge() first")
+        if len(x) != len(names):
+            raise ValueError(f"adapter_batch gave {len(names)} adapter names, one per row, but this layer's input has "
+                             f"{len(x)} rows (shape {tuple(x.shape)})")
+        groups = {}
+        for i, n in enumerate(names): groups.setdefault(n, []).append(i)
+        outs = {n: self._live_forward(x[ix], [self.updates[n]] if n in self.updates else [])
+                for n, ix in groups.items()}
+        first = next(iter(outs.values()))
+        y = first.new_empty((len(x), *first.shape[1:]))
+        for n, ix in groups.items(): y[torch.tensor(ix, device=x.device)] = outs[n]
+        return y
 
     def _apply_matrix(self, x, D, bias):
         "The base layer's operation with the `d_out × d_in` matrix `D` in place of its weight, and `bias`."
@@ -495,7 +560,7 @@ class AdaptedLayer(_LayerState):
             if p == "folded": continue
             if y is None and p == "factored": y = u.factored(base, x, Wc, bias); continue
             xi = F.dropout(x, u.dropout) if drop and u.dropout > 0 else x
-            if p == "dora" and y is None and xi is x and not self.merged:  # the layer's own output, less its bias
+            if p == "dora" and y is None and xi is x and not self.merged and kind == "linear":  # less its bias
                 y = F.linear(x, Wc, bias)
                 plain = y if bias is None else y - bias
             if y is None: y = self._base_only(x, Wc, bias)
@@ -510,8 +575,20 @@ class AdaptedLayer(_LayerState):
         with torch.no_grad():
             W0f = W0.to(torch.promote_types(W0.dtype, torch.float32))
             norm = u.add_delta(W0f, [f.detach() for f in u.factors], u.scale).norm(dim=1)
+        if u.kind == "embedding": return self._dora_embedding(u, x, W0, u.magnitude / norm)
         c = (u.magnitude / norm).to(dt)
-        return (c - 1) * (F.linear(x, W0.to(dt)) if plain is None else plain) + c * self._update_only(u, x, dt)
+        if u.kind == "conv":  # per output channel, the channel axis before the spatial ones (PEFT's `_DoraConvNdLayer`)
+            c = c.reshape(-1, *[1] * (self.base.weight.dim() - 2))
+            if plain is None: plain = self.base._conv_forward(x, as_layer_weight(self.base, W0).to(dt), None)
+        elif plain is None: plain = F.linear(x, W0.to(dt))
+        return (c - 1) * plain + c * self._update_only(u, x, dt)
+
+    def _dora_embedding(self, u: Update, ids, W0, c):
+        "DoRA's term for an embedding, `(c − 1)·W0[ids] + c·s·B A[ids]` (PEFT's `DoraEmbeddingLayer`, one adapter)."
+        y0 = self._apply_matrix(ids, W0, None)  # the lookup in W0
+        h = F.embedding(ids, u.A.T.to(y0.dtype), padding_idx=self.base.padding_idx) @ u.B.T.to(y0.dtype)
+        c = c.to(y0.dtype)
+        return (c - 1) * y0 + c * u.scale * h
 
 # %% ../nbs/06_adapters.ipynb #7b1f930c
 class _AliasOf(type):
@@ -560,6 +637,56 @@ def conv_low_rank_update(base: nn.Module, x, U, V, scale: float):
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return conv(h, V.to(x.dtype).reshape(base.out_channels, k, *[1] * nd), groups=g).mul_(scale)
 
+# %% ../nbs/06_adapters.ipynb #a1b2c3d1
+LORA_INITS = (True, False, "gaussian", "orthogonal", "olora", "pissa")  # PEFT's `init_lora_weights` values we take
+
+def _check_init(init, kind: str | None, rank) -> None:
+    "`ValueError` naming `init` unless it is one of `LORA_INITS` and fits a layer of `kind` and `rank`."
+    if not (isinstance(init, bool) or (isinstance(init, str) and init in LORA_INITS)):
+        raise ValueError(f"init must be one of {LORA_INITS} (PEFT's init_lora_weights), got {init!r}")
+    if init in ("orthogonal", "olora", "pissa") and kind != "linear":
+        raise ValueError(f"init={init!r} starts {KIND_NAMES['linear']} adapters (as PEFT), not a {kind} layer; "
+                         f"use True, False or 'gaussian'")
+    if init == "orthogonal" and isinstance(rank, int) and rank % 2:
+        raise ValueError(f"init='orthogonal' needs an even rank (as PEFT), got rank={rank}")
+
+# %% ../nbs/06_adapters.ipynb #a1b2c3d2
+def _principal(W: torch.Tensor, r: int, how: str, scale: float) -> tuple:
+    "`(B, A)` of PEFT's olora (`W = QR`: `B = Q[:, :r]`, `A = R[:r]`) or pissa (`√S` split over the top `r` pairs)."
+    if how == "olora":
+        Q, R = torch.linalg.qr(W)
+        return Q[:, :r], R[:r]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    root = (S[:r] / scale).sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]
+
+# %% ../nbs/06_adapters.ipynb #a1b2c3d3
+def _orthogonal(d_out: int, d_in: int, r: int) -> tuple:
+    "`(B, A)` of PEFT's orthogonal start: the even and odd rows of a random orthogonal `r × r` matrix, as its draws."
+    Q, _ = torch.linalg.qr(torch.randn(r, r))
+    A = torch.randn(d_in, r // 2).mm(Q[0::2]).T / 10.0
+    return torch.randn(r // 2, d_out).T.mm(Q[1::2]) / 10.0, A
+
+# %% ../nbs/06_adapters.ipynb #a1b2c3d4
+def _lora_init(u, base: nn.Module, init) -> None:
+    """Start the LoRA `u` as PEFT's `init_lora_weights=init` does, drawing what PEFT draws in its order (so a seed gives
+    PEFT's numbers); olora and pissa leave `W0 − s·BA` in `u.residual`, for the layer to write into its base."""
+    with torch.no_grad():
+        if u.kind == "embedding":  # PEFT: N(0, 1) factors, reset (to A = 0, B normal) unless init is False
+            if init is False: u.A.normal_(); u.B.normal_()
+            return
+        nn.init.kaiming_uniform_(u.B, a=math.sqrt(5))  # PEFT's `lora_B` is an `nn.Linear` too: A, B both drawn
+        if init == "gaussian": nn.init.normal_(u.A, std=1 / u.rank); u.B.zero_()
+        if init == "orthogonal":
+            B, A = _orthogonal(u.d_out, u.d_in, u.rank); u.B.copy_(B); u.A.copy_(A)
+        if init in ("olora", "pissa"):
+            if init == "pissa" and u.scale == 0:
+                raise ValueError("init='pissa' divides by the scale: alpha must be > 0")
+            W = weight_matrix(base).to(torch.promote_types(base.weight.dtype, torch.float32))
+            B, A = _principal(W, u.rank, init, u.scale)
+            u.B.copy_(B); u.A.copy_(A)
+            u.residual = (W - u.scale * (B @ A)).to(base.weight.dtype)
+
 # %% ../nbs/06_adapters.ipynb #c34b5060
 class LoRAUpdate(Update):
     "LoRA: `ΔW = B A`, `B: d_out × r`, `A: r × d_in`; scale `alpha / r` (PEFT's convention), `alpha / √r` (rsLoRA)."
@@ -570,8 +697,10 @@ class LoRAUpdate(Update):
                  dtype: torch.dtype | None = None,  # factors' dtype; default: float32 for half-precision layers
                  dropout: float = 0.0,  # on the update's input (PEFT's `lora_dropout`)
                  rslora: bool = False,  # scale `alpha / √rank` (PEFT's `use_rslora`)
-                 dora: bool = False):  # a trained magnitude per output (PEFT's `use_dora`)
+                 dora: bool = False,  # a trained magnitude per output (PEFT's `use_dora`)
+                 init: bool | str = True):  # PEFT's `init_lora_weights`: True, False, or one of `LORA_INITS`
         super().__init__(base, path, dtype, dropout, dora)
+        _check_init(init, self.kind, rank)
         self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.rslora = bool(rslora)
         r = math.sqrt(self.rank) if self.rslora else self.rank
@@ -582,6 +711,8 @@ class LoRAUpdate(Update):
         self.A = self.new(self.rank, self.d_in, init="zeros" if emb else "kaiming")
         self.B = self.new(self.d_out, self.rank, init="normal" if emb else "zeros")
         self.spec.update(rank=self.rank, alpha=None if alpha is None else float(alpha), rslora=self.rslora)
+        self.init = init  # not in `spec`: a rebuilt adapter takes its saved factors, never a second olora/pissa start
+        if init is not True and not base.weight.is_meta: _lora_init(self, base, init)
 
     factors = property(lambda self: (self.B, self.A))
     def delta(self, B, A): return B @ A
@@ -613,8 +744,13 @@ class LoHAUpdate(Update):
     def __init__(self, base: nn.Module, rank: int | tuple = 8, alpha: float | None = None,
                  path: str = "auto",  # "auto" (cheaper exact path), "factored" or "folded"
                  dtype: torch.dtype | None = None,  # factors' dtype; default: float32 for half-precision layers
-                 dropout: float = 0.0, dora: bool = False):  # on the update's input; DoRA's magnitude
+                 dropout: float = 0.0, dora: bool = False,  # on the update's input; DoRA's magnitude
+                 rank_dropout: float = 0.0,  # training: zero each row of `ΔW` with this probability (PEFT's)
+                 module_dropout: float = 0.0,  # training: skip the whole update with this probability (PEFT's)
+                 use_effective_conv2d: bool = False):  # PEFT's Tucker kernel form: refused where it would apply
         super().__init__(base, path, dtype, dropout, dora)
+        _lyco_options(self, rank_dropout, module_dropout, use_effective_conv2d, base)
+        self.rank_dropout_scale = True  # PEFT's LoHa always rescales the kept rows
         r1, r2 = rank if isinstance(rank, (tuple, list)) else (rank, rank)
         why = f" for a {self.d_out}×{self.d_in} layer"
         self.ranks = tuple(check_int(r, "rank", 1, min(self.d_out, self.d_in), why) for r in (r1, r2))
@@ -710,8 +846,15 @@ class LoKrUpdate(Update):
                  factor: int = -1,  # split dimensions near `factor` (PEFT's `decompose_factor`); -1: near the root
                  shape: tuple | None = None,  # `(a1, a2)`, the shape of `A`, instead of the automatic choice
                  low_rank: bool | None = None,  # `B = B1 B2`; default: PEFT's rule `rank < max(b1, b2) / 2`
-                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0, dora: bool = False):
+                 path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0, dora: bool = False,
+                 rank_dropout: float = 0.0, module_dropout: float = 0.0,  # PEFT's, in training (as LoHA's)
+                 rank_dropout_scale: bool = False,  # rescale the kept rows by 1 / (fraction kept) (PEFT's)
+                 decompose_both: bool = False,  # PEFT's `A = A1 A2`: refused where it would apply
+                 use_effective_conv2d: bool = False):
         super().__init__(base, path, dtype, dropout, dora)
+        _lyco_options(self, rank_dropout, module_dropout, use_effective_conv2d, base)
+        self.rank_dropout_scale = bool(rank_dropout_scale)
+        if rank_dropout_scale: self.spec["rank_dropout_scale"] = True
         self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha") / self.rank
         c_in = base.in_channels // base.groups if self.kind == "conv" else self.d_in  # the kernel stays with B
@@ -719,6 +862,9 @@ class LoKrUpdate(Update):
         _check_divides(a1, self.d_out, "d_out", shape)
         _check_divides(a2, c_in, "d_in" if c_in == self.d_in else "input channels", shape)
         b1, b2 = self.d_out // a1, self.d_in // a2
+        if decompose_both and self.rank < max(a1, a2) / 2:
+            raise ValueError(f"decompose_both=True (PEFT's A = A1 A2 of rank {self.rank} for A of {a1}×{a2}) is not "
+                             f"supported: use decompose_both=False, or a rank >= {max(a1, a2) / 2:g}")
         self.low_rank = self.rank < max(b1, c_in // a2) / 2 if low_rank is None else bool(low_rank)
         self.A = self.new(a1, a2, init="zeros")
         if self.low_rank:
