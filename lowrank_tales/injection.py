@@ -294,8 +294,7 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
     """Give `model` adapter `name`: the update `specs[module]` describes on each module named, a trained copy of each
     module in `saved`, then `tensors` (`'<module>.<parameter>'`, `'modules_to_save.<module>.<key>'`) copied in.
 
-    Everything is built and checked before the first change; the first adapter freezes the model; the model then
-    takes `adapter_names=` (`accept_adapter_names`)."""
+    Everything is built and checked before the first change; the first adapter freezes the model."""
     if check_name(name) in adapter_names(check_model(model)):
         raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
                          f"delete_adapter() it")
@@ -313,7 +312,7 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
         if not isinstance(m := model.get_submodule(n), SavedModule):
             replace_module(model, n, m := SavedModule(m)); m.set_disabled(off)
         m.add(name, active=first, module=c)
-    return accept_adapter_names(model)  # `model(..., adapter_names=[...])` runs per row, never silently ignored
+    return model
 
 # %% ../nbs/07_models.ipynb #8d40ffd9
 def _is_plan(method) -> bool:
