@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter_files import load_adapter, parse_config, read_files, save_adapter
+from .adapter_files import load_adapter, parse_config, save_adapter
 from .core import check_int, iterations
 from .injection import SavedModule, adapter_layers as adapters, inject, merge, trainable_parameters, unmerge
 
@@ -168,13 +168,6 @@ def evaluate(model: TextClassifier, data: tuple,  # `(texts, labels)`, e.g. `loa
             right += int((model(**b).argmax(-1).cpu() == labels[s:s + batch_size]).sum())
     return right / len(texts)
 
-# %% ../nbs/08_finetune.ipynb #b7c9e0c1
-def _config_name(folder: Path):
-    "The adapter name recorded in `folder`'s `adapter_config.json` (read as a save left it)."
-    config = parse_config(read_files(folder, ["adapter_config.json"], str(folder))["adapter_config.json"],
-                          folder, "adapter_config.json")
-    return config.get("name")
-
 # %% ../nbs/08_finetune.ipynb #b7c9e002
 def checkpoint_adapters(folder) -> list[Path]:
     """The adapter folders `save_adapter` wrote in a checkpoint `folder`: its root, and each subfolder holding the
@@ -182,8 +175,8 @@ def checkpoint_adapters(folder) -> list[Path]:
     root = Path(folder)
     if not root.is_dir(): raise ValueError(f"checkpoint {str(root)!r} is not a folder")
     has = lambda f: (f / "adapter_config.json").is_file()
-    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p)
-            and _config_name(p) == p.name]
+    name = lambda f: parse_config((f / "adapter_config.json").read_bytes(), f, "adapter_config.json").get("name")
+    subs = [p for p in sorted(root.iterdir()) if p.is_dir() and has(p) and name(p) == p.name]
     if not (found := [root] * has(root) + subs):
         raise ValueError(f"checkpoint {str(root)!r} holds no adapter_config.json: it was not written through "
                          "AdapterCheckpoints (a whole-model checkpoint of a plain Trainer?)")

@@ -187,7 +187,14 @@ def _partition_fit(A, mask, dims, widths, **options) -> Factorization:
     combine = functools.partial(_partition_product, len(fits))
     rel = relative_error(A, combine(*factors), mask)
     return Factorization(factors, combine, losses=losses, rel_error=rel, n_iter=n - 1,
-                         method="khatri_rao (partition-wise)")
+                         method=f"khatri_rao (partition-wise), {fits[0].method} per block")
+
+# %% ../nbs/05_khatri_rao.ipynb #93f8eb0d
+def _khatri_rao_label(runs_als: bool, masked: bool, init: str, k: int) -> str:
+    "The algorithm that ran: the closed form alone (`khatri_rao_svd`), or ALS (HOPM) sweeps and their start."
+    if not runs_als: return "khatri_rao_svd"
+    start = "random" if init == "random" else ("svd" if k == 2 else "hosvd")
+    return f"khatri_rao_als ({'masked, ' if masked else ''}{start} start)"
 
 # %% ../nbs/05_khatri_rao.ipynb #3d5467d0
 def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or torch tensor, float32/float64
@@ -224,7 +231,8 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
     Om = None if mask is None else _column_tensors(to_tensor(mask, X.device), dims)
     if auto_reg: reg = masked_default_reg(X, Om, len(dims))  # unobserved entries stay in the data's range
     ws = [random_normal((X.shape[0], d), X, rng) for d in dims] if init == "random" else _hosvd_start(X)
-    if mask is not None or init == "random" or len(dims) > 2 or reg:
+    runs_als = bool(mask is not None or init == "random" or len(dims) > 2 or reg)
+    if runs_als:
         state = list(ws)
         def sweep():
             for i in range(len(state)): state[i] = _ridge_mode_update(X, Om, state, i, reg)
@@ -236,7 +244,8 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
     else: losses = [_khatri_rao_loss(X, Om, ws, reg)]
     Ws = tuple(like(w.T, A) for w in ws)
     rel = relative_error(A, khatri_rao(*Ws), mask)
-    return fit_result(Ws, khatri_rao, losses, rel, f"khatri_rao_{method}", e, len(dims))
+    return fit_result(Ws, khatri_rao, losses, rel, _khatri_rao_label(runs_als, mask is not None, init, len(dims)), e,
+                      len(dims))
 
 # %% ../nbs/05_khatri_rao.ipynb #c68c71fa
 def nearest_partition_khatri_rao(A,  # matrix (p·q, Σ_r s_r·t_r), numpy array or torch tensor

@@ -164,6 +164,13 @@ def _kronecker_loop(R, Om, Bm, Cm, reg, max_iter, tol, progress) -> tuple:
     losses = fit_loop(sweep, _loss(R, Om, Bm @ Cm.T, Bm, Cm, reg), max_iter, tol, progress, "kronecker_als", precision)
     return (*fix_signs(state, dim=0), losses)
 
+# %% ../nbs/04_kronecker.ipynb #46e79f10
+def _kronecker_label(method: str, runs_als: bool, masked: bool, init: str) -> str:
+    "The algorithm that ran: the closed form alone (`kronecker_svd`, `kronecker_randomized_svd`), or ALS and its start."
+    start = "random" if init == "random" else ("randomized svd" if method == "randomized" else "svd")
+    if not runs_als: return "kronecker_" + start.replace(" ", "_")
+    return f"kronecker_als ({'masked, ' if masked else ''}{start} start)"
+
 # %% ../nbs/04_kronecker.ipynb #c11cd730
 def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or torch tensor, float32/float64
                   shape,  # B's shape (m1, n1); C's shape is A's shape divided by it
@@ -201,4 +208,4 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or to
     else: losses = [_loss(R, Om, Bm @ Cm.T, Bm, Cm, reg)]
     Bs, Cs = (like(F, A) for F in _stack(Bm, Cm, shape, c_shape))
     rel = relative_error(A, kron_sum(Bs, Cs), mask)
-    return fit_result((Bs, Cs), kron_sum, losses, rel, f"kronecker_{method}", e, 2)
+    return fit_result((Bs, Cs), kron_sum, losses, rel, _kronecker_label(method, runs_als, mask is not None, init), e, 2)
