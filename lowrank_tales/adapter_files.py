@@ -16,27 +16,16 @@ from safetensors.torch import load as safetensors_load, save as safetensors_save
 from torch import nn
 
 from . import __version__
-from .adapters import UPDATES, Adapter, Update
+from .adapters import UPDATES, Adapter, Update, check_name
 from .products import face_split, khatri_rao, kron
-from .injection import (SavedModule, _holders, _names, active_adapters, adapter_layers, check_model,
-                                     replace_module, saved_modules, shadow)
+from .injection import (SavedModule, _fill as _fill_state, _names, active_adapters, adapter_layers,
+                                     check_model, install, saved_modules, shadow)
 try: import fcntl
 except ImportError: fcntl = None  # no advisory locks (Windows): a save then takes any journal it finds for stale
 
 # %% auto #0
-__all__ = ['check_adapter_name', 'factor_tensors', 'jsonable', 'from_json', 'check_folder', 'write_files', 'read_files',
-           'file_digest', 'parse_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'parse_config', 'check_seal',
-           'load_adapter']
-
-# %% ../nbs/07a_adapter_files.ipynb #e3e86208
-def check_adapter_name(name, what: str = "name") -> str:
-    """`name` if it can name an adapter and its subfolder, else `ValueError` naming `what`.
-
-    A name is a non-empty string without '.', '/', '\\' or NUL: never `..`, an absolute path or a hidden entry."""
-    if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
-        raise ValueError(f"{what} must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), "
-                         f"got {name!r}")
-    return name
+__all__ = ['factor_tensors', 'jsonable', 'from_json', 'check_folder', 'write_files', 'read_files', 'file_digest',
+           'parse_safetensors', 'save_adapter', 'check_tensors', 'shapes', 'parse_config', 'check_seal', 'load_adapter']
 
 # %% ../nbs/07a_adapter_files.ipynb #d8e1e68f
 def _one_name(model: nn.Module, name, what: str) -> str:
@@ -72,7 +61,7 @@ def _to_write(model: nn.Module, name, verb: str) -> list[str]:
     if not adapter_layers(check_model(model)): raise ValueError(f"model has no adapters to {verb}: inject() first")
     names = _names(model, name, active_adapters(model))
     if not names: raise ValueError(f"no adapter is active: pass name= to choose what to {verb}")
-    return [check_adapter_name(n, "adapter name") for n in names]
+    return [check_name(n, "adapter name") for n in names]
 
 # %% ../nbs/07a_adapter_files.ipynb #7f8f7f01
 _JOURNAL, _COMMIT = ".lowrank_tales-save-", ".committed"  # a save's hidden journal folder, and its commit marker
@@ -282,7 +271,7 @@ def _float_state(m: nn.Module) -> dict:
 # %% ../nbs/07a_adapter_files.ipynb #88bdfd88
 def _in_folder(name: str, file: str) -> str:
     "PEFT's layout: the path of `file` of adapter `name` in the save's folder (`'default'` in it, any other below)."
-    return file if name == "default" else f"{check_adapter_name(name, 'adapter name')}/{file}"
+    return file if name == "default" else f"{check_name(name, 'adapter name')}/{file}"
 
 # %% ../nbs/07a_adapter_files.ipynb #967bcb33
 def _low_rank_pair(V: torch.Tensor, U: torch.Tensor) -> tuple:
@@ -483,25 +472,12 @@ def _check_flag(value, what: str) -> bool:
 # %% ../nbs/07a_adapter_files.ipynb #ece0543b
 def _install(model: nn.Module, name: str, specs: dict, tensors: dict, filled: dict, existing: bool,
              saved: list = (), trainable: bool = True) -> nn.Module:
-    "Give `model` adapter `name` from `specs` (unless it has it), then copy `tensors` into it and its saved modules."
-    first = not _holders(model)
-    if not existing:
-        layers = {n: model.get_submodule(n) for n in specs}
-        filled = {n: _build(m.base if isinstance(m, Adapter) else m, specs[n], n) for n, m in layers.items()}
-        if first: model.requires_grad_(False)
-        for n, u in filled.items():
-            if isinstance(layers[n], Adapter): layers[n].add(name, u, active=False)
-            else: a = Adapter(layers[n]); a.add(name, u, active=first); replace_module(model, n, a)
-        for n in saved:
-            m = model.get_submodule(n)
-            if not isinstance(m, SavedModule): replace_module(model, n, m := SavedModule(m))
-            m.add(name, active=first)
-    with torch.no_grad():
-        for n, u in filled.items():
-            for k, p in u.named_parameters(): p.copy_(tensors[f"{n}.{k}"])
-        for n in saved:
-            for k, t in _float_state(model.get_submodule(n).copies[name]).items():
-                t.copy_(tensors[f"modules_to_save.{n}.{k}"])
+    """Adapter `name` from `specs` and `tensors` through `install` (the one install path); where the model has it
+    already (`existing`: the updates `filled`), `tensors` copied into it and its saved modules."""
+    if not existing: install(model, name, {n: from_json(dict(s)) for n, s in specs.items()}, tensors, list(saved))
+    else:
+        _fill_state(filled, tensors)
+        _fill_state({n: model.get_submodule(n).copies[name] for n in saved}, tensors, "modules_to_save.")
     if not trainable: _freeze(model, name, list(filled), list(saved))
     return model
 
@@ -569,7 +545,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     `trainable=False` loads it for inference: its factors frozen, the modules holding them in eval mode."""
     path, what = check_folder(path), f"adapter {str(path)!r}"
     _check_flag(trainable, "trainable")
-    if name is not None: check_adapter_name(name, "name")
+    if name is not None: check_name(name, "name")
     files = read_files(path, ["adapter_config.json", "adapter.safetensors"], what)
     config = parse_config(files["adapter_config.json"], path, "adapter_config.json")
     if config.get("library") != "lowrank_tales":
@@ -577,7 +553,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     mods = _check_modules(config, what)
     tensors, meta, digest = parse_safetensors(files["adapter.safetensors"], "adapter.safetensors", what)
     check_seal(config, meta, digest, what)
-    if name is None: name = check_adapter_name(config.get("name", "default"), f"the name in {what}")
+    if name is None: name = check_name(config.get("name", "default"), f"the name in {what}")
     saved = _saved_record(config, what)
     record = {f"{n}.{k}": tuple(s) for n, v in mods.items() for k, s in v["shapes"].items()}
     record |= {f"modules_to_save.{n}.{k}": tuple(s) for n, st in saved.items() for k, s in st.items()}

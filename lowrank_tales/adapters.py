@@ -19,11 +19,11 @@ from .core import check_int, check_nonnegative
 from .products import face_split, khatri_rao, kron
 
 # %% auto #0
-__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'LORA_INITS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape', 'weight_matrix',
-           'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear', 'check_name',
-           'check_unique', 'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update', 'LoRAUpdate', 'LoRA',
-           'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims', 'max_factors',
-           'LoKHUpdate', 'LoKH']
+__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'LORA_INITS', 'METHODS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape',
+           'weight_matrix', 'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear',
+           'check_name', 'check_unique', 'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update',
+           'LoRAUpdate', 'LoRA', 'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims',
+           'max_factors', 'LoKHUpdate', 'LoKH']
 
 # %% ../nbs/06_adapters.ipynb #37133005
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -967,5 +967,6 @@ class LoKH(AdaptedLayer):
     update_class = LoKHUpdate
 
 # %% ../nbs/06_adapters.ipynb #bf2ae05f
-UPDATES = {"lora": LoRAUpdate, "loha": LoHAUpdate, "lokr": LoKrUpdate, "lokh": LoKHUpdate}
-LAYERS = {"lora": LoRA, "loha": LoHA, "lokr": LoKr, "lokh": LoKH}
+METHODS = {c.update_class.method: c for c in (LoRA, LoHA, LoKr, LoKH)}  # the one registry, keyed by the update's method
+UPDATES = {m: c.update_class for m, c in METHODS.items()}  # read from it: each method's update class
+LAYERS = METHODS  # its former name: each method's layer class

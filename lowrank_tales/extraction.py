@@ -156,15 +156,15 @@ class Extraction(Factorization):
 # %% ../nbs/09_compress.ipynb #4b934df8
 def adapter_options(ad: Adapter) -> dict:
     "Keyword arguments that rebuild the factor shapes of adapter `ad` exactly."
-    if isinstance(ad, LoKH): return dict(dims=ad.dims, along=ad.along)
-    if isinstance(ad, LoKr): return dict(rank=ad.rank, shape=tuple(ad.A.shape), low_rank=ad.low_rank)
-    if isinstance(ad, LoHA): return dict(rank=ad.ranks[0] if ad.ranks[0] == ad.ranks[1] else ad.ranks)
+    if ad.method == "lokh": return dict(dims=ad.dims, along=ad.along)
+    if ad.method == "lokr": return dict(rank=ad.rank, shape=tuple(ad.A.shape), low_rank=ad.low_rank)
+    if ad.method == "loha": return dict(rank=ad.ranks[0] if ad.ranks[0] == ad.ranks[1] else ad.ranks)
     return dict(rank=ad.rank)
 
 # %% ../nbs/09_compress.ipynb #64473070
 def fit_update(D, ad: Adapter, fit_options: dict | None = None) -> Extraction:
     "The factors of (meta) adapter `ad` closest to the update `D` (`d_out × d_in`, numpy or torch; same kind out)."
-    method = next(k for k, cls in METHODS.items() if type(ad) is cls)
+    method = ad.method  # the update's method, however its layer was built
     factors = tuple(like(f, D) for f in FITS[method](to_tensor(D), ad, **(fit_options or {})))
     return Extraction(factors, ad.delta, rel_error=relative_error(D, ad.delta(*factors)), method=method,
                       options=adapter_options(ad), shape=tuple(D.shape))
@@ -205,7 +205,7 @@ def fill_adapter(adapter: Adapter, ex: Extraction) -> Adapter:
     """Copy the factors of `ex` into `adapter`; returns `adapter`.
 
     The first factor is divided by its scale, so `s·ΔW = ex.approx()`."""
-    if not isinstance(adapter, METHODS[ex.method]):
+    if not isinstance(adapter, Adapter) or len(adapter.updates) != 1 or adapter.method != ex.method:
         raise TypeError(f"adapter is a {type(adapter).__name__}, but the extraction holds {ex.method} factors")
     if (adapter.d_out, adapter.d_in) != tuple(ex.shape):
         raise ValueError(f"the extraction approximates a {ex.shape[0]}×{ex.shape[1]} update, "

@@ -11,20 +11,18 @@ import re
 import torch
 from torch import nn
 
-from .adapters import (KIND_NAMES, LAYERS, UPDATES, AdaptedLayer, Adapter, Update, check_name,
+from .adapters import (KIND_NAMES, LAYERS, METHODS, UPDATES, AdaptedLayer, Adapter, Update, check_name,
                                     check_unique, layer_kind)
 
 # %% auto #0
-__all__ = ['METHODS', 'BIASES', 'ALL_LINEAR', 'BASE_ADAPTER', 'target_matches', 'pattern_value', 'exact_targets',
-           'adapter_layers', 'check_model', 'saved_modules', 'adapter_names', 'active_adapters', 'shadow',
-           'make_adapter', 'check_targets', 'unmatched', 'adapt_problem', 'plan_injection', 'SavedModule',
-           'replace_module', 'build_update', 'install', 'inject', 'plan_saved', 'select_targets',
-           'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload',
-           'merge_and_unload', 'adapter_batch', 'accept_adapter_names']
+__all__ = ['BIASES', 'ALL_LINEAR', 'BASE_ADAPTER', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers',
+           'check_model', 'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter',
+           'check_targets', 'unmatched', 'adapt_problem', 'plan_injection', 'SavedModule', 'replace_module',
+           'build_update', 'install', 'inject', 'plan_saved', 'select_targets', 'trainable_parameters', 'merge',
+           'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload',
+           'adapter_batch', 'accept_adapter_names']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
-METHODS = LAYERS  # the layer class of each method, by the name `inject` takes
-
 def target_matches(name: str, targets: str | list) -> bool:
     """Whether module `name` is targeted.
 
@@ -316,9 +314,23 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
         m.add(name, active=first, module=c)
     return model
 
+# %% ../nbs/07_models.ipynb #8d40ffd9
+def _is_plan(method) -> bool:
+    "Whether `method` is a `Plan` (the planning chapter's, imported here only when asked: it imports this module)."
+    from lowrank_tales.planning import Plan
+    return isinstance(method, Plan)
+
+# %% ../nbs/07_models.ipynb #c1b2350e
+def _inject_plan(model: nn.Module, plan, name: str, alpha, given: dict, options: dict) -> nn.Module:
+    "`plan.inject(model, name=name, alpha=alpha, budget=...)`; `ValueError` for an option a plan fixes itself."
+    if extra := [k for k, v in given.items() if v] + [k for k in options if k != "budget"]:
+        raise ValueError(f"inject(model, plan) takes name=, alpha= and budget= only; the plan fixes {extra} "
+                         f"per layer itself")
+    return plan.inject(model, name=name, alpha=alpha, budget=options.get("budget"))
+
 # %% ../nbs/07_models.ipynb #7552c1c5
-def inject(model: nn.Module, method: str, *,
-           targets: str | list,  # a full-match regex, or module names (a name matches itself and any `*.name`)
+def inject(model: nn.Module, method, *,
+           targets: str | list | None = None,  # a full-match regex, module names (`name` and `*.name`), "all-linear"
            name: str = "default",  # the adapter's name; another name adds another adapter (PEFT's `add_adapter`)
            rank: int | None = None,  # the adapter's rank (default 8); LoKH takes `p` instead
            alpha: float | None = None,  # scale numerator (`alpha / rank`, PEFT's convention); None: scale 1
@@ -328,10 +340,25 @@ def inject(model: nn.Module, method: str, *,
            rank_pattern: dict | None = None,  # per-module ranks, PEFT's matching (`(.*\.)?key$`)
            alpha_pattern: dict | None = None,  # per-module alphas, likewise
            modules_to_save: list | None = None,  # modules trained in full beside the adapter (e.g. a classifier head)
+           exclude_modules: str | list | None = None,  # PEFT's: modules left out (see `select_targets`)
+           layers_to_transform: int | list | None = None,  # PEFT's: layer indices kept (targets as names only)
+           layers_pattern: str | list | None = None,  # PEFT's: the name before the layer index ("layers", "h")
            **options) -> nn.Module:  # passed to the update (e.g. `factor`, `shape` for LoKr; `p`, `dims` for LoKH)
-    "Add adapter `name` of `method` to every targeted layer (the first adapter freezes the rest); returns `model`."
+    """Add adapter `name` of `method` to every targeted layer (the first adapter freezes the rest); returns `model`.
+
+    `method` may also be a `Plan` (from `plan`): its chosen method and size per layer, added as adapter `name`."""
+    if _is_plan(method):
+        given = dict(targets=targets, rank=rank, dropout=dropout, rslora=rslora, dora=dora, rank_pattern=rank_pattern,
+                     alpha_pattern=alpha_pattern, modules_to_save=modules_to_save, exclude_modules=exclude_modules,
+                     layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+        return _inject_plan(model, method, name, alpha, given, options)
+    if targets is None:
+        got = repr(method) if isinstance(method, str) else f"a {type(method).__name__}"
+        raise TypeError(f"targets must be given with method={got}: a full-match regex, a list of module names or "
+                        f"'all-linear' (only inject(model, plan) chooses the modules itself)")
     method = method.lower() if isinstance(method, str) else method
     opts = _method_options(method, dropout, rslora, dora, options)
+    targets = _peft_targets(model, targets, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)
     plan = plan_injection(model, method, targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
                           alpha_pattern=alpha_pattern)
     saved = plan_saved(model, modules_to_save, list(plan))
@@ -436,6 +463,16 @@ def select_targets(model: nn.Module,
     raise ValueError(f"targets {str(targets)[:200]} with exclude_modules={exclude_modules!r}, layers_to_transform="
                      f"{layers_to_transform!r}, layers_pattern={layers_pattern!r} select no module of the model; "
                      f"some module names: {names[:8]}")
+
+# %% ../nbs/07_models.ipynb #c28c3209
+def _peft_targets(model: nn.Module, targets, exclude_modules, layers_to_transform, layers_pattern,
+                  modules_to_save):
+    "`targets`, or, when a PEFT choosing option or `'all-linear'` is given, exactly the modules `select_targets` picks."
+    linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if not linear and (exclude_modules, layers_to_transform, layers_pattern) == (None, None, None): return targets
+    return exact_targets(select_targets(model, targets, exclude_modules=exclude_modules,
+                                        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+                                        modules_to_save=modules_to_save))
 
 # %% ../nbs/07_models.ipynb #fa361264
 def trainable_parameters(model: nn.Module) -> int:

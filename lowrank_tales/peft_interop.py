@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from .adapters import UPDATES, Adapter, Update, layer_kind
+from .adapters import UPDATES, Adapter, Update, check_name, layer_kind
 from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
                                      saved_modules, shadow)
 from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
                                          _install, _load_targets, _low_rank_pair, _saved_targets, _spec,
                                          _target_dtypes, _to_write,
-                                         check_adapter_name, check_folder, check_tensors, parse_config,
+                                         check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
 
 # %% auto #0
@@ -55,7 +55,7 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
     "Why update `u` on layer `base` cannot be written as a PEFT adapter, or `None`."
     if u.method == "lokh":
         return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
-    if isinstance(u, UPDATES["loha"]) and u.ranks[0] != u.ranks[1]:
+    if u.method == "loha" and u.ranks[0] != u.ranks[1]:
         return f"PEFT's LoHa has one rank, this adapter has ranks {u.ranks}"
     if u.method != "lora" and u.dropout:
         return f"PEFT's {PEFT_TYPES[u.method]} has no input dropout (got dropout={u.dropout})"
@@ -77,7 +77,7 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
 # %% ../nbs/07b_peft.ipynb #33bd39d4
 def peft_rank(u: Update) -> int:
     "The `r` PEFT records for update `u`."
-    return u.ranks[0] if isinstance(u, UPDATES["loha"]) else u.rank
+    return u.ranks[0] if u.method == "loha" else u.rank
 
 # %% ../nbs/07b_peft.ipynb #55c49170
 def peft_alpha(u: Update) -> float:
@@ -162,15 +162,16 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
 UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
-                        rank_dropout=0.0, module_dropout=0.0, layers_to_transform=None,
-                        layers_pattern=None, trainable_token_indices=None, alora_invocation_tokens=None, bias="none",
+                        rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
+                        alora_invocation_tokens=None, bias="none",
                         target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
 # %% ../nbs/07b_peft.ipynb #83f93df4
 PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-              "inference_mode", "target_modules", "exclude_modules", "megatron_core", "runtime_config", "loftq_config",
+              "inference_mode", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+              "megatron_core", "runtime_config", "loftq_config",
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
@@ -303,7 +304,7 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
 
     `trainable=False` loads it for inference (PEFT's `is_trainable=False`): factors frozen, their modules in eval."""
     path, what = check_folder(path), f"PEFT adapter {str(path)!r}"
-    check_adapter_name(name, "name")
+    check_name(name, "name")
     _check_flag(trainable, "trainable")
     files = read_files(path, ["adapter_config.json", "adapter_model.safetensors"], what)
     config = parse_config(files["adapter_config.json"], path, "adapter_config.json")

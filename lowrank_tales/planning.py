@@ -14,8 +14,8 @@ from torch import nn
 from .core import check_int, relative_error
 from .products import face_split, khatri_rao, kron, matrix_rank
 from .adapters import UPDATES, Adapter, layer_kind, layer_shape
-from .injection import (METHODS, adapter_layers, adapter_names, check_model, check_name,
-                                     check_targets, plan_injection, replace_module, shadow, target_matches)
+from .injection import (METHODS, adapter_layers, adapter_names, build_update, check_model, check_name,
+                                     check_targets, install, plan_injection, shadow, target_matches)
 from .extraction import (balanced_tsvd, check_method, fit_update, lokh_max_p, shadow_adapter,
                                       target_updates, update_matrix, weights_of)
 
@@ -281,31 +281,13 @@ def _plot(self, ax=None):
 Plan.plot = _plot
 
 # %% ../nbs/09b_planning.ipynb #ecfaf0ad
-def _build(model: nn.Module, n: str, name: str, method: str, kw: dict) -> tuple:
-    "`(holder, update)`: a new `method` update (built with `kw`) for module `n`, and its layer if `n` is not adapted."
-    m = model.get_submodule(n)
-    if isinstance(m, Adapter): return None, UPDATES[method](m.base, **kw)
-    holder = METHODS[method](m, name=name, **kw)
-    return holder, holder.updates[name]
-
-# %% ../nbs/09b_planning.ipynb #61f46189
-def _fill(u, factors: tuple, magnitude=None) -> None:
-    "Copy `factors` (and DoRA's `magnitude`) into update `u`, rounding each once to its dtype."
+def _filled(model: nn.Module, n: str, spec: dict, factors: tuple, magnitude=None) -> tuple:
+    "`(update, tensors)`: the update `spec` builds for module `n`, holding `factors` (and DoRA's `magnitude`)."
+    u = build_update(model, n, spec)
     with torch.no_grad():
         for p, f in zip(u.factors, factors): p.copy_(f.to(p.device))
         if magnitude is not None: u.magnitude.copy_(magnitude)
-
-# %% ../nbs/09b_planning.ipynb #da8d772f
-def _attach(model: nn.Module, name: str, built: dict) -> nn.Module:
-    "Add the built `(holder, update)` pairs (by module name) as adapter `name`, as `inject` would; returns `model`."
-    first = not adapter_names(model)
-    if first: model.requires_grad_(False)
-    for n, (holder, u) in built.items():
-        if holder is None: model.get_submodule(n).add(name, u, active=first)
-        else:
-            replace_module(model, n, holder)
-            holder.set_active(holder.active if first else [])
-    return model
+    return u, {f"{n}.{k}": t.detach() for k, t in u.state_dict().items()}
 
 # %% ../nbs/09b_planning.ipynb #aec3e9e8
 def _new_name(model: nn.Module, name) -> str:
@@ -322,8 +304,7 @@ def _inject_plan(self, model: nn.Module, *, name: str = "default", budget: int |
     chosen, name = self.choose(budget), _new_name(model, name)
     missing = [n for n in chosen if n not in dict(model.named_modules())]
     if missing: raise ValueError(f"model has no modules {missing[:4]}: the plan was made for another model")
-    built = {n: _build(model, n, name, r["method"], dict(r["options"], alpha=alpha)) for n, r in chosen.items()}
-    return _attach(model, name, built)
+    return install(model, name, {n: dict(r["options"], method=r["method"], alpha=alpha) for n, r in chosen.items()})
 
 Plan.inject = _inject_plan
 
@@ -468,14 +449,13 @@ def _check_convert(model, name, method, rank, energy) -> str:
     return method
 
 # %% ../nbs/09b_planning.ipynb #e9e7c5fe
-def _build_filled(model: nn.Module, n: str, name: str, method: str, opts: dict, factors: tuple, source,
+def _build_filled(model: nn.Module, n: str, method: str, opts: dict, factors: tuple, source,
                   scale_kw: dict | None = None) -> tuple:
-    "`_build` a `method` update for module `n` (scale 1 unless `scale_kw`; DoRA as `source`) holding `factors`."
-    dora = dict(dora=True) if source.dora else {}
-    try: built = _build(model, n, name, method, dict(opts, **(scale_kw or dict(alpha=None)), **dora))
-    except TypeError as e: raise ValueError(f"method: module {n!r}: {e}") from None
-    _fill(built[1], factors, source.magnitude.detach() if source.dora else None)
-    return built
+    "`(spec, update, tensors)` of a `method` update for module `n` (scale 1 unless `scale_kw`; DoRA as `source`)."
+    spec = dict(opts, method=method, **(scale_kw or dict(alpha=None)), **(dict(dora=True) if source.dora else {}))
+    try: u, tensors = _filled(model, n, spec, factors, source.magnitude.detach() if source.dora else None)
+    except TypeError as e: raise ValueError(f"method: {e}") from None
+    return spec, u, tensors
 
 # %% ../nbs/09b_planning.ipynb #6e495172
 def _report_row(n: str, u, D: torch.Tensor, **about) -> dict:
@@ -495,16 +475,17 @@ def convert_adapter(model: nn.Module,  # a model holding adapter `name`
     "Add adapter `new_name`: adapter `name` as a `method` adapter per layer; returns the relative error per layer."
     method = _check_convert(model, name, method, rank, energy)
     new_name = _new_name(model, f"{name}_{method}" if new_name is None else new_name)
-    built, rows = {}, []
+    specs, tensors, rows = {}, {}, []
     for n, a in adapter_layers(model).items():
         if name not in a.updates: continue
         u = a.updates[name]
         D, r = u.delta_weight().double().cpu(), None
         r = _target_rank(method, D, rank, energy)
         opts, fs = _exact_as(method, u) if r is None else _approx_as(method, u, shadow(a.base), D, r)
-        built[n] = _build_filled(model, n, new_name, method, opts, fs, u)
-        rows.append(_report_row(n, built[n][1], D, source=_config(u), exact=r is None))
-    _attach(model, new_name, built)
+        specs[n], new, t = _build_filled(model, n, method, opts, fs, u)
+        tensors |= t
+        rows.append(_report_row(n, new, D, source=_config(u), exact=r is None))
+    install(model, new_name, specs, tensors)
     return Table(rows, ("layer", "source", "method", "config", "params", "rel_error"))
 
 # %% ../nbs/09b_planning.ipynb #a9e0b81b
@@ -578,7 +559,7 @@ def add_weighted_adapter(model: nn.Module,  # a model holding the adapters `name
     "Add adapter `new_name` with `ΔW = Σ wᵢ sᵢ ΔWᵢ` per layer (or its best rank-`rank` LoRA); returns errors per layer."
     names, weights = _check_combination(model, names, weights, combination, rank)
     _check_dora(model, names, weights, combination)
-    new_name, built, rows = _new_name(model, new_name), {}, []
+    (new_name, specs), tensors, rows = (_new_name(model, new_name), {}), {}, []
     for n, a in adapter_layers(model).items():
         terms = [(w, a.updates[k]) for k, w in zip(names, weights) if k in a.updates]
         if not terms: continue
@@ -587,7 +568,8 @@ def add_weighted_adapter(model: nn.Module,  # a model holding the adapters `name
         if combination == "linear": opts, fs, scale_kw = _linear_sum(n, terms)
         else: opts, fs = _cat_sum(terms) if combination == "cat" else _svd_sum(D, terms, rank)
         method = terms[0][1].method if combination == "linear" else "lora"
-        built[n] = _build_filled(model, n, new_name, method, opts, fs, terms[0][1], scale_kw)
-        rows.append(_report_row(n, built[n][1], D, combination=combination))
-    _attach(model, new_name, built)
+        specs[n], new, t = _build_filled(model, n, method, opts, fs, terms[0][1], scale_kw)
+        tensors |= t
+        rows.append(_report_row(n, new, D, combination=combination))
+    install(model, new_name, specs, tensors)
     return Table(rows, ("layer", "combination", "method", "config", "params", "rel_error"))

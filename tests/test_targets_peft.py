@@ -167,3 +167,48 @@ def test_selection_agrees_with_peft_predicate(names, data, layers, pattern):
     if not expected:
         with pytest.raises(ValueError, match="select no module"): select_targets(model, targets, **options)
     else: assert select_targets(model, targets, **options) == expected
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_inject_takes_peft_choosing_options(arch):
+    "`inject` given PEFT's choosing options itself adapts exactly what `get_peft_model` adapts (or refuses likewise)."
+    make, suffixes, regex, segment, head = MODELS[arch]
+    model = make()
+    for options in cases(suffixes, regex, segment, head):
+        o = dict(options)
+        targets = o.pop("target_modules")
+        try: expected = peft_names(model, options)
+        except ValueError as e:
+            if "not found" not in str(e): raise
+            with pytest.raises(ValueError, match="select no module"):
+                inject(copy.deepcopy(model), "lora", targets=targets, rank=2, **o)
+            continue
+        adapted = inject(copy.deepcopy(model), "lora", targets=targets, rank=2, **o)
+        assert sorted(adapter_layers(adapted)) == expected, (arch, options)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha"])
+def test_import_peft_honours_choosing_options(tmp_path, method):
+    """A PEFT folder saved with `layers_to_transform`, `layers_pattern` and `exclude_modules` imports with the outputs
+    of `PeftModel.from_pretrained` on it."""
+    import torch
+    from lowrank_tales.peft_interop import import_peft
+    torch.manual_seed(0)
+    base = llama().eval()
+    choose = dict(target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 2],
+                  layers_pattern="layers", exclude_modules=["v_proj"])
+    config = (peft.LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, **choose) if method == "lora" else
+              peft.LoHaConfig(r=2, alpha=3, init_weights=False, **choose))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), config)
+        pm.save_pretrained(tmp_path)
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    mine = import_peft(copy.deepcopy(base), tmp_path).eval()
+    assert sorted(adapter_layers(mine)) == sorted(theirs.base_model.targeted_module_names)
+    assert len(adapter_layers(mine)) == 4  # q_proj and down_proj of layers 0 and 2
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        ref, got, plain = theirs(ids).logits, mine(ids).logits, base(ids).logits
+    assert (ref - plain).abs().max() > 1e-3  # the adapter changes the output: the comparison can fail
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
