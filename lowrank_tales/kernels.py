@@ -5,7 +5,6 @@
 # %% ../nbs/00a_kernels.ipynb #83b91f3a
 from __future__ import annotations
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -238,14 +237,13 @@ def _gram_pairs(W, weights):
     Wt = to_tensor(W).T.contiguous()  # (K, M): numpy W is viewed, then transposed once
     F = (Wt[k.to(Wt.device)] * Wt[l.to(Wt.device)]).T  # the distinct columns of the face-split W • W, (M, P)
     if _is_scipy_sparse(weights):  # weightsᵀ as a torch CSR tensor over scipy's own index arrays
-        S = sys.modules["scipy.sparse"].csr_array(weights.T)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch calls its sparse CSR support "beta"
-            St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
-                                         torch.from_numpy(S.data).to(F.dtype), size=S.shape)
+        S = sys.modules["scipy.sparse"].csr_array(weights.T)  # torch notes CSR's "beta" once per process: no filter
+        St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
+                                     torch.from_numpy(S.data).to(F.dtype), size=S.shape)
         return like(St @ F, W)
     if is_tensor(weights) and weights.layout != torch.strided: return like(weights.t().to(F) @ F, W)
     return like(to_tensor(weights, device=F.device, dtype=F.dtype).T @ F, W)
+
 
 # %% ../nbs/00a_kernels.ipynb #22ebb973
 def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
@@ -264,14 +262,17 @@ def solve_weighted_columns(W,  # factor (M, K)
                            weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse
                            rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
                            reg=0.0,  # ridge: a number, one per column (N,), or one per unknown (K, N)
+                           reduce=None,  # `reduce(H)` of the pair Grams (N, K(K+1)/2) before the solve: an all-reduce
                           ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
     "Solve every column's weighted, ridge-regularised normal equations by one batched Cholesky."
     K, N = rhs.shape
     H = to_tensor(_gram_pairs(W, weights))  # (N, K(K+1)/2): the distinct entries of every Gram matrix
+    if reduce is not None: H = to_tensor(reduce(H))  # e.g. summed over the ranks that hold the other observations
     r, b = _diagonal(_ridges(reg, N, K, H)), to_tensor(rhs)
     if _batch_ldl(H.device, K, N): X = _ldl_columns(H, b, r)  # built batch-last: no (N, K, K) copy to transpose
     else: X = _cholesky_solve(_lower_grams(H, K, r), b.T[:, :, None])[:, :, 0].T
     return X if is_tensor(rhs) else X.numpy()
+
 
 # %% ../nbs/00a_kernels.ipynb #146ce125
 def _ldl_columns(H, rhs, r):
