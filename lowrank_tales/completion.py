@@ -89,7 +89,7 @@ class _Observed:
         "The sparse (N, M) transpose with values `v` (given in row-major order)."
         return self._csr(v[self.col_order], self._indptr_c, self.rows[self.col_order], self.shape[::-1])
 
-    def _csr(self, v, indptr, indices, shape):  # torch notes CSR's "beta" once per process: no warning filter here
+    def _csr(self, v, indptr, indices, shape):  # no warning filter: see kernels' _quiet_csr_notes
         if not is_tensor(v): return _scipy_sparse_module().csr_array((v, indices, indptr), shape=shape)
         return torch.sparse_csr_tensor(indptr, indices, v, size=shape)
 

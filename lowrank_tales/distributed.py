@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, check_choice, check_finite,
+from .core import (Factorization, as_float_array, check_choice, check_finite,
                                 check_int, check_nonnegative, check_tol, is_tensor, iterations, like, scale_pow2,
                                 scale_problem, to_numpy, is_sparse, stored_entries)
 from .kernels import ridge_solve, spd_solve, weighted_grams
@@ -411,7 +411,7 @@ def distributed_als(ratings,  # THIS rank's entries: (n, 3) array, (rows, cols, 
                     shape: tuple | None = None,  # global (M, N); default: the largest ids over all ranks plus one
                     reg: float = 0.0,  # ridge λ ≥ 0
                     weighted_reg: bool = False,  # scale each row's/column's ridge by its global number of observations
-                    max_iter: int = DEFAULT_MAX_ITER,  # maximum number of sweeps (100; the default warns if it binds)
+                    max_iter: int = 100,  # maximum number of sweeps
                     tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
                     init: str = "svd",  # "svd" (randomized SVD of the summed data) or "random"
                     seed=None,  # random seed (None: drawn on rank 0 and shared)

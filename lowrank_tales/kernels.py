@@ -5,6 +5,7 @@
 # %% ../nbs/00a_kernels.ipynb #83b91f3a
 from __future__ import annotations
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -230,6 +231,15 @@ def _pair_columns(K: int):
     pair_of[k * K + l] = pair_of[l * K + k] = np.arange(len(k))  # (k, l) and (l, k) read the same pair
     return pair_of
 
+# %% ../nbs/00a_kernels.ipynb #c4e9a7cf
+def _quiet_csr_notes() -> None:
+    "Build one tiny CSR tensor with torch's once-per-process notes (CSR is beta; invariants unchecked) silenced."
+    with warnings.catch_warnings():  # once, at import: no fit ever touches `warnings.filters` (not thread-safe)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), size=(1, 1))
+
+_quiet_csr_notes()
+
 # %% ../nbs/00a_kernels.ipynb #c4e9a7d0
 def _gram_pairs(W, weights):
     "Column p of the result is Σ_m weights[m, n] W[m, k] W[m, l] for the pair (k, l) = `np.triu_indices(K)`[·][p]."
@@ -237,7 +247,7 @@ def _gram_pairs(W, weights):
     Wt = to_tensor(W).T.contiguous()  # (K, M): numpy W is viewed, then transposed once
     F = (Wt[k.to(Wt.device)] * Wt[l.to(Wt.device)]).T  # the distinct columns of the face-split W • W, (M, P)
     if _is_scipy_sparse(weights):  # weightsᵀ as a torch CSR tensor over scipy's own index arrays
-        S = sys.modules["scipy.sparse"].csr_array(weights.T)  # torch notes CSR's "beta" once per process: no filter
+        S = sys.modules["scipy.sparse"].csr_array(weights.T)
         St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
                                      torch.from_numpy(S.data).to(F.dtype), size=S.shape)
         return like(St @ F, W)
