@@ -28,8 +28,12 @@ def als_loss(A,  # data (M, N)
 
 # %% ../nbs/01_als.ipynb #5522edcb
 def _reg_pair(reg):
-    "`(λ_w, λ_z)` from one number or a pair."
-    return (float(reg), float(reg)) if np.ndim(reg) == 0 else (float(reg[0]), float(reg[1]))
+    "`(λ_w, λ_z)` from one number or a pair; `ValueError` for any other length."
+    if np.ndim(reg) == 0: return float(reg), float(reg)
+    if np.ndim(reg) != 1 or len(reg) != 2:
+        raise ValueError(f"reg must be a number or a pair (λ_w, λ_z), got {reg!r}")
+    return float(reg[0]), float(reg[1])
+
 
 # %% ../nbs/01_als.ipynb #7ddf87b9
 def update_Z(A,  # data (M, N)

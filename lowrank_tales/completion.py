@@ -4,7 +4,6 @@
 
 # %% ../nbs/02_completion.ipynb #89d2ed39
 from __future__ import annotations
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, as_generator, check_choice,
                                 check_finite, check_int, check_nonnegative, check_solvable, check_tol, fit_loop,
                                 fit_result, is_tensor, like, namespace, observed_data, random_normal, scale_problem,
-                                to_numpy, to_tensor, torch_threads, _sum_squares)
+                                stored_entries, to_numpy, to_tensor, torch_threads, _sum_squares)
 from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
                                    weighted_grams)
 from .alternating import dense_als
@@ -67,6 +66,20 @@ class _Observed:
     shape: tuple  # (M, N)
     col_order: object  # permutation putting the observations in column-major order
     ref: object  # a 0-size array of the caller's kind, dtype and device (for the results)
+    comm: object = None  # None in one process; else `.sum(x)` and `.max(x)` over every rank's observations
+
+    def sum(self, x):
+        "`x`, a sum over these observations, summed over the ranks (itself in one process)."
+        return x if self.comm is None else self.comm.sum(x)
+
+    def max(self, x):
+        "`x`, a maximum over these observations, maximised over the ranks (itself in one process)."
+        return x if self.comm is None else self.comm.max(x)
+
+    @property
+    def count(self) -> int:
+        "The number of observations over all ranks."
+        return int(self.sum(float(len(self.vals))))
 
     def by_row(self, v):
         "The sparse (M, N) matrix with values `v` (row-major order) on the observed pattern."
@@ -76,11 +89,9 @@ class _Observed:
         "The sparse (N, M) transpose with values `v` (given in row-major order)."
         return self._csr(v[self.col_order], self._indptr_c, self.rows[self.col_order], self.shape[::-1])
 
-    def _csr(self, v, indptr, indices, shape):
+    def _csr(self, v, indptr, indices, shape):  # no warning filter: see kernels' _quiet_csr_notes
         if not is_tensor(v): return _scipy_sparse_module().csr_array((v, indices, indptr), shape=shape)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch calls its sparse CSR support "beta"
-            return torch.sparse_csr_tensor(indptr, indices, v, size=shape)
+        return torch.sparse_csr_tensor(indptr, indices, v, size=shape)
 
     def sampling_pattern(self, dtype):
         "Ω as a torch CSR tensor of `dtype`, for `torch.sparse.sampled_addmm` (numpy observations: index views)."
@@ -114,21 +125,13 @@ def _from_coo(rows, cols, vals, shape, ref) -> _Observed:
 
 # %% ../nbs/02_completion.ipynb #8b0bb67b
 def _observed(A, mask) -> _Observed:
-    "The observed entries of `A`: its stored entries when sparse, else the entries where `mask` is true."
-    if _is_scipy_sparse(A):
+    "The observed entries of `A`: its stored entries when sparse (core's `stored_entries`), else where `mask` is true."
+    if _is_sparse(A):
         if mask is not None:
             raise ValueError("mask must be None when A is sparse: "
                              "the stored entries of a sparse A are the observations")
-        coo = A.tocoo(copy=True); coo.sum_duplicates()  # a copy: never sum the caller's duplicates in place
-        vals = as_float_array(coo.data, "A", ndim=1)
-        return _from_coo(coo.row, coo.col, vals, A.shape, vals[:0])
-    if is_tensor(A) and A.layout != torch.strided:
-        if mask is not None:
-            raise ValueError("mask must be None when A is sparse: "
-                             "the stored entries of a sparse A are the observations")
-        coo = A.to_sparse_coo().coalesce()
-        vals = as_float_array(coo.values(), "A", ndim=1)
-        return _from_coo(coo.indices()[0], coo.indices()[1], vals, tuple(A.shape), vals[:0])
+        rows, cols, vals, shape = stored_entries(A, "A")  # BSR refused: its padding zeros are no observations
+        return _from_coo(rows, cols, vals, shape, vals[:0])
     A, mask = observed_data(A, mask)
     if mask is None: mask = (A == A)  # fully observed (used for biases on dense data)
     rows, cols = mask.nonzero(as_tuple=True) if is_tensor(mask) else np.nonzero(mask)
@@ -145,10 +148,10 @@ def _penalty(reg_rows, reg_cols, Wb, Zc) -> float:
     return float((reg_rows * (Wb * Wb).T).sum() + (reg_cols * (Zc * Zc)).sum())
 
 # %% ../nbs/02_completion.ipynb #97dfdbfa
-def _half_step(F, weights, T, t2, reg):
+def _half_step(F, weights, T, t2, reg, obs):
     "Solve every column's ridge regression on F (n, k), targets T (sparse, columns × n): X (k, columns), the fit."
-    rhs = (T @ F).T
-    X = solve_weighted_columns(F, weights, rhs, reg)
+    rhs = obs.sum((T @ F).T)  # the right-hand sides and (below) the Grams: sums over every rank's observations
+    X = solve_weighted_columns(F, weights, rhs, reg, reduce=None if obs.comm is None else obs.sum)
     # x_nᵀ G_n x_n = x_nᵀ r_n − λ_n‖x_n‖², as (G_n + λ_n I) x_n = r_n
     XtGX = float((X * rhs).sum() - (reg * X * X).sum())  # reg: one per column (N,) or per unknown (k, N)
     return X, t2 - 2 * float((X * rhs).sum()) + XtGX
@@ -182,18 +185,20 @@ def _sampled_gram(mask, F, V):
 # %% ../nbs/02_completion.ipynb #130978df
 def _cg_columns(obs, F, T, reg, X0, steps):
     "The Z-step by `steps` CG steps: `(G_n + λ_n I) x_n = Σ_m a_mn f_m` from X0 (k, N), G_n never formed."
-    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_c, F, V) + reg * V
-    else: apply = lambda V: (obs.by_col(_sampled(obs, F, V)) @ F).T + reg * V  # G_n v_n = Σ_m (f_m·v_n) f_m
+    if is_tensor(F): gram = lambda V: _sampled_gram(obs.mask_c, F, V)
+    else: gram = lambda V: (obs.by_col(_sampled(obs, F, V)) @ F).T  # G_n v_n = Σ_m (f_m·v_n) f_m
+    apply = lambda V: obs.sum(gram(V)) + reg * V
     apply.steps = steps
-    return _cg(apply, (T @ F).T, X0)
+    return _cg(apply, obs.sum((T @ F).T), X0)
 
 # %% ../nbs/02_completion.ipynb #393c5471
 def _cg_rows(obs, F, T, reg, Y0, steps):
     "The W-step by `steps` CG steps, on the rows: `(G_m + λ_m I) y_m = Σ_n a_mn f_n` from Y0 (k, M)."
-    if is_tensor(F): apply = lambda V: _sampled_gram(obs.mask_r, F, V) + reg * V
-    else: apply = lambda V: (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T + reg * V
+    if is_tensor(F): gram = lambda V: _sampled_gram(obs.mask_r, F, V)
+    else: gram = lambda V: (obs.by_row(_sampled(obs, V.T, F.T)) @ F).T
+    apply = lambda V: obs.sum(gram(V)) + reg * V
     apply.steps = steps
-    return _cg(apply, (T @ F).T, Y0)
+    return _cg(apply, obs.sum((T @ F).T), Y0)
 
 # %% ../nbs/02_completion.ipynb #eb808681
 def masked_sweep(obs,  # the observations (internal `_Observed`)
@@ -211,12 +216,12 @@ def masked_sweep(obs,  # the observations (internal `_Observed`)
     t = obs.vals - mean - (b[obs.rows] if biases else 0)
     F, X0 = (_with_ones(W), namespace(Z).vstack([Z, c[None]])) if biases else (W, Z)
     if cg_steps: X = _cg_columns(obs, F, obs.by_col(t), reg_cols, X0, cg_steps)
-    else: X, _ = _half_step(F, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols)
+    else: X, _ = _half_step(F, _transpose(obs.mask_c), obs.by_col(t), 0.0, reg_cols, obs)
     Z, c = (X[:-1], X[-1]) if biases else (X, None)
     t = obs.vals - mean - (c[obs.cols] if biases else 0)
     F, Y0 = (_with_ones(Z.T), namespace(W).hstack([W, b[:, None]]).T) if biases else (Z.T, W.T)
     if cg_steps: Y = _cg_rows(obs, F, obs.by_row(t), reg_rows, Y0, cg_steps)
-    else: Y, fit = _half_step(F, _transpose(obs.mask_r), obs.by_row(t), float((t * t).sum()), reg_rows)
+    else: Y, fit = _half_step(F, _transpose(obs.mask_r), obs.by_row(t), obs.sum(float((t * t).sum())), reg_rows, obs)
     W, b = (Y[:-1].T, Y[-1]) if biases else (Y.T, None)
     if cg_steps: return W, Z, b, c, _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
     Wb, Zc = (Y.T, X) if biases else (W, Z)
@@ -224,76 +229,83 @@ def masked_sweep(obs,  # the observations (internal `_Observed`)
 
 # %% ../nbs/02_completion.ipynb #69a1f6aa
 def predict(f: Factorization,  # a fitted ALS model
-            rows,  # row indices of the entries to predict, 0 ≤ row < M
-            cols,  # column indices (same length), 0 ≤ col < N
-           ):  # the predictions Â[rows, cols]
+            rows,  # row indices of the entries to predict, 0 ≤ row < M: an integer or an array of any shape
+            cols,  # column indices, 0 ≤ col < N, of the shape of `rows` (or broadcasting with it)
+           ):  # the predictions Â[rows, cols], of the broadcast shape, the kind and device of the factors
     "Predictions of a fitted ALS model at given entries, without forming the full matrix."
     W, Z = f.factors
-    return _predict(f, _check_index(rows, "rows", W.shape[0]), _check_index(cols, "cols", Z.shape[1]))
+    rows, cols = _check_index(rows, "rows", W.shape[0], W), _check_index(cols, "cols", Z.shape[1], W)
+    try: shape = np.broadcast_shapes(tuple(rows.shape), tuple(cols.shape))
+    except ValueError: raise ValueError(f"rows and cols must have the same shape (or broadcast), "
+                                        f"got {tuple(rows.shape)} and {tuple(cols.shape)}") from None
+    if is_tensor(W): return _predict(f, rows.expand(shape), cols.expand(shape))
+    return _predict(f, *np.broadcast_arrays(rows, cols))
 
 # %% ../nbs/02_completion.ipynb #92db241c
 def _predict(f, rows, cols):
-    "`predict` for indices known to be valid."
+    "`predict` for valid indices of one shape (the factors' kind and device): Â[rows, cols] of that shape."
     W, Z = f.factors
-    p = (W[rows] * Z.T[cols]).sum(1)
+    p = (W[rows] * Z.T[cols]).sum(-1)  # the last axis: the K products of each entry
     if f.extras: p = p + f.extras["mean"] + f.extras["row_bias"][rows] + f.extras["col_bias"][cols]
     return p
 
 # %% ../nbs/02_completion.ipynb #80738b1f
-def _check_index(idx, name: str, n: int):
-    "`idx` as integer indices in [0, n); `TypeError`/`IndexError` naming `name` otherwise."
-    if not is_tensor(idx): idx = np.asarray(idx)
-    bad = (idx.dtype.is_floating_point or idx.dtype == torch.bool) if is_tensor(idx) else idx.dtype.kind not in "iu"
-    if bad: raise TypeError(f"{name} must hold integer indices, got dtype {idx.dtype}")
-    if (idx.numel() if is_tensor(idx) else idx.size) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+def _check_index(idx, name: str, n: int, ref):
+    "`idx` as int64 indices in [0, n), any shape, of `ref`'s kind and device; `TypeError`/`IndexError` naming `name`."
+    idx = to_numpy(idx) if is_tensor(idx) else np.asarray(idx)
+    if idx.size == 0 and idx.dtype.kind == "f": idx = idx.astype(np.int64)  # `[]` is no index, not a float
+    if idx.dtype.kind not in "iu": raise TypeError(f"{name} must hold integer indices, got dtype {idx.dtype}")
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
         raise IndexError(f"{name} must lie in [0, {n}) (negative indices are not wrapped), "
                          f"got values from {int(idx.min())} to {int(idx.max())}")
-    return idx
+    idx = idx.astype(np.int64)  # a copy: never the caller's array
+    return torch.from_numpy(idx).to(ref.device) if is_tensor(ref) else idx
 
 # %% ../nbs/02_completion.ipynb #ef282d33
 def _masked_loss(obs, W, Z, reg_rows, reg_cols, mean=0.0, b=None, c=None) -> float:
     "The masked loss computed directly over the observed entries (accumulated in float64)."
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     Wb, Zc = (W, Z) if b is None else (namespace(W).hstack([W, b[:, None]]), namespace(Z).vstack([Z, c[None]]))
-    return _sum_squares(r) + _penalty(reg_rows, reg_cols, Wb, Zc)
+    return obs.sum(_sum_squares(r)) + _penalty(reg_rows, reg_cols, Wb, Zc)
 
 # %% ../nbs/02_completion.ipynb #f84e763f
 class _SparseOperator:
-    "A sparse matrix that knows its transpose, so `S @ X` and `S.T @ X` are both sparse-times-dense products."
-    def __init__(self, S, St): self.S, self.St, self.shape = S, St, tuple(S.shape)
-    def __matmul__(self, X): return self.S @ X
+    "A sparse matrix that knows its transpose: `S @ X`, `S.T @ X` sparse times dense, summed over the ranks."
+    def __init__(self, S, St, obs): self.S, self.St, self.shape, self.obs = S, St, tuple(S.shape), obs
+    def __matmul__(self, X): return self.obs.sum(self.S @ X)
     @property
-    def T(self): return _SparseOperator(self.St, self.S)
+    def T(self): return _SparseOperator(self.St, self.S, self.obs)
 
 # %% ../nbs/02_completion.ipynb #a44cfff9
 def _masked_start(obs, rank, mean, init, rng):
     "Initial (W, Z) for masked ALS: randomized SVD of the scaled, centred, zero-filled data, or random."
     M, N = obs.shape
     if init == "svd":
-        v = (obs.vals - mean) * (M * N / len(obs.vals))
-        S = _SparseOperator(obs.by_row(v), obs.by_col(v))
+        v = (obs.vals - mean) * (M * N / obs.count)
+        S = _SparseOperator(obs.by_row(v), obs.by_col(v), obs)
         return balanced_factors(*randomized_svd(S, rank, seed=rng, ref=obs.vals))
-    scale = (float(((obs.vals - mean) ** 2).mean()) / rank) ** 0.25 or 1.0
+    scale = (obs.sum(_sum_squares(obs.vals - mean)) / obs.count / rank) ** 0.25 or 1.0
     return random_normal((M, rank), obs.vals, rng, scale), random_normal((rank, N), obs.vals, rng, scale)
 
 # %% ../nbs/02_completion.ipynb #13079b2c
 def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0,
                 cg_steps=0, bias_reg=None) -> Factorization:
-    "ALS over the observed entries `obs`; the factors come back in the caller's kind, dtype and device."
+    "ALS over the observed entries `obs` (of every rank); the factors come back in the caller's kind, dtype and device."
     M, N = obs.shape
-    reg_rows, reg_cols = (_ridge_of(_bincount(x, n), obs.vals, reg, bias_reg if biases else None, weighted_reg, rank)
-                          for x, n in ((obs.rows, M), (obs.cols, N)))
-    mean = float(obs.vals.mean()) if biases else 0.0
+    reg_rows, reg_cols = (_ridge_of(obs.sum(_bincount(x, n)), obs.vals, reg, bias_reg if biases else None,
+                                    weighted_reg, rank) for x, n in ((obs.rows, M), (obs.cols, N)))
+    mean = obs.sum(float(obs.vals.sum())) / obs.count if biases else 0.0
     W, Z = _masked_start(obs, rank, mean, init, as_generator(seed))
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
     state = [W, Z, b, c]
     eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
-    amax, loss0 = float(abs(obs.vals).max()), _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
+    amax = obs.max(float(abs(obs.vals).max()) if len(obs.vals) else 0.0)  # a rank may hold no observation
+    loss0 = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
     fit = {"last": loss0, "noise": 0.0, "direct": bool(cg_steps)}  # the CG sweep measures its loss from the residual
     def sweep():  # the W-step's identity while it resolves the decrease, then the residual over Ω (|Ω|K)
         *state[:], loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
         t = obs.vals - mean - (state[3][obs.cols] if biases else 0)  # the W-step's targets: the identity's scale
-        fit["noise"] = 16 * eps * _sum_squares(t)
+        fit["noise"] = 16 * eps * obs.sum(_sum_squares(t))
         if not fit["direct"] and (loss < 1e4 * fit["noise"] or fit["last"] - loss < 1e2 * fit["noise"]):
             fit["direct"] = True
         if fit["direct"] and not cg_steps: loss = _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
@@ -306,10 +318,10 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     W, Z, b, c = state
     if not fit["direct"]: losses[-1] = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)  # the last: residual
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
-    norm2 = _sum_squares(obs.vals)
+    norm2 = obs.sum(_sum_squares(obs.vals))
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}
     return fit_result((like(W, obs.ref), like(Z, obs.ref)), _biased_product(extras), losses,
-                      (_sum_squares(r) / norm2) ** 0.5 if norm2 else 0.0,
+                      (obs.sum(_sum_squares(r)) / norm2) ** 0.5 if norm2 else 0.0,
                       f"als (masked{', biases' if biases else ''})" + (", cg" if cg_steps else ""), e, 2, extras)
 
 # %% ../nbs/02_completion.ipynb #13079b2d

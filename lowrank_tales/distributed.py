@@ -24,10 +24,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core import (Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
-                                check_nonnegative, check_tol, fit_loop, is_tensor, iterations, like, random_normal,
-                                to_numpy, is_sparse, stored_entries)
-from .kernels import balanced_factors, randomized_svd, ridge_solve, spd_solve, weighted_grams
+from .core import (Factorization, as_float_array, check_choice, check_finite,
+                                check_int, check_nonnegative, check_tol, is_tensor, iterations, like, scale_pow2,
+                                scale_problem, to_numpy, is_sparse, stored_entries)
+from .kernels import ridge_solve, spd_solve, weighted_grams
+from .completion import _from_coo, _masked_als, _penalty
 from .injection import adapter_layers as adapters, check_model, saved_modules
 
 # %% auto #0
@@ -340,29 +341,35 @@ def distributed_sweep(shard: RatingShard,  # this rank's observations
 
 # %% ../nbs/12_distributed.ipynb #2672a227
 def distributed_loss(shard, W, Z, reg_rows, reg_cols) -> float:
-    "Σ over every rank's observations of (a_mn − w_mᵀ z_n)², plus the ridge penalty."
+    "Σ over every rank's observations of (a_mn − w_mᵀ z_n)², plus the ridge penalty (the completion chapter's)."
     r = shard.vals - np.einsum("ik,ki->i", W[shard.rows], Z[:, shard.cols])
     fit, = all_reduce_sum(np.array([float(r @ r)]))
-    return float(fit[0]) + float((reg_rows * (W * W).sum(1)).sum() + (reg_cols * (Z * Z).sum(0)).sum())
+    return float(fit[0]) + _penalty(reg_rows, reg_cols, W, Z)
 
 # %% ../nbs/12_distributed.ipynb #df7995c5
-class _SummedOperator:
-    "The sum over ranks of local sparse matrices S (and Sᵀ): `S @ X` multiplies locally and all-reduces."
-    def __init__(self, S, St): self.S, self.St, self.shape = S, St, S.shape
-    def __matmul__(self, X): return all_reduce_sum(np.ascontiguousarray(self.S @ X))[0]
-    @property
-    def T(self): return _SummedOperator(self.St, self.S)
+class _AllReduce:
+    "Sums and maxima over the ranks of the process group: the `comm` of the completion chapter's observations."
+    def sum(self, x):
+        "`x` (a number, numpy array or tensor) summed over the ranks."
+        if np.ndim(x) == 0 and not is_tensor(x): return float(all_reduce_sum(np.array([float(x)]))[0][0])
+        return all_reduce_sum(x.contiguous() if is_tensor(x) else np.ascontiguousarray(x))[0]
+
+    def max(self, x) -> float:
+        "The number `x` maximised over the ranks."
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        t = t.cuda() if dist.get_backend() == "nccl" else t
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
 
 # %% ../nbs/12_distributed.ipynb #dd66eca7
-def _start(shard, rank, init, seed, n_obs, sum_sq, dtype):
-    "Initial (W, Z), the same on every rank and as `als` would use: randomized SVD of the scaled data, or random."
-    M, N = shard.shape
-    ref, rng = np.zeros(0, dtype), as_generator(seed)
-    if init == "svd":
-        c = M * N / n_obs
-        return balanced_factors(*randomized_svd(_SummedOperator(shard.S * c, shard.St * c), rank, seed=rng, ref=ref))
-    scale = (sum_sq / n_obs / rank) ** 0.25 or 1.0
-    return random_normal((M, rank), ref, rng, scale), random_normal((rank, N), ref, rng, scale)
+def _check_entries(rows, cols, shape) -> None:
+    "`ValueError` unless every (row id, column id) fits `shape` and occurs once in this rank's ratings."
+    M, N = shape
+    if len(rows) and (rows.max() >= M or cols.max() >= N):
+        raise ValueError(f"ratings' ids must fit shape {tuple(shape)}, "
+                         f"got a row id {rows.max()} and a column id {cols.max()}")
+    if dup := len(rows) - len(np.unique(rows * N + cols)):
+        raise ValueError(f"ratings holds {dup} duplicated (row id, column id) pairs: each entry must be observed once")
 
 # %% ../nbs/12_distributed.ipynb #5550311e
 def _global_shape(rows, cols, shape, across_ranks=True):
@@ -410,7 +417,7 @@ def distributed_als(ratings,  # THIS rank's entries: (n, 3) array, (rows, cols, 
                     seed=None,  # random seed (None: drawn on rank 0 and shared)
                     progress=None,  # progress bar on rank 0: True, False or None (automatic)
                    ) -> Factorization:  # the same factors (W, Z) on every rank
-    "ALS with missing entries when every rank holds a shard of the ratings; one process (no group) is the case P = 1."
+    "ALS with missing entries when every rank holds a shard of the ratings: `als`'s own sweep, its sums all-reduced."
     rows, cols, vals = as_triplets(ratings)
     init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
     reg, max_iter = check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", 0)
@@ -419,26 +426,18 @@ def distributed_als(ratings,  # THIS rank's entries: (n, 3) array, (rows, cols, 
     check_same_across_ranks(dict(shape=(M, N), rank=rank, reg=reg, weighted_reg=bool(weighted_reg), max_iter=max_iter,
                                  tol=tol, init=init, seed=seed, dtype=str(vals.dtype)),
                             "the arguments of distributed_als")
-    shard = RatingShard(rows, cols, vals, (M, N))
-    n_rows, n_cols, stats = all_reduce_sum(np.bincount(rows, minlength=M).astype(vals.dtype),
-                                           np.bincount(cols, minlength=N).astype(vals.dtype),
-                                           np.array([len(vals), float(vals @ vals)], dtype=np.float64))
-    if stats[0] == 0: raise ValueError("ratings are empty on every rank: there is nothing to factorise")
-    reg_rows = reg * (n_rows.clip(1) if weighted_reg else np.ones(M, vals.dtype))
-    reg_cols = reg * (n_cols.clip(1) if weighted_reg else np.ones(N, vals.dtype))
-    W, Z = _start(shard, rank, init, _shared_seed(seed), stats[0], stats[1], vals.dtype)
-    state = [W, Z]
-    def sweep():
-        *state[:], loss = distributed_sweep(shard, *state, reg_rows, reg_cols)
-        return loss
-    losses = fit_loop(sweep, distributed_loss(shard, W, Z, reg_rows, reg_cols), max_iter, tol,
-                      progress if world()[0] == 0 else False, "distributed als")
-    W, Z = state
-    fit = losses[-1] - float((reg_rows * (W * W).sum(1)).sum() + (reg_cols * (Z * Z).sum(0)).sum())
-    out = _result_kind(ratings, vals.dtype)
-    return Factorization((like(W, out), like(Z, out)), matrix_product, losses=losses,
-                         rel_error=(max(fit, 0.0) / stats[1]) ** 0.5, n_iter=len(losses) - 1,
-                         method=f"als (masked, {world()[1]} rank{'s' if world()[1] > 1 else ''})")
+    _check_entries(rows, cols, (M, N))
+    comm = _AllReduce() if world()[1] > 1 else None
+    if (len(vals) if comm is None else comm.sum(len(vals))) == 0:
+        raise ValueError("ratings are empty on every rank: there is nothing to factorise")
+    amax = float(np.abs(vals).max(initial=0.0))
+    _, reg, e = scale_problem(np.array([amax if comm is None else comm.max(amax)]), reg, 2)  # the same 2⁻ᵉ everywhere
+    obs = _from_coo(rows, cols, scale_pow2(vals, -e), (M, N), _result_kind(ratings, vals.dtype))
+    obs.comm = comm  # every sum over the observations in the sweep, loss and start is now a sum over all ranks
+    f = _masked_als(obs, rank, reg, False, bool(weighted_reg), max_iter, tol, init, _shared_seed(seed),
+                    progress if world()[0] == 0 else False, e)
+    f.method = f"als (masked, {world()[1]} rank{'s' if world()[1] > 1 else ''})"
+    return f
 
 # %% ../nbs/12_distributed.ipynb #48982983
 def local_spark(cores: int = 2,  # worker threads (`local[cores]`)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import (Factorization, as_generator, check_choice, check_int, check_nonnegative, check_tol,
-                                fit_loop, fit_result, is_tensor, like, observed_data, random_normal, relative_error,
-                                scale_problem, to_tensor)
+from .core import (DEFAULT_MAX_ITER, Factorization, as_generator, check_choice, check_int,
+                                check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
+                                random_normal, relative_error, scale_problem, to_tensor)
 from .kernels import balanced_factors, batched_svd, fix_signs, spd_solve, weighted_grams
 from .products import face_split, khatri_rao
 
@@ -214,7 +214,7 @@ def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor,
                  mask=None,  # boolean (M, N), True where A is observed; None: all observed
                  reg=None,  # ridge λ on the squared norms of all four factors; None: 0, with a mask rms(A)^1.5
                  init: str = "svd",  # "svd" (magnitude/sign); "fs", "fsl", "fsr" (face-split TSVD); "all"; "random"
-                 max_iter: int = 100,  # maximum sweeps over the four blocks
+                 max_iter: int = DEFAULT_MAX_ITER,  # maximum sweeps over the four blocks (the default warns)
                  tol: float = 1e-10,  # stop after 10 sweeps in a row that lower the loss by at most `tol` times itself
                  seed=None,  # seed of the random starts: None, an integer or a numpy Generator
                  method: str = "als",  # "als" (exact block updates) or "gd" (block gradient steps, for comparison)

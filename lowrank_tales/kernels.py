@@ -231,6 +231,15 @@ def _pair_columns(K: int):
     pair_of[k * K + l] = pair_of[l * K + k] = np.arange(len(k))  # (k, l) and (l, k) read the same pair
     return pair_of
 
+# %% ../nbs/00a_kernels.ipynb #c4e9a7cf
+def _quiet_csr_notes() -> None:
+    "Build one tiny CSR tensor with torch's once-per-process notes (CSR is beta; invariants unchecked) silenced."
+    with warnings.catch_warnings():  # once, at import: no fit ever touches `warnings.filters` (not thread-safe)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.sparse_csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), size=(1, 1))
+
+_quiet_csr_notes()
+
 # %% ../nbs/00a_kernels.ipynb #c4e9a7d0
 def _gram_pairs(W, weights):
     "Column p of the result is Σ_m weights[m, n] W[m, k] W[m, l] for the pair (k, l) = `np.triu_indices(K)`[·][p]."
@@ -239,13 +248,12 @@ def _gram_pairs(W, weights):
     F = (Wt[k.to(Wt.device)] * Wt[l.to(Wt.device)]).T  # the distinct columns of the face-split W • W, (M, P)
     if _is_scipy_sparse(weights):  # weightsᵀ as a torch CSR tensor over scipy's own index arrays
         S = sys.modules["scipy.sparse"].csr_array(weights.T)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch calls its sparse CSR support "beta"
-            St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
-                                         torch.from_numpy(S.data).to(F.dtype), size=S.shape)
+        St = torch.sparse_csr_tensor(*(torch.from_numpy(x) for x in (S.indptr, S.indices)),
+                                     torch.from_numpy(S.data).to(F.dtype), size=S.shape)
         return like(St @ F, W)
     if is_tensor(weights) and weights.layout != torch.strided: return like(weights.t().to(F) @ F, W)
     return like(to_tensor(weights, device=F.device, dtype=F.dtype).T @ F, W)
+
 
 # %% ../nbs/00a_kernels.ipynb #22ebb973
 def weighted_grams(W,  # factor (M, K), numpy array or torch tensor
@@ -264,14 +272,17 @@ def solve_weighted_columns(W,  # factor (M, K)
                            weights,  # nonnegative weights (M, N): dense, scipy.sparse or torch sparse
                            rhs,  # right-hand sides (K, N); for completion column n is `Σ_m weights[m, n] a_mn w_m`
                            reg=0.0,  # ridge: a number, one per column (N,), or one per unknown (K, N)
+                           reduce=None,  # `reduce(H)` of the pair Grams (N, K(K+1)/2) before the solve: an all-reduce
                           ):  # Z (K, N) with `z_n = (G_n + reg_n I)⁻¹ rhs[:, n]`
     "Solve every column's weighted, ridge-regularised normal equations by one batched Cholesky."
     K, N = rhs.shape
     H = to_tensor(_gram_pairs(W, weights))  # (N, K(K+1)/2): the distinct entries of every Gram matrix
+    if reduce is not None: H = to_tensor(reduce(H))  # e.g. summed over the ranks that hold the other observations
     r, b = _diagonal(_ridges(reg, N, K, H)), to_tensor(rhs)
     if _batch_ldl(H.device, K, N): X = _ldl_columns(H, b, r)  # built batch-last: no (N, K, K) copy to transpose
     else: X = _cholesky_solve(_lower_grams(H, K, r), b.T[:, :, None])[:, :, 0].T
     return X if is_tensor(rhs) else X.numpy()
+
 
 # %% ../nbs/00a_kernels.ipynb #146ce125
 def _ldl_columns(H, rhs, r):

@@ -233,7 +233,7 @@ def completion_problem(M: int = 60, N: int = 50, true_rank: int = 4, noise: floa
 @functools.lru_cache(maxsize=512)
 def completion_rmse(hidden: float,  # fraction of entries hidden (0.05 … 0.9)
                     rank: int,  # rank of the ALS model
-                    ridge: float,  # ridge λ of ALS
+                    ridge: float,  # ridge λ of ALS (a plain ridge, not weighted by counts)
                     max_iter: int = 8,  # ALS sweeps
                    ) -> tuple:  # (train RMSE, test RMSE)
     "Train and test RMSE of masked ALS on the synthetic completion problem with a fraction `hidden` of entries hidden."
@@ -241,7 +241,8 @@ def completion_rmse(hidden: float,  # fraction of entries hidden (0.05 … 0.9)
     A, u = completion_problem()
     mask = u >= hidden
     rank, ridge = check_int(rank, "rank", 1, 20), check_nonnegative(ridge, "ridge")
-    with one_thread(): f = als(A, rank, reg=ridge, mask=mask, max_iter=max_iter, seed=0, progress=False)
+    with one_thread(): f = als(A, rank, reg=ridge, mask=mask, max_iter=max_iter, seed=0, progress=False,
+                            weighted_reg=False)  # the slider's λ is a plain ridge
     R = (f.approx() - A) ** 2
     return float(np.sqrt(R[mask].mean())), float(np.sqrt(R[~mask].mean()))
 
