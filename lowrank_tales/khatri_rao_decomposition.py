@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from .core import DEFAULT_MAX_ITER
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative,
                                 check_tol, fit_loop, fit_result, is_tensor, like, observed_data, random_normal,
                                 relative_error, scale_problem, to_tensor, _sum_squares)
@@ -187,7 +188,8 @@ def _partition_fit(A, mask, dims, widths, **options) -> Factorization:
     combine = functools.partial(_partition_product, len(fits))
     rel = relative_error(A, combine(*factors), mask)
     return Factorization(factors, combine, losses=losses, rel_error=rel, n_iter=n - 1,
-                         method=f"khatri_rao (partition-wise), {fits[0].method} per block")
+                         method=f"khatri_rao (partition-wise), {fits[0].method} per block",
+                         converged=all(f.converged for f in fits))
 
 # %% ../nbs/05_khatri_rao.ipynb #93f8eb0d
 def _khatri_rao_label(runs_als: bool, masked: bool, init: str, k: int) -> str:
@@ -203,7 +205,7 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
                    mask=None,  # boolean (M, N), True where A is observed; None: all observed
                    reg=None,  # ridge λ on the factors' squared norms; None: 0, with a mask rms(A)^(2 − 2/k)
                    init: str | None = None,  # HOPM start: "svd" (HOSVD) or "random"; None: random for method="als"
-                   max_iter: int = 100,  # maximum ALS (HOPM) sweeps
+                   max_iter: int = DEFAULT_MAX_ITER,  # maximum ALS (HOPM) sweeps
                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
                    seed=None,  # seed of the random start: None, an integer or a numpy Generator
                    method: str = "svd",  # "svd" (closed form for k = 2, HOSVD start otherwise) or "als"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .core import DEFAULT_MAX_ITER
 from .core import (_describe, Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
                                 check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
                                 random_normal, relative_error, scale_problem, to_tensor, _sum_squares)
@@ -178,7 +179,7 @@ def kronecker_als(A,  # matrix (m1·m2, n1·n2), numpy array, masked array or to
                   mask=None,  # boolean (M, N), True where A is observed; None: all observed
                   reg: float = 0.0,  # ridge λ on ‖B‖² + ‖C‖²
                   init: str | None = None,  # ALS start: "svd" or "random"; None: random for method="als", else "svd"
-                  max_iter: int = 100,  # maximum ALS sweeps (method="als", or a mask)
+                  max_iter: int = DEFAULT_MAX_ITER,  # maximum ALS sweeps (method="als", or a mask)
                   tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
                   seed=None,  # seed of the random start or of the randomized SVD: None, an integer or a Generator
                   method: str = "svd",  # "svd" (closed form, default), "randomized" (randomized SVD) or "als"

@@ -96,7 +96,8 @@ def _kron_shape(A):
 METHODS = {  # name: (fit (A, k) → (approx, n_params), slider label, k min, k max, default k)
     "truncated SVD": (_truncated_svd, "rank", 1, 64, 8),
     "ALS": (lambda A, k: _fitted(als(A, k, max_iter=10, seed=0, progress=False)), "rank", 1, 32, 8),
-    "Hadamard": (lambda A, k: _fitted(hadamard_als(A, -(-k // 2), progress=False)), "r1+r2", 1, 16, 8),
+    "Hadamard": (lambda A, k: _fitted(hadamard_als(A, -(-k // 2), max_iter=100, progress=False)),  # 100 sweeps
+                 "r1+r2", 1, 16, 8),
     "Kronecker sum": (lambda A, k: _fitted(kronecker_als(A, _kron_shape(A), terms=k, progress=False)),
                       "terms", 1, 32, 8),
     "Khatri-Rao cascade": (lambda A, k: _fitted(khatri_rao_als(A, balanced_dims(A.shape[0], k), max_iter=10, seed=0,
