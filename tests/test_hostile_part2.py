@@ -1084,3 +1084,25 @@ def test_merge_of_tied_lm_head_refused():
     lt.inject(g, "lora", targets=["lm_head"], rank=2); s = snapshot(g)
     with pytest.raises(ValueError, match="tied"): lt.merge(g)
     same(s, g)
+
+
+# ---------------------------------------------------------------- fixes of the findings (F1-F14)
+@pytest.mark.parametrize("save", ["save_adapter", "export_peft"])
+@pytest.mark.parametrize("committed", [False, True])
+def test_f12_a_folder_named_like_a_journal_is_never_touched(tmp_path, save, committed):
+    "F12: a user folder named like our journal (even with a commit marker) is neither removed, moved nor read."
+    mine = tmp_path / ".lowrank_tales-save-00000000000000000001-deadbeef"
+    mine.mkdir(); (mine / "thesis.tex").write_text("precious"); (mine / "adapter_config.json").write_text("{}")
+    if committed: (mine / ".committed").touch()
+    m = adapted("lora")
+    getattr(lt, save)(m, tmp_path)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["thesis.tex", "adapter_config.json"]
+                                                            + [".committed"] * committed)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    getattr(lt, save)(m, tmp_path / "clean")
+    ours = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ours + [mine.name, "clean"])
+    load = lt.load_adapter if save == "save_adapter" else lt.import_peft
+    out = load(tiny(), tmp_path)  # the crafted folder's config is not read in place of the visible one
+    X = torch.randn(5, 8)
+    torch.testing.assert_close(out(X), m(X), rtol=0, atol=0)
