@@ -1106,3 +1106,62 @@ def test_f12_a_folder_named_like_a_journal_is_never_touched(tmp_path, save, comm
     out = load(tiny(), tmp_path)  # the crafted folder's config is not read in place of the visible one
     X = torch.randn(5, 8)
     torch.testing.assert_close(out(X), m(X), rtol=0, atol=0)
+
+
+def _hvp_by_autograd_and_func(m, X, functional):
+    "The Hessian-vector product of Σ m(X)² along ones, by eager double backward and by torch.func's jvp(grad)."
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    ps = tuple(p.detach() for n, p in m.named_parameters() if p.requires_grad)
+    v = tuple(torch.ones_like(p) for p in ps)
+    f = lambda *p: (torch.func.functional_call(m, dict(zip(names, p)), (X,)) ** 2).sum()
+    if functional: eager = torch.autograd.functional.hvp(f, ps, v)[1]  # allow_unused inside: a gap reads as 0
+    else:
+        live = [p for p in m.parameters() if p.requires_grad]
+        g = torch.autograd.grad((m(X) ** 2).sum(), live, create_graph=True)
+        eager = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g, v)), live)
+    ref = torch.func.jvp(torch.func.grad(lambda p: f(*p)), (ps,), (v,))[1]
+    return eager, ref
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "lokh", "dora"])
+@pytest.mark.parametrize("path", ["factored", "folded"])
+@pytest.mark.parametrize("functional", [False, True])
+def test_f1_f2_double_backward_equals_torch_func(method, path, functional):
+    "F1/F2: a second derivative by eager autograd (create_graph) through every fast path equals torch.func's."
+    if method == "lokh" and path == "factored": pytest.skip("LoKH has no factored path")
+    m = adapted(method).double()
+    for i in (0, 2): m[i].path = path
+    X = torch.randn(7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eager, ref = _hvp_by_autograd_and_func(m, X, functional)
+    assert any(r.abs().max() > 0.1 for r in ref)
+    for a, b in zip(eager, ref): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_f1_double_backward_through_the_input_and_two_adapters():
+    "F1: the second derivative with respect to the input, with two adapters folded together, equals torch.func's."
+    m = adapted("lora", names=("default", "other")).double()
+    lt.set_adapter(m, ["default", "other"])
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad((m(x) ** 3).sum(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), x)
+    f = lambda x: (m(x) ** 3).sum()
+    ref = torch.func.jvp(torch.func.grad(f), (x.detach(),), (torch.ones_like(x),))[1]
+    torch.testing.assert_close(hx, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["nan_factor", "inf_weight_sum"])
+def test_f4_a_refused_load_into_a_merged_model_leaves_it_as_it_was(bad):
+    "F4: a state dict whose re-merge is refused (NaN factor; a merge that overflows) leaves the merged model as it was."
+    m = adapted("lora")
+    lt.merge(m)
+    before, X = snapshot(m), torch.randn(5, 8)
+    y = m(X)
+    sd = m.state_dict()
+    if bad == "nan_factor": sd["2.updates.default.A"] = torch.full((2, 6), float("nan"))
+    else: sd["2.updates.default.B"] = torch.full((4, 2), 3e38)
+    with pytest.raises(ValueError, match="NaN or infinite"): m.load_state_dict(sd)
+    same(m, before)
+    assert m[0].merged == m[2].merged == ["default"]
+    torch.testing.assert_close(m(X), y, rtol=0, atol=0)
+    lt.unmerge(m)  # and W0 comes back exactly
+    torch.testing.assert_close(m[2].base.weight, tiny()[2].weight, rtol=0, atol=0)
