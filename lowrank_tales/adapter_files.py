@@ -71,6 +71,7 @@ def _to_write(model: nn.Module, name, verb: str) -> list[str]:
     "The adapters a save or export writes: `name`, else the active ones; refuses a model without any, by `verb`."
     if not adapter_layers(check_model(model)): raise ValueError(f"model has no adapters to {verb}: inject() first")
     names = _names(model, name, active_adapters(model))
+    if not names and name is not None: raise ValueError(f"name must name at least one adapter, got {name!r}")
     if not names: raise ValueError(f"no adapter is active: pass name= to choose what to {verb}")
     return [check_adapter_name(n, "adapter name") for n in names]
 
@@ -455,7 +456,7 @@ def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[
                              f"{name!r} there "
                              f"is {why}: load it under another name=, or delete_adapter() first")
     if merged := [n for n, a in adapter_layers(model).items() if name in a.merged]:
-        raise ValueError(f"adapters {merged[:4]} are merged: unmerge() before loading")
+        raise ValueError(f"adapter {name!r} is merged in modules {merged[:4]}: unmerge() before loading")
     return have, True
 
 # %% ../nbs/07a_adapter_files.ipynb #1b9f758e

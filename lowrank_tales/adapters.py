@@ -262,6 +262,9 @@ def check_name(name, what: str = "name") -> str:
     if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
         raise ValueError(f"{what} must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), "
                          f"got {name!r}")
+    if len(name) > 100 or len(name.encode()) > 255:  # it names a folder: filesystems stop at 255 bytes, some sooner
+        raise ValueError(f"{what} must be at most 100 characters (it names the adapter's folder), got "
+                         f"{name[:20]!r}... ({len(name)} characters)")
     return name
 
 # %% ../nbs/06_adapters.ipynb #55a25c70
@@ -448,6 +451,10 @@ class AdaptedLayer(_LayerState):
     @path.setter
     def path(self, value: str) -> None:
         if value not in PATHS: raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        for n, u in self.updates.items():
+            ok = ("auto", *["factored"] * u.can_factor(), *["folded"] * (u.kind != "embedding"))
+            if value not in ok: raise ValueError(f"path must be one of {ok} for adapter {n!r} ({type(u).__name__} "
+                                                 f"on a {type(self.base).__name__}), got {value!r}")
         for u in self.updates.values(): u.path = value
 
     n_params = property(lambda self: sum(u.n_params for u in self.updates.values()), doc="Parameters of all updates.")

@@ -807,7 +807,7 @@ REFUSED = {
     "path_bad": (_inj(path="nope"), ValueError, "path"),
     "merge_dup": (lambda m: lt.merge(m, ["default", "default"]), ValueError, "twice"),
     "merge_unknown": (lambda m: lt.merge(m, "zz"), ValueError, "zz"),
-    "unmerge_unmerged": (lambda m: lt.unmerge(m), ValueError, "not merged"),
+    "unmerge_unmerged": (lambda m: lt.unmerge(m), ValueError, "no adapter is merged"),
     "set_unknown": (lambda m: lt.set_adapter(m, ["default", "zz"]), ValueError, "zz"),
     "set_comma": (lambda m: lt.set_adapter(m, "default,b"), ValueError, "default,b"),
     "delete_unknown": (lambda m: lt.delete_adapter(m, "zz"), ValueError, "zz"),
@@ -1165,3 +1165,100 @@ def test_f4_a_refused_load_into_a_merged_model_leaves_it_as_it_was(bad):
     torch.testing.assert_close(m(X), y, rtol=0, atol=0)
     lt.unmerge(m)  # and W0 comes back exactly
     torch.testing.assert_close(m[2].base.weight, tiny()[2].weight, rtol=0, atol=0)
+
+
+def _refused_unchanged(m, call, exc, match):
+    "`call()` raises `exc` matching `match` and leaves `m` bit-identical."
+    before = snapshot(m)
+    with pytest.raises(exc, match=match): call()
+    same(m, before)
+
+
+def test_f3_a_path_a_method_lacks_is_refused_at_assignment():
+    "F3: `layer.path = 'factored'` on LoKH (and 'folded' on an embedding's LoRA) is refused when set, naming the path."
+    m = adapted("lokh")
+    _refused_unchanged(m, lambda: setattr(m[0], "path", "factored"), ValueError,
+                       r"path must be one of \('auto', 'folded'\) for adapter 'default' \(LoKHUpdate on a Linear\), "
+                       r"got 'factored'")
+    m[0].path = "folded"; m(torch.randn(2, 8))
+    e = lt.LoRA(nn.Embedding(10, 4), rank=2)
+    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'factored'\)"): e.path = "folded"
+    assert e.path == "auto"
+
+
+@pytest.mark.parametrize("kw, what", [(dict(rank_pattern="0"), "rank_pattern"),
+                                      (dict(alpha_pattern=[1]), "alpha_pattern"),
+                                      (dict(rank_pattern={1: 2}), "rank_pattern")])
+def test_f5_patterns_must_be_dicts(kw, what):
+    "F5: rank_pattern / alpha_pattern that are not dicts of pattern → value raise a TypeError naming them."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name="b", **kw), TypeError,
+                       f"{what} must be a dict of module pattern")
+
+
+@pytest.mark.parametrize("call", ["inject", "extract_adapters", "init_from_weight", "rank_pattern"])
+def test_f6_a_bad_regex_is_a_value_error_naming_targets(call):
+    "F6: an invalid regex in targets (or a pattern key) is a ValueError naming the argument, the value and why."
+    m = adapted("lora")
+    calls = {"inject": lambda: lt.inject(m, "lora", targets="(", rank=2, name="b"),
+             "extract_adapters": lambda: lt.extract_adapters(m, tiny(3), "lora", targets="(", rank=2),
+             "init_from_weight": lambda: lt.init_from_weight(m, "lora", targets="(", rank=2),
+             "rank_pattern": lambda: lt.inject(m, "lora", targets=["0"], rank=2, name="b", rank_pattern={"(": 1})}
+    what = "rank_pattern" if call == "rank_pattern" else "targets"
+    _refused_unchanged(m, calls[call], ValueError, rf"{what} must be a valid regular expression, got '\('")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("where", ["finetuned", "model"])
+def test_f7_non_finite_weights_are_named(value, where):
+    "F7: NaN/inf weights in the fine-tuned state (or the model, for init_from_weight) raise a ValueError naming them."
+    m = tiny()
+    if where == "finetuned":
+        sd = {k: v * float(value) for k, v in tiny(3).state_dict().items()}
+        _refused_unchanged(m, lambda: lt.extract_adapters(m, sd, "lora", targets=["0", "2"], rank=2), ValueError,
+                           r"finetuned '0.weight' contains \d+ NaN or infinite entries")
+    else:
+        with torch.no_grad(): m[2].weight[0, 0] = float(value)
+        before = copy.deepcopy(m)
+        with pytest.raises(ValueError, match=r"the model's '2.weight' contains 1 NaN or infinite entries"):
+            lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2)
+        assert [type(x) for x in m.modules()] == [type(x) for x in before.modules()]
+        for a, b in zip(m.state_dict().values(), before.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kw", [dict(alpha="3"), dict(dropout="0.1"), dict(alpha=b"3")])
+def test_f8_numbers_given_as_text_are_refused(kw):
+    "F8: alpha / dropout given as strings are a TypeError naming the argument, as rank='2' and alpha=True are."
+    m = adapted("lora")
+    what = next(iter(kw))
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name="b", **kw), TypeError,
+                       f"{what} must be a number")
+
+
+def test_f9_set_adapter_none_is_refused():
+    "F9: set_adapter(model, None) is refused with a TypeError naming the argument; [] still deactivates all."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.set_adapter(m, None), TypeError, "name_or_names must be an adapter name")
+    lt.set_adapter(m, [])
+    assert lt.active_adapters(m) == []
+
+
+@pytest.mark.parametrize("name", ["x" * 101, "é" * 128])
+def test_f10_a_name_too_long_for_a_folder_is_refused_at_inject(name, tmp_path):
+    "F10: an adapter name longer than 100 characters (or 255 bytes) is refused by inject, before any change."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name=name), ValueError,
+                       "must be at most 100 characters")
+    lt.inject(m, "lora", targets=["0", "2"], rank=2, name="y" * 100)  # the limit itself is fine, and saves
+    lt.set_adapter(m, ["default", "y" * 100]); lt.save_adapter(m, tmp_path)
+    assert (tmp_path / ("y" * 100) / "adapter_config.json").is_file()
+
+
+def test_f13_messages_name_adapters_and_modules():
+    "F13: unmerge of an unmerged model, a load into a merged one and save(name=[]) say what is wrong."
+    m = adapted("lora")
+    with pytest.raises(ValueError, match=r"no adapter is merged \(modules \['0', '2'\] hold none\)"): lt.unmerge(m)
+    with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"):
+        lt.save_adapter(m, "/nonexistent/x", name=[])
+    with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"): lt.merge(m, name=[])
