@@ -1262,3 +1262,17 @@ def test_f13_messages_name_adapters_and_modules():
     with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"):
         lt.save_adapter(m, "/nonexistent/x", name=[])
     with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"): lt.merge(m, name=[])
+
+
+@pytest.mark.parametrize("edit, match", [(dict(target_modules=["zzz"]), "matches no module of the model"),
+                                         (dict(target_modules="0"), r"modules \['2'\] that its target_modules"),
+                                         (dict(layers_to_transform=0), "layers_to_transform=0, which lowrank_tales")])
+def test_f14_import_peft_refuses_a_config_contradicting_its_tensors(tmp_path, edit, match):
+    "F14: target_modules that select none of (or not all) the tensors' modules, or layers_to_transform=0, are refused."
+    lt.export_peft(adapted("lora"), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    m = tiny()
+    _refused_unchanged(m, lambda: lt.import_peft(m, tmp_path), ValueError, match)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["0", "2"]}))
+    lt.import_peft(m, tmp_path)  # a list selecting exactly the tensors' modules loads
