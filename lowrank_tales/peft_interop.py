@@ -301,7 +301,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
 # %% ../nbs/07b_peft.ipynb #ee525c9e
 def _check_peft_targets(model: nn.Module, config: dict, names: list, what: str) -> None:
     """`ValueError` unless the config's `target_modules` selects, as PEFT does, a module of `model` and every module
-    `names` the tensors adapt: PEFT refuses a config matching nothing, and would ignore tensors of unselected modules."""
+    `names` the tensors adapt: PEFT refuses a config matching nothing, and ignores tensors of modules it skips."""
     targets = config.get("target_modules")
     if targets is None or targets == ALL_LINEAR: return
     mods = [n for n, _ in model.named_modules() if n]
