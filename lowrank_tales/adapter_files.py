@@ -102,10 +102,9 @@ def _is_stub(j: Path) -> bool:
 
 # %% ../nbs/07a_adapter_files.ipynb #c72c5094
 def check_folder(path) -> Path:
-    "`path` as a `Path`, else `TypeError` (not a path) or `ValueError` (empty: `Path('')` would mean `'.'`)."
+    "`path` as a `Path`, else `TypeError`."
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a folder path (str or PathLike), got {type(path).__name__}")
-    if not os.fspath(path): raise ValueError("path must be a non-empty folder path ('.' is the current one), got ''")
     return Path(path)
 
 # %% ../nbs/07a_adapter_files.ipynb #43fe16ce

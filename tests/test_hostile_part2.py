@@ -1276,12 +1276,3 @@ def test_f14_import_peft_refuses_a_config_contradicting_its_tensors(tmp_path, ed
     _refused_unchanged(m, lambda: lt.import_peft(m, tmp_path), ValueError, match)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["0", "2"]}))
     lt.import_peft(m, tmp_path)  # a list selecting exactly the tensors' modules loads
-
-
-@pytest.mark.parametrize("verb", ["save_adapter", "export_peft", "load_adapter", "import_peft"])
-def test_f11_an_empty_path_is_refused(verb, tmp_path, monkeypatch):
-    "F11: an empty path (an unset config value) is refused, not taken as the current folder."
-    monkeypatch.chdir(tmp_path)
-    m = adapted("lora")
-    _refused_unchanged(m, lambda: getattr(lt, verb)(m, ""), ValueError, "path must be a non-empty folder path")
-    assert not list(tmp_path.iterdir())
