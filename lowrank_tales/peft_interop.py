@@ -330,8 +330,8 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)
-    _check_peft_targets(model, config, list(dict.fromkeys(n for n, _ in keys.values())), what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
+    _check_peft_targets(model, config, list(specs), what)  # after the checks of each module (missing, unadaptable)
     ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
     for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning
