@@ -60,11 +60,34 @@ def _to_write(model: nn.Module, name, verb: str) -> list[str]:
     "The adapters a save or export writes: `name`, else the active ones; refuses a model without any, by `verb`."
     if not adapter_layers(check_model(model)): raise ValueError(f"model has no adapters to {verb}: inject() first")
     names = _names(model, name, active_adapters(model))
+    if not names and name is not None: raise ValueError(f"name must name at least one adapter, got {name!r}")
     if not names: raise ValueError(f"no adapter is active: pass name= to choose what to {verb}")
     return [check_name(n, "adapter name") for n in names]
 
 # %% ../nbs/07a_adapter_files.ipynb #7f8f7f01
-_JOURNAL, _COMMIT = ".lowrank_tales-save-", ".committed"  # a save's hidden journal folder, and its commit marker
+_JOURNAL, _COMMIT, _MARK = ".lowrank_tales-save-", ".committed", ".lowrank_tales-journal"  # folder, commit, proof
+
+# %% ../nbs/07a_adapter_files.ipynb #03a8d60f
+def _magic(name: str) -> bytes:
+    "What the marker `_MARK` of the journal folder `name` holds: proof that a save of this module wrote it."
+    return f"lowrank_tales save journal {name}\n".encode()
+
+# %% ../nbs/07a_adapter_files.ipynb #99c2496a
+def _is_journal(j: Path) -> bool:
+    "Whether `j` is a journal a save of this module wrote: a real folder holding its marker with its own magic."
+    m = j / _MARK
+    try: return not (j.is_symlink() or m.is_symlink()) and m.is_file() and m.read_bytes() == _magic(j.name)
+    except OSError: return False
+
+# %% ../nbs/07a_adapter_files.ipynb #5d80cf30
+def _is_stub(j: Path) -> bool:
+    "Whether `j` is a journal of ours that died before its marker was whole: our exact name, at most part of a marker."
+    tail = j.name[len(_JOURNAL):]
+    if not (j.name.startswith(_JOURNAL) and len(tail) == 29 and tail[:20].isdigit() and tail[20] == "-"
+            and set(tail[21:]) <= set("0123456789abcdef")) or j.is_symlink() or not j.is_dir(): return False
+    try: return all(e.name == _MARK and e.is_file() and not e.is_symlink() and _magic(j.name).startswith(e.read_bytes())
+                    for e in j.iterdir())
+    except OSError: return False
 
 # %% ../nbs/07a_adapter_files.ipynb #c72c5094
 def check_folder(path) -> Path:
@@ -124,10 +147,12 @@ def _unlock(fd: int | None) -> None:
 
 # %% ../nbs/07a_adapter_files.ipynb #bc93afb8
 def _remove_tree(folder: Path) -> None:
-    "Remove `folder`, a journal this module wrote, and all it holds."
+    "Remove `folder`, a journal this module wrote, and all it holds; its marker last, so a kill leaves it provable."
     for d, dirs, files in os.walk(folder, topdown=False):
-        for f in files: os.unlink(os.path.join(d, f))
+        for f in files:
+            if (d, f) != (str(folder), _MARK): os.unlink(os.path.join(d, f))
         for s in dirs: os.rmdir(os.path.join(d, s))
+    if os.path.lexists(folder / _MARK): os.unlink(folder / _MARK)
     os.rmdir(folder)
 
 # %% ../nbs/07a_adapter_files.ipynb #2cd2e9fa
@@ -136,7 +161,7 @@ def _roll_forward(journal: Path, root: Path) -> None:
     for d, _, files in sorted(os.walk(journal)):
         dest = root / Path(d).relative_to(journal)
         dest.mkdir(exist_ok=True)
-        for f in sorted(set(files) - {_COMMIT}): os.replace(os.path.join(d, f), dest / f)
+        for f in sorted(set(files) - {_COMMIT, _MARK}): os.replace(os.path.join(d, f), dest / f)
         _fsync(dest)
     _remove_tree(journal)
 
@@ -144,7 +169,7 @@ def _roll_forward(journal: Path, root: Path) -> None:
 def _finish_stale(root: Path) -> None:
     "Complete (if committed) or remove (if not) the journals in `root` of saves that died; live ones stay."
     for j in sorted(root.glob(_JOURNAL + "*")):
-        if j.is_symlink() or not j.is_dir() or (fd := _lock(j)) is None: continue
+        if not (_is_journal(j) or _is_stub(j)) or (fd := _lock(j)) is None: continue  # others' folders stay
         try:
             if (j / _COMMIT).is_file(): _roll_forward(j, root)
             else: _remove_tree(j)
@@ -152,7 +177,8 @@ def _finish_stale(root: Path) -> None:
 
 # %% ../nbs/07a_adapter_files.ipynb #f61b99c5
 def _fill(journal: Path, files: dict) -> None:
-    "Write `files` (relative path → bytes) into `journal`, flush them, then commit it in one step (its marker)."
+    "Mark `journal` as ours, write `files` (relative path → bytes) into it, flush them, then commit it in one step."
+    _write_file(journal / _MARK, _magic(journal.name))
     for r, data in files.items():
         (journal / r).parent.mkdir(exist_ok=True)
         _write_file(journal / r, data)
@@ -189,7 +215,7 @@ def write_files(root, files: dict[str, bytes]) -> Path:
 def _journals(folder: Path) -> list[tuple[Path, str]]:
     "The journals that may hold files of `folder`, each with the path prefix of those files in it."
     places = [(folder, "")] + ([(folder.parent, folder.name + "/")] if folder.parent != folder else [])
-    return [(j, pre) for d, pre in places if d.is_dir() for j in sorted(d.glob(_JOURNAL + "*"))]
+    return [(j, pre) for d, pre in places if d.is_dir() for j in sorted(d.glob(_JOURNAL + "*")) if _is_journal(j)]
 
 # %% ../nbs/07a_adapter_files.ipynb #66e0614b
 def _source(folder: Path, f: str) -> Path:
@@ -419,7 +445,7 @@ def _load_targets(model: nn.Module, name: str, specs: dict, what: str) -> tuple[
                              f"{name!r} there "
                              f"is {why}: load it under another name=, or delete_adapter() first")
     if merged := [n for n, a in adapter_layers(model).items() if name in a.merged]:
-        raise ValueError(f"adapters {merged[:4]} are merged: unmerge() before loading")
+        raise ValueError(f"adapter {name!r} is merged in modules {merged[:4]}: unmerge() before loading")
     return have, True
 
 # %% ../nbs/07a_adapter_files.ipynb #1b9f758e

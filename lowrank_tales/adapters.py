@@ -214,6 +214,17 @@ def _scaled_outer(g, x, scale: float) -> torch.Tensor:
     "`scale·gᵀx` in one matmul (the scale applied by the GEMM, not by another pass over the result)."
     return torch.addmm(g.new_zeros(()), g.T, x, beta=0, alpha=scale)
 
+# %% ../nbs/06_adapters.ipynb #b2415077
+def _regrad(f, inputs: tuple, need, g) -> list:
+    """The gradients along `g` of `f(*inputs)` for the inputs `need` marks (`None` elsewhere), by plain autograd ops:
+    what a hand-written backward returns under `create_graph`, so a second derivative through it is right."""
+    idx = [i for i, n in enumerate(need) if n]
+    with torch.enable_grad():
+        gs = torch.autograd.grad(f(*inputs), [inputs[i] for i in idx], g, create_graph=True, allow_unused=True)
+    out = [None] * len(inputs)
+    for i, gr in zip(idx, gs): out[i] = gr
+    return out
+
 # %% ../nbs/06_adapters.ipynb #c183d3d3
 class FoldedLinear(torch.autograd.Function):
     "`F.linear(x, W0 + Σ s_i ΔW_i, b)`, saving `x` and the factors; backward pulls `G = gᵀx` back to the factors."
@@ -224,10 +235,14 @@ class FoldedLinear(torch.autograd.Function):
         return F.linear(x, _folded_matrix(W0, updates, _split(updates, flat)).to(x.dtype), bias)
 
     @staticmethod
-    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
         x, W0, *flat = ctx.saved_tensors
         ups, need, factors = ctx.updates, ctx.needs_input_grad, _split(ctx.updates, flat)
+        if torch.is_grad_enabled():  # create_graph: plain autograd ops, so a second derivative is right
+            with _autocast_off(g):
+                ref = lambda x, *fs: F.linear(x, _folded_matrix(W0, ups, _split(ups, fs)).to(x.dtype))
+                dx, *grads = _regrad(ref, (x, *flat), [need[0], *need[4:]], g.to(x.dtype))
+            return (dx, None, None, None, *grads)
         with _autocast_off(g):
             g2, x2 = g.reshape(-1, g.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
             parts = [u.pullback(fs) for u, fs in zip(ups, factors)]  # each ΔW formed once, for dX and its gradients
@@ -274,6 +289,9 @@ def check_name(name, what: str = "name") -> str:
     if not isinstance(name, str) or not name or any(c in name for c in "./\\\0"):
         raise ValueError(f"{what} must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), "
                          f"got {name!r}")
+    if len(name) > 100 or len(name.encode()) > 255:  # it names a folder: filesystems stop at 255 bytes, some sooner
+        raise ValueError(f"{what} must be at most 100 characters (it names the adapter's folder), got "
+                         f"{name[:20]!r}... ({len(name)} characters)")
     return name
 
 # %% ../nbs/06_adapters.ipynb #55a25c70
@@ -291,15 +309,24 @@ def _unmerged_state(layer, state: dict, prefix: str, local_metadata) -> None:
 
 # %% ../nbs/06_adapters.ipynb #de37bc9d
 def _unmerge_for_load(layer, state, prefix, *args) -> None:
-    "Load pre-hook: a merged layer takes its adapters out before the state dict's `W0` and factors arrive."
+    "Load pre-hook: a merged layer takes its adapters out before the new `W0` and factors arrive (keeping a copy)."
     layer._reload = layer.merged
-    if layer.merged: layer.unmerge()
+    if layer.merged:
+        layer.unmerge()
+        layer._undo = {k: t.detach().clone() for k, t in layer.state_dict(keep_vars=True).items()}
 
 # %% ../nbs/06_adapters.ipynb #a5a561fc
 def _merge_after_load(layer, incompatible) -> None:
-    "Load post-hook: merge again what was merged before the load, from the loaded `W0` and factors."
-    names = layer.__dict__.pop("_reload", [])
-    if names: layer.merge(names)
+    """Load post-hook: merge again what was merged before the load, from the loaded `W0` and factors; a merge it
+    refuses (NaN or infinite) puts the layer back as it was before the load, merged, and raises."""
+    names, undo = layer.__dict__.pop("_reload", []), layer.__dict__.pop("_undo", {})
+    if not names: return
+    try: layer.merge(names)
+    except BaseException:
+        with torch.no_grad():
+            for k, t in layer.state_dict(keep_vars=True).items(): t.copy_(undo[k])
+        layer.merge(names)
+        raise
 
 # %% ../nbs/06_adapters.ipynb #b1da68ad
 class _LayerState(nn.Module):
@@ -457,6 +484,10 @@ class AdaptedLayer(_LayerState):
     @path.setter
     def path(self, value: str) -> None:
         if value not in PATHS: raise ValueError(f"path must be one of {PATHS}, got {value!r}")
+        for n, u in self.updates.items():
+            ok = ("auto", *["factored"] * u.can_factor(), *["folded"] * (u.kind != "embedding"))
+            if value not in ok: raise ValueError(f"path must be one of {ok} for adapter {n!r} ({type(u).__name__} "
+                                                 f"on a {type(self.base).__name__}), got {value!r}")
         for u in self.updates.values(): u.path = value
 
     n_params = property(lambda self: sum(u.n_params for u in self.updates.values()), doc="Parameters of all updates.")
@@ -609,15 +640,18 @@ class LowRankLinear(torch.autograd.Function):
         h = x2 @ U.T
         y = torch.addmm(h.new_zeros(()), h, V.T, beta=0, alpha=scale) if W0 is None else \
             F.linear(x2, W0, bias).addmm_(h, V.T, alpha=scale)
-        ctx.save_for_backward(x2, h, W0, U, V)
+        ctx.save_for_backward(x, h, W0, U, V)
         ctx.scale, ctx.shape = scale, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
-    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
-        x2, h, W0, U, V = ctx.saved_tensors
-        s, need = ctx.scale, ctx.needs_input_grad
+        x, h, W0, U, V = ctx.saved_tensors
+        s, need, x2 = ctx.scale, ctx.needs_input_grad, x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled():  # create_graph: plain autograd ops, so a second derivative is right
+            ref = lambda x, U, V: s * F.linear(F.linear(x, U), V) + (0 if W0 is None else F.linear(x, W0))
+            with _autocast_off(g): dx, dU, dV = _regrad(ref, (x, U, V), [need[0], need[3], need[4]], g.to(x.dtype))
+            return dx, None, None, dU, dV, None
         with _autocast_off(g):
             g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
             gV = g2 @ V
@@ -810,15 +844,20 @@ class KronLinear(torch.autograd.Function):
         Z = X @ B.T  # (T, a2, b1): one matrix product over all tokens
         y = x.new_zeros(len(X), a1 * b1) if W0 is None else F.linear(x.reshape(-1, a2 * b2), W0, bias)
         y.view(-1, a1, b1).baddbmm_(A.expand(len(X), a1, a2), Z, alpha=scale)
-        ctx.save_for_backward(X, Z, W0, A, B)
+        ctx.save_for_backward(x, Z, W0, A, B)
         ctx.scale, ctx.shape = scale, x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])  # explicit: an empty batch has no -1 to infer
 
     @staticmethod
-    @once_differentiable  # a second derivative is refused, never wrong (torch.func works on plain ops)
     def backward(ctx, g):
-        X, Z, W0, A, B = ctx.saved_tensors
+        x, Z, W0, A, B = ctx.saved_tensors
         (a1, a2), (b1, b2), s, need = A.shape, B.shape, ctx.scale, ctx.needs_input_grad
+        X = x.reshape(-1, a2, b2)
+        if torch.is_grad_enabled():  # create_graph: plain autograd ops, so a second derivative is right
+            ref = lambda x, A, B: s * (A @ x.reshape(-1, a2, b2) @ B.T).reshape(*x.shape[:-1], a1 * b1) + \
+                (0 if W0 is None else F.linear(x, W0))
+            with _autocast_off(g): dx, dA, dB = _regrad(ref, (x, A, B), [need[0], need[3], need[4]], g.to(x.dtype))
+            return dx, None, None, dA, dB, None
         with _autocast_off(g):
             g2 = g.reshape(-1, a1 * b1).to(X.dtype)
             dZ = torch.bmm(A.T.expand(len(X), a2, a1), g2.view(-1, a1, b1)).view(-1, b1)  # (T·a2, b1)

@@ -244,7 +244,7 @@ def check_int(value, name: str, low: int = 1, high: int | None = None, why: str 
 # %% ../nbs/00_core.ipynb #a5ecbf9c
 def check_nonnegative(value, name: str) -> float:
     "`value` as a finite `float` >= 0; `TypeError`/`ValueError` naming `name` otherwise (booleans are not numbers)."
-    if isinstance(value, (bool, np.bool_)): raise TypeError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, (bool, np.bool_, str, bytes)): raise TypeError(f"{name} must be a number, got {value!r}")
     try: v = float(value)
     except (TypeError, ValueError): raise TypeError(f"{name} must be a number, got {value!r}") from None
     if not np.isfinite(v) or v < 0: raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

@@ -173,7 +173,8 @@ def fit_update(D, ad: Adapter, fit_options: dict | None = None) -> Extraction:
 def update_matrix(layer: nn.Module, W, name: str = "delta"):
     """`W` as the `d_out × d_in` matrix an adapter of `layer` approximates.
 
-    `ValueError` naming both shapes when it does not fit."""
+    `ValueError` naming both shapes when it does not fit, or `name` when `W` holds NaN or infinite entries."""
+    check_finite(W, name)
     d_out, d_in = layer_shape(layer)
     if tuple(W.shape) == (d_out, d_in): return W
     if tuple(W.shape) == tuple(layer.weight.shape):
@@ -244,6 +245,7 @@ def target_updates(model: nn.Module, finetuned, names: list) -> dict:
         layer, key = model.get_submodule(n), f"{n}.weight"
         if key not in state: raise ValueError(f"finetuned has no tensor {key!r} for the targeted module {n!r}")
         W0, W = layer.weight.detach(), state[key].detach()
+        check_finite(W, f"finetuned {key!r}"); check_finite(W0, f"the model's {key!r}")
         if tuple(W.shape) != tuple(W0.shape):
             raise ValueError(f"finetuned {key!r} has shape {tuple(W.shape)}, "
                              f"but the model's has shape {tuple(W0.shape)}")
@@ -324,8 +326,8 @@ def init_from_weight(model: nn.Module,  # the pretrained model; adapters are inj
     method = check_method(method)
     ad_opts, fit_opts = split_options(method, options, FITS[method])
     kw = model_adapter_options(model, method, targets, rank, budget, ad_opts)
-    weights = lambda names: {n: update_matrix(model.get_submodule(n), model.get_submodule(n).weight.detach().float())
-                             for n in names}
+    weights = lambda names: {n: update_matrix(model.get_submodule(n), model.get_submodule(n).weight.detach().float(),
+                                              f"the model's {n + '.weight'!r}") for n in names}
     opts = {k: v for k, v in kw.items() if k != "rank"}
     _check_untied(model, list(plan_injection(model, method, targets, kw.get("rank"), alpha, opts)),
                   "init_from_weight")

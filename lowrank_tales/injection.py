@@ -42,6 +42,21 @@ def exact_targets(names) -> str:
     "A regex that fully matches exactly the module `names`."
     return "|".join(re.escape(n) for n in names)
 
+# %% ../nbs/07_models.ipynb #c4495246
+def _check_regex(pattern: str, what: str) -> str:
+    "`pattern` if it compiles as a regular expression, else `ValueError` naming `what`, the pattern and why."
+    try: re.compile(pattern)
+    except re.error as e: raise ValueError(f"{what} must be a valid regular expression, got {pattern!r}: {e}") from None
+    return pattern
+
+# %% ../nbs/07_models.ipynb #e884338d
+def _check_pattern(pattern, what: str) -> None:
+    "`TypeError`/`ValueError` naming `what` unless `pattern` is `None` or a dict of module regex → value."
+    if pattern is None: return
+    if not isinstance(pattern, dict) or not all(isinstance(k, str) for k in pattern):
+        raise TypeError(f"{what} must be a dict of module pattern (a regex string) → value, got {pattern!r}")
+    for k in pattern: _check_regex(k, what)
+
 # %% ../nbs/07_models.ipynb #24fd92c5
 def adapter_layers(model: nn.Module) -> dict[str, Adapter]:
     "The adapted layers inside `model`, by module name."
@@ -109,7 +124,7 @@ def make_adapter(method: str, layer: nn.Module, rank: int | None, alpha: float |
 # %% ../nbs/07_models.ipynb #3c450d57
 def check_targets(targets) -> str | list:
     "`targets` as a regex string or a non-empty list of names, else `TypeError`/`ValueError`."
-    if isinstance(targets, str): return targets
+    if isinstance(targets, str): return _check_regex(targets, "targets")
     if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
         raise TypeError(f"targets must be a regex string or a list of module names, got {targets!r}")
     if not targets: raise ValueError("targets must name at least one module, got an empty list")
@@ -149,6 +164,7 @@ def plan_injection(model: nn.Module, method: str, targets, rank: int | None, alp
     if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     method, targets = method.lower(), check_targets(targets)
+    _check_pattern(rank_pattern, "rank_pattern"); _check_pattern(alpha_pattern, "alpha_pattern")
     if check_name(name) in adapter_names(model):
         raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
                          f"delete_adapter() it")
@@ -497,6 +513,7 @@ def merge(model: nn.Module, name=None) -> nn.Module:
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to merge: inject() first")
     names = _names(model, name, active_adapters(model))
+    if not names and name is not None: raise ValueError(f"name must name at least one adapter, got {name!r}")
     if not names: raise ValueError("no adapter is active: pass name= or set_adapter() first")
     if idle := [n for n in names if n not in active_adapters(model)]:
         raise ValueError(f"adapters {idle} are not active: set_adapter() them first (merged adapters are active ones)")
@@ -519,8 +536,9 @@ def unmerge(model: nn.Module, name=None) -> nn.Module:
     if not ads: raise ValueError("model has no adapters to unmerge")
     merged = list(dict.fromkeys(n for a in ads.values() for n in a.merged))
     names = _names(model, name, merged)
-    if not merged or (todo := [n for n in names if n not in merged]):
-        raise ValueError(f"adapters {(list(ads) if not merged else todo)[:4]} are not merged: nothing to unmerge")
+    if not merged: raise ValueError(f"no adapter is merged (modules {list(ads)[:4]} hold none): nothing to unmerge")
+    if todo := [n for n in names if n not in merged]:
+        raise ValueError(f"adapters {todo[:4]} are not merged: nothing to unmerge")
     for a in ads.values():
         if here := [n for n in names if n in a.merged]: a.unmerge(here)
     return model
@@ -529,6 +547,9 @@ def unmerge(model: nn.Module, name=None) -> nn.Module:
 def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
     "Make the adapters named (a name or a list) active and trainable, every other one inactive and frozen."
     if not adapter_layers(check_model(model)): raise ValueError("model has no adapters: inject() first")
+    if name_or_names is None:
+        raise TypeError("name_or_names must be an adapter name or a list of them (an empty list deactivates every "
+                        "adapter), got None")
     names = _names(model, name_or_names, [])
     for s in saved_modules(model).values():
         if len(here := [n for n in names if n in s.copies]) > 1:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import UPDATES, Adapter, Update, check_name, layer_kind
 from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
-                                     saved_modules, shadow)
+                                     saved_modules, shadow, target_matches, ALL_LINEAR)
 from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
                                          _install, _load_targets, _low_rank_pair, _saved_targets, _spec,
                                          _target_dtypes, _to_write,
@@ -222,7 +222,8 @@ def check_peft_config(config: dict, what: str) -> str:
         raise ValueError(f"{what} has fields {unknown[:4]} that lowrank_tales does not know (a newer PEFT?): "
                          "refusing to guess what they mean")
     for key, default in UNSUPPORTED_PEFT.items():
-        if config.get(key, default) not in (default, None, {}, [], False, 0):
+        if config.get(key, default) not in (default, None, {}, [], False, 0) or key == "layers_to_transform" and \
+                type(config.get(key)) is int:  # a layer index, 0 included
             raise ValueError(f"{what} uses {key}={config[key]!r}, which lowrank_tales does not support")
     alpha = "lora_alpha" if method == "lora" else "alpha"
     if alpha in config and config[alpha] is None:
@@ -298,6 +299,19 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
+# %% ../nbs/07b_peft.ipynb #ee525c9e
+def _check_peft_targets(model: nn.Module, config: dict, names: list, what: str) -> None:
+    """`ValueError` unless the config's `target_modules` selects, as PEFT does, a module of `model` and every module
+    `names` the tensors adapt: PEFT refuses a config matching nothing, and ignores tensors of modules it skips."""
+    targets = config.get("target_modules")
+    if targets is None or targets == ALL_LINEAR: return
+    mods = [n for n, _ in model.named_modules() if n]
+    if not any(target_matches(n, targets) for n in mods):
+        raise ValueError(f"{what}: target_modules={targets!r} matches no module of the model (PEFT refuses it too)")
+    if lost := [n for n in names if not target_matches(n, targets)]:
+        raise ValueError(f"{what} holds tensors for modules {lost[:4]} that its target_modules={targets!r} does not "
+                         f"select: the file contradicts itself")
+
 # %% ../nbs/07b_peft.ipynb #2630013f
 def import_peft(model: nn.Module, path, name: str = "default", *, trainable: bool = True) -> nn.Module:
     """Load a Hugging Face PEFT LoRA/LoHa/LoKr folder into `model` as adapter `name` (added if new); returns `model`.
@@ -318,6 +332,7 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
+    _check_peft_targets(model, config, list(specs), what)  # after the checks of each module (missing, unadaptable)
     ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
     for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning

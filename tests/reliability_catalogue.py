@@ -377,7 +377,7 @@ def adapter_misuses() -> list[Misuse]:
         Misuse("lt.merge", "merging twice", lambda: merge(merged()), ValueError,
                "are already merged: unmerge() before merging again"),
         Misuse("lt.unmerge", "a model that is not merged", lambda: unmerge(adapted()), ValueError,
-               "are not merged: nothing to unmerge"),
+               "no adapter is merged (modules"),
         Misuse("lt.trainable_parameters", "not a model", lambda: trainable_parameters("model"), TypeError,
                "model must be a torch.nn.Module, got str"),
         Misuse("lt.save_adapter", "a model without adapters",
@@ -401,7 +401,7 @@ def adapter_misuses() -> list[Misuse]:
                "holds a loha adapter on module '0', but the model's adapter 'default' there is a lora one"),
         Misuse("lt.load_adapter", "into a merged model",
                unchanged_after(merged, load_adapter, fixture_folder() / "lora"), ValueError,
-               "are merged: unmerge() before loading"),
+               "is merged in modules"),
     ]
     for name, make in (("plain", plain), ("LoHA-adapted", adapted_loha)):
         out += [

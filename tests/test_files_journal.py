@@ -249,6 +249,7 @@ def test_a_live_journal_is_left_alone_and_a_dead_one_is_cleared(tmp_path):
     lt.save_adapter(trained("lora"), tmp_path)
     live = tmp_path / f"{adapter_files._JOURNAL}1-live"
     (live / "x").mkdir(parents=True); (live / "x" / "adapter_config.json").write_bytes(b"half written")
+    (live / adapter_files._MARK).write_bytes(adapter_files._magic(live.name))  # what every save writes first
     fd = os.open(live, os.O_RDONLY)
     adapter_files.fcntl.flock(fd, adapter_files.fcntl.LOCK_EX)
     lt.save_adapter(trained("lora", seed=2), tmp_path)

@@ -806,7 +806,7 @@ REFUSED = {
     "path_bad": (_inj(path="nope"), ValueError, "path"),
     "merge_dup": (lambda m: lt.merge(m, ["default", "default"]), ValueError, "twice"),
     "merge_unknown": (lambda m: lt.merge(m, "zz"), ValueError, "zz"),
-    "unmerge_unmerged": (lambda m: lt.unmerge(m), ValueError, "not merged"),
+    "unmerge_unmerged": (lambda m: lt.unmerge(m), ValueError, "no adapter is merged"),
     "set_unknown": (lambda m: lt.set_adapter(m, ["default", "zz"]), ValueError, "zz"),
     "set_comma": (lambda m: lt.set_adapter(m, "default,b"), ValueError, "default,b"),
     "delete_unknown": (lambda m: lt.delete_adapter(m, "zz"), ValueError, "zz"),
@@ -1083,3 +1083,195 @@ def test_merge_of_tied_lm_head_refused():
     lt.inject(g, "lora", targets=["lm_head"], rank=2); s = snapshot(g)
     with pytest.raises(ValueError, match="tied"): lt.merge(g)
     same(s, g)
+
+
+# ---------------------------------------------------------------- fixes of the findings (F1-F14)
+@pytest.mark.parametrize("save", ["save_adapter", "export_peft"])
+@pytest.mark.parametrize("committed", [False, True])
+def test_f12_a_folder_named_like_a_journal_is_never_touched(tmp_path, save, committed):
+    "F12: a user folder named like our journal (even with a commit marker) is neither removed, moved nor read."
+    mine = tmp_path / ".lowrank_tales-save-00000000000000000001-deadbeef"
+    mine.mkdir(); (mine / "thesis.tex").write_text("precious"); (mine / "adapter_config.json").write_text("{}")
+    if committed: (mine / ".committed").touch()
+    m = adapted("lora")
+    getattr(lt, save)(m, tmp_path)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(["thesis.tex", "adapter_config.json"]
+                                                            + [".committed"] * committed)
+    assert (mine / "thesis.tex").read_text() == "precious"
+    getattr(lt, save)(m, tmp_path / "clean")
+    ours = sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(ours + [mine.name, "clean"])
+    load = lt.load_adapter if save == "save_adapter" else lt.import_peft
+    out = load(tiny(), tmp_path)  # the crafted folder's config is not read in place of the visible one
+    X = torch.randn(5, 8)
+    torch.testing.assert_close(out(X), m(X), rtol=0, atol=0)
+
+
+def _hvp_by_autograd_and_func(m, X, functional):
+    "The Hessian-vector product of Σ m(X)² along ones, by eager double backward and by torch.func's jvp(grad)."
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    ps = tuple(p.detach() for n, p in m.named_parameters() if p.requires_grad)
+    v = tuple(torch.ones_like(p) for p in ps)
+    f = lambda *p: (torch.func.functional_call(m, dict(zip(names, p)), (X,)) ** 2).sum()
+    if functional: eager = torch.autograd.functional.hvp(f, ps, v)[1]  # allow_unused inside: a gap reads as 0
+    else:
+        live = [p for p in m.parameters() if p.requires_grad]
+        g = torch.autograd.grad((m(X) ** 2).sum(), live, create_graph=True)
+        eager = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g, v)), live)
+    ref = torch.func.jvp(torch.func.grad(lambda p: f(*p)), (ps,), (v,))[1]
+    return eager, ref
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "lokh", "dora"])
+@pytest.mark.parametrize("path", ["factored", "folded"])
+@pytest.mark.parametrize("functional", [False, True])
+def test_f1_f2_double_backward_equals_torch_func(method, path, functional):
+    "F1/F2: a second derivative by eager autograd (create_graph) through every fast path equals torch.func's."
+    if method == "lokh" and path == "factored": pytest.skip("LoKH has no factored path")
+    m = adapted(method).double()
+    for i in (0, 2): m[i].path = path
+    X = torch.randn(7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eager, ref = _hvp_by_autograd_and_func(m, X, functional)
+    assert any(r.abs().max() > 0.1 for r in ref)
+    for a, b in zip(eager, ref): torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_f1_double_backward_through_the_input_and_two_adapters():
+    "F1: the second derivative with respect to the input, with two adapters folded together, equals torch.func's."
+    m = adapted("lora", names=("default", "other")).double()
+    lt.set_adapter(m, ["default", "other"])
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad((m(x) ** 3).sum(), x, create_graph=True)
+    (hx,) = torch.autograd.grad(gx.sum(), x)
+    f = lambda x: (m(x) ** 3).sum()
+    ref = torch.func.jvp(torch.func.grad(f), (x.detach(),), (torch.ones_like(x),))[1]
+    torch.testing.assert_close(hx, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["nan_factor", "inf_weight_sum"])
+def test_f4_a_refused_load_into_a_merged_model_leaves_it_as_it_was(bad):
+    "F4: a state dict whose re-merge is refused (NaN factor; a merge that overflows) leaves the merged model as it was."
+    m = adapted("lora")
+    lt.merge(m)
+    before, X = snapshot(m), torch.randn(5, 8)
+    y = m(X)
+    sd = m.state_dict()
+    if bad == "nan_factor": sd["2.updates.default.A"] = torch.full((2, 6), float("nan"))
+    else: sd["2.updates.default.B"] = torch.full((4, 2), 3e38)
+    with pytest.raises(ValueError, match="NaN or infinite"): m.load_state_dict(sd)
+    same(m, before)
+    assert m[0].merged == m[2].merged == ["default"]
+    torch.testing.assert_close(m(X), y, rtol=0, atol=0)
+    lt.unmerge(m)  # and W0 comes back exactly
+    torch.testing.assert_close(m[2].base.weight, tiny()[2].weight, rtol=0, atol=0)
+
+
+def _refused_unchanged(m, call, exc, match):
+    "`call()` raises `exc` matching `match` and leaves `m` bit-identical."
+    before = snapshot(m)
+    with pytest.raises(exc, match=match): call()
+    same(m, before)
+
+
+def test_f3_a_path_a_method_lacks_is_refused_at_assignment():
+    "F3: `layer.path = 'factored'` on LoKH (and 'folded' on an embedding's LoRA) is refused when set, naming the path."
+    m = adapted("lokh")
+    _refused_unchanged(m, lambda: setattr(m[0], "path", "factored"), ValueError,
+                       r"path must be one of \('auto', 'folded'\) for adapter 'default' \(LoKHUpdate on a Linear\), "
+                       r"got 'factored'")
+    m[0].path = "folded"; m(torch.randn(2, 8))
+    e = lt.LoRA(nn.Embedding(10, 4), rank=2)
+    with pytest.raises(ValueError, match=r"path must be one of \('auto', 'factored'\)"): e.path = "folded"
+    assert e.path == "auto"
+
+
+@pytest.mark.parametrize("kw, what", [(dict(rank_pattern="0"), "rank_pattern"),
+                                      (dict(alpha_pattern=[1]), "alpha_pattern"),
+                                      (dict(rank_pattern={1: 2}), "rank_pattern")])
+def test_f5_patterns_must_be_dicts(kw, what):
+    "F5: rank_pattern / alpha_pattern that are not dicts of pattern → value raise a TypeError naming them."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name="b", **kw), TypeError,
+                       f"{what} must be a dict of module pattern")
+
+
+@pytest.mark.parametrize("call", ["inject", "extract_adapters", "init_from_weight", "rank_pattern"])
+def test_f6_a_bad_regex_is_a_value_error_naming_targets(call):
+    "F6: an invalid regex in targets (or a pattern key) is a ValueError naming the argument, the value and why."
+    m = adapted("lora")
+    calls = {"inject": lambda: lt.inject(m, "lora", targets="(", rank=2, name="b"),
+             "extract_adapters": lambda: lt.extract_adapters(m, tiny(3), "lora", targets="(", rank=2),
+             "init_from_weight": lambda: lt.init_from_weight(m, "lora", targets="(", rank=2),
+             "rank_pattern": lambda: lt.inject(m, "lora", targets=["0"], rank=2, name="b", rank_pattern={"(": 1})}
+    what = "rank_pattern" if call == "rank_pattern" else "targets"
+    _refused_unchanged(m, calls[call], ValueError, rf"{what} must be a valid regular expression, got '\('")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("where", ["finetuned", "model"])
+def test_f7_non_finite_weights_are_named(value, where):
+    "F7: NaN/inf weights in the fine-tuned state (or the model, for init_from_weight) raise a ValueError naming them."
+    m = tiny()
+    if where == "finetuned":
+        sd = {k: v * float(value) for k, v in tiny(3).state_dict().items()}
+        _refused_unchanged(m, lambda: lt.extract_adapters(m, sd, "lora", targets=["0", "2"], rank=2), ValueError,
+                           r"finetuned '0.weight' contains \d+ NaN or infinite entries")
+    else:
+        with torch.no_grad(): m[2].weight[0, 0] = float(value)
+        before = copy.deepcopy(m)
+        with pytest.raises(ValueError, match=r"the model's '2.weight' contains 1 NaN or infinite entries"):
+            lt.init_from_weight(m, "lora", targets=["0", "2"], rank=2)
+        assert [type(x) for x in m.modules()] == [type(x) for x in before.modules()]
+        for a, b in zip(m.state_dict().values(), before.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("kw", [dict(alpha="3"), dict(dropout="0.1"), dict(alpha=b"3")])
+def test_f8_numbers_given_as_text_are_refused(kw):
+    "F8: alpha / dropout given as strings are a TypeError naming the argument, as rank='2' and alpha=True are."
+    m = adapted("lora")
+    what = next(iter(kw))
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name="b", **kw), TypeError,
+                       f"{what} must be a number")
+
+
+def test_f9_set_adapter_none_is_refused():
+    "F9: set_adapter(model, None) is refused with a TypeError naming the argument; [] still deactivates all."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.set_adapter(m, None), TypeError, "name_or_names must be an adapter name")
+    lt.set_adapter(m, [])
+    assert lt.active_adapters(m) == []
+
+
+@pytest.mark.parametrize("name", ["x" * 101, "é" * 128])
+def test_f10_a_name_too_long_for_a_folder_is_refused_at_inject(name, tmp_path):
+    "F10: an adapter name longer than 100 characters (or 255 bytes) is refused by inject, before any change."
+    m = adapted("lora")
+    _refused_unchanged(m, lambda: lt.inject(m, "lora", targets=["0", "2"], rank=2, name=name), ValueError,
+                       "must be at most 100 characters")
+    lt.inject(m, "lora", targets=["0", "2"], rank=2, name="y" * 100)  # the limit itself is fine, and saves
+    lt.set_adapter(m, ["default", "y" * 100]); lt.save_adapter(m, tmp_path)
+    assert (tmp_path / ("y" * 100) / "adapter_config.json").is_file()
+
+
+def test_f13_messages_name_adapters_and_modules():
+    "F13: unmerge of an unmerged model, a load into a merged one and save(name=[]) say what is wrong."
+    m = adapted("lora")
+    with pytest.raises(ValueError, match=r"no adapter is merged \(modules \['0', '2'\] hold none\)"): lt.unmerge(m)
+    with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"):
+        lt.save_adapter(m, "/nonexistent/x", name=[])
+    with pytest.raises(ValueError, match=r"name must name at least one adapter, got \[\]"): lt.merge(m, name=[])
+
+
+@pytest.mark.parametrize("edit, match", [(dict(target_modules=["zzz"]), "matches no module of the model"),
+                                         (dict(target_modules="0"), r"modules \['2'\] that its target_modules"),
+                                         (dict(layers_to_transform=0), "layers_to_transform=0, which lowrank_tales")])
+def test_f14_import_peft_refuses_a_config_contradicting_its_tensors(tmp_path, edit, match):
+    "F14: target_modules that select none of (or not all) the tensors' modules, or layers_to_transform=0, are refused."
+    lt.export_peft(adapted("lora"), tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, **edit}))
+    m = tiny()
+    _refused_unchanged(m, lambda: lt.import_peft(m, tmp_path), ValueError, match)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["0", "2"]}))
+    lt.import_peft(m, tmp_path)  # a list selecting exactly the tensors' modules loads
