@@ -15,12 +15,12 @@ from .adapters import (KIND_NAMES, LAYERS, METHODS, UPDATES, AdaptedLayer, Adapt
                                     check_unique, layer_kind)
 
 # %% auto #0
-__all__ = ['BIASES', 'ALL_LINEAR', 'BASE_ADAPTER', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers',
+__all__ = ['BIASES', 'BASE_ADAPTER', 'ALL_LINEAR', 'target_matches', 'pattern_value', 'exact_targets', 'adapter_layers',
            'check_model', 'saved_modules', 'adapter_names', 'active_adapters', 'shadow', 'make_adapter',
            'check_targets', 'unmatched', 'adapt_problem', 'plan_injection', 'SavedModule', 'replace_module',
-           'build_update', 'install', 'inject', 'plan_saved', 'select_targets', 'trainable_parameters', 'merge',
-           'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload', 'merge_and_unload',
-           'adapter_batch', 'accept_adapter_names']
+           'build_update', 'adapter_batch', 'accept_adapter_names', 'install', 'inject', 'plan_saved', 'select_targets',
+           'trainable_parameters', 'merge', 'unmerge', 'set_adapter', 'disable_adapters', 'delete_adapter', 'unload',
+           'merge_and_unload']
 
 # %% ../nbs/07_models.ipynb #d6f2399b
 def target_matches(name: str, targets: str | list) -> bool:
@@ -305,12 +305,84 @@ def _fill(named: dict, tensors: dict, prefix: str = "") -> None:
     with torch.no_grad():
         for k, t in state.items(): t.copy_(tensors[k])
 
+# %% ../nbs/07_models.ipynb #b0c1d2f1
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a per-row batch
+
+def _check_batch_names(model: nn.Module, names) -> tuple:
+    "`names` as a tuple, checked: strings, each `BASE_ADAPTER` or an adapter of `model`; no adapter merged."
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {names!r}")
+    if not names: raise ValueError("adapter_names must name one adapter per row, got an empty list")
+    have = adapter_names(model)
+    if lost := [n for n in names if n != BASE_ADAPTER and n not in have]:
+        raise ValueError(f"adapter_names: model has no adapter named {lost[0]!r}; it has {have} "
+                         f"(and {BASE_ADAPTER!r} for none)")
+    if merged := {k: m.merged for k, m in adapter_layers(model).items() if m.merged}:
+        k = next(iter(merged))
+        raise ValueError(f"adapter_names: adapters {merged[k]} are merged in module {k!r}, so every row would get "
+                         f"them (PEFT refuses too): unmerge() first")
+    return tuple(names)
+
+# %% ../nbs/07_models.ipynb #b0c1d2f2
+def _saved_per_row(m: SavedModule, names: tuple, x, *args, **kwargs):
+    "The saved module `m` on `x` with row `i` through adapter `names[i]`'s copy (the original where it has none)."
+    if not isinstance(x, torch.Tensor) or len(x) != len(names):
+        raise ValueError(f"adapter_names gave {len(names)} names, one per row, but a saved module's input has "
+                         f"{len(x) if isinstance(x, torch.Tensor) else type(x).__name__} rows")
+    groups = {}
+    for i, n in enumerate(names): groups.setdefault(n, []).append(i)
+    run = lambda n: m.copies[n] if n in m.copies and not m.disabled else m.original
+    outs = {n: run(n)(x[ix], *args, **kwargs) for n, ix in groups.items()}
+    y = next(iter(outs.values())).new_empty((len(x), *next(iter(outs.values())).shape[1:]))
+    for n, ix in groups.items(): y[torch.tensor(ix, device=x.device)] = outs[n]
+    return y
+
+# %% ../nbs/07_models.ipynb #b0c1d2f3
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, names):
+    "Inside the block, row `i` of a batch runs through adapter `names[i]` alone (PEFT's `adapter_names`)."
+    names = _check_batch_names(check_model(model), names)
+    layers, saved = list(adapter_layers(model).values()), list(saved_modules(model).values())
+    rows = [m.__dict__.get("_rows") for m in layers]
+    for m in layers: m._rows = names
+    for m in saved: m.forward = lambda *a, m=m, **k: _saved_per_row(m, names, *a, **k)
+    try: yield model
+    finally:
+        for m, r in zip(layers, rows):
+            if r is None: m.__dict__.pop("_rows", None)
+            else: m._rows = r
+        for m in saved: m.__dict__.pop("forward", None)
+
+# %% ../nbs/07_models.ipynb #b0c1d2f4
+def _enter_names(model: nn.Module, args, kwargs):
+    "Forward pre-hook: an `adapter_names=` keyword is popped and its `adapter_batch` entered for this call."
+    names, stack = kwargs.pop("adapter_names", None), model.__dict__.setdefault("_names_stack", [])
+    stack.append(None)
+    if names is not None: (ctx := adapter_batch(model, names)).__enter__(); stack[-1] = ctx
+    return args, kwargs
+
+# %% ../nbs/07_models.ipynb #b0c1d2f5
+def _exit_names(model: nn.Module, args, kwargs, output) -> None:
+    "Forward hook (also when the forward fails): leave the `adapter_batch` its pre-hook entered."
+    if (stack := model.__dict__.get("_names_stack")) and (ctx := stack.pop()) is not None:
+        ctx.__exit__(None, None, None)
+
+# %% ../nbs/07_models.ipynb #b0c1d2f6
+def accept_adapter_names(model: nn.Module) -> nn.Module:
+    "Let `model(..., adapter_names=[...])` run per-row adapters as PEFT's does (once per model); returns `model`."
+    if not check_model(model).__dict__.get("_names_hooked"):
+        model.register_forward_pre_hook(_enter_names, with_kwargs=True)
+        model.register_forward_hook(_exit_names, with_kwargs=True, always_call=True)
+        model._names_hooked = True
+    return model
+
 # %% ../nbs/07_models.ipynb #16755f90
 def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = None, saved: list = ()) -> nn.Module:
     """Give `model` adapter `name`: the update `specs[module]` describes on each module named, a trained copy of each
     module in `saved`, then `tensors` (`'<module>.<parameter>'`, `'modules_to_save.<module>.<key>'`) copied in.
 
-    Everything is built and checked before the first change; the first adapter freezes the model."""
+    Everything is built and checked before the first change; the first adapter freezes the model, and the model
+    then takes PEFT's `adapter_names=` keyword in its forward (`accept_adapter_names`)."""
     if check_name(name) in adapter_names(check_model(model)):
         raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
                          f"delete_adapter() it")
@@ -328,7 +400,7 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
         if not isinstance(m := model.get_submodule(n), SavedModule):
             replace_module(model, n, m := SavedModule(m)); m.set_disabled(off)
         m.add(name, active=first, module=c)
-    return model
+    return accept_adapter_names(model)  # `adapter_names=` in a forward is never silently ignored
 
 # %% ../nbs/07_models.ipynb #8d40ffd9
 def _is_plan(method) -> bool:
@@ -608,75 +680,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if todo: merge(model, todo)
     for n, a in ads.items(): replace_module(model, n, a.merge_and_unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.live())  # the trained copy in its place
-    return model
-
-# %% ../nbs/07_models.ipynb #b0c1d2f1
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a per-row batch
-
-def _check_batch_names(model: nn.Module, names) -> tuple:
-    "`names` as a tuple, checked: strings, each `BASE_ADAPTER` or an adapter of `model`; no adapter merged."
-    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {names!r}")
-    if not names: raise ValueError("adapter_names must name one adapter per row, got an empty list")
-    have = adapter_names(model)
-    if lost := [n for n in names if n != BASE_ADAPTER and n not in have]:
-        raise ValueError(f"adapter_names: model has no adapter named {lost[0]!r}; it has {have} "
-                         f"(and {BASE_ADAPTER!r} for none)")
-    if merged := {k: m.merged for k, m in adapter_layers(model).items() if m.merged}:
-        k = next(iter(merged))
-        raise ValueError(f"adapter_names: adapters {merged[k]} are merged in module {k!r}, so every row would get "
-                         f"them (PEFT refuses too): unmerge() first")
-    return tuple(names)
-
-# %% ../nbs/07_models.ipynb #b0c1d2f2
-def _saved_per_row(m: SavedModule, names: tuple, x, *args, **kwargs):
-    "The saved module `m` on `x` with row `i` through adapter `names[i]`'s copy (the original where it has none)."
-    if not isinstance(x, torch.Tensor) or len(x) != len(names):
-        raise ValueError(f"adapter_names gave {len(names)} names, one per row, but a saved module's input has "
-                         f"{len(x) if isinstance(x, torch.Tensor) else type(x).__name__} rows")
-    groups = {}
-    for i, n in enumerate(names): groups.setdefault(n, []).append(i)
-    run = lambda n: m.copies[n] if n in m.copies and not m.disabled else m.original
-    outs = {n: run(n)(x[ix], *args, **kwargs) for n, ix in groups.items()}
-    y = next(iter(outs.values())).new_empty((len(x), *next(iter(outs.values())).shape[1:]))
-    for n, ix in groups.items(): y[torch.tensor(ix, device=x.device)] = outs[n]
-    return y
-
-# %% ../nbs/07_models.ipynb #b0c1d2f3
-@contextlib.contextmanager
-def adapter_batch(model: nn.Module, names):
-    "Inside the block, row `i` of a batch runs through adapter `names[i]` alone (PEFT's `adapter_names`)."
-    names = _check_batch_names(check_model(model), names)
-    layers, saved = list(adapter_layers(model).values()), list(saved_modules(model).values())
-    rows = [m.__dict__.get("_rows") for m in layers]
-    for m in layers: m._rows = names
-    for m in saved: m.forward = lambda *a, m=m, **k: _saved_per_row(m, names, *a, **k)
-    try: yield model
-    finally:
-        for m, r in zip(layers, rows):
-            if r is None: m.__dict__.pop("_rows", None)
-            else: m._rows = r
-        for m in saved: m.__dict__.pop("forward", None)
-
-# %% ../nbs/07_models.ipynb #b0c1d2f4
-def _enter_names(model: nn.Module, args, kwargs):
-    "Forward pre-hook: an `adapter_names=` keyword is popped and its `adapter_batch` entered for this call."
-    names, stack = kwargs.pop("adapter_names", None), model.__dict__.setdefault("_names_stack", [])
-    stack.append(None)
-    if names is not None: (ctx := adapter_batch(model, names)).__enter__(); stack[-1] = ctx
-    return args, kwargs
-
-# %% ../nbs/07_models.ipynb #b0c1d2f5
-def _exit_names(model: nn.Module, args, kwargs, output) -> None:
-    "Forward hook (also when the forward fails): leave the `adapter_batch` its pre-hook entered."
-    if (stack := model.__dict__.get("_names_stack")) and (ctx := stack.pop()) is not None:
-        ctx.__exit__(None, None, None)
-
-# %% ../nbs/07_models.ipynb #b0c1d2f6
-def accept_adapter_names(model: nn.Module) -> nn.Module:
-    "Let `model(..., adapter_names=[...])` run per-row adapters as PEFT's does (once per model); returns `model`."
-    if not check_model(model).__dict__.get("_names_hooked"):
-        model.register_forward_pre_hook(_enter_names, with_kwargs=True)
-        model.register_forward_hook(_exit_names, with_kwargs=True, always_call=True)
-        model._names_hooked = True
     return model

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import UPDATES, Adapter, Update, check_name, layer_kind
 from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
-                                     saved_modules, shadow, target_matches, ALL_LINEAR)
+                                     saved_modules, select_targets, shadow, ALL_LINEAR)
 from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
                                          _install, _load_targets, _low_rank_pair, _saved_targets, _spec,
                                          _target_dtypes, _to_write,
@@ -301,16 +301,20 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
 
 # %% ../nbs/07b_peft.ipynb #ee525c9e
 def _check_peft_targets(model: nn.Module, config: dict, names: list, what: str) -> None:
-    """`ValueError` unless the config's `target_modules` selects, as PEFT does, a module of `model` and every module
-    `names` the tensors adapt: PEFT refuses a config matching nothing, and ignores tensors of modules it skips."""
+    """`ValueError` unless the config's target options (`target_modules`, `exclude_modules`, `layers_to_transform`,
+    `layers_pattern`) select, as PEFT does, a module of `model` and every module `names` the tensors adapt: PEFT
+    refuses a config matching nothing, and ignores tensors of modules it skips."""
     targets = config.get("target_modules")
     if targets is None or targets == ALL_LINEAR: return
-    mods = [n for n, _ in model.named_modules() if n]
-    if not any(target_matches(n, targets) for n in mods):
-        raise ValueError(f"{what}: target_modules={targets!r} matches no module of the model (PEFT refuses it too)")
-    if lost := [n for n in names if not target_matches(n, targets)]:
-        raise ValueError(f"{what} holds tensors for modules {lost[:4]} that its target_modules={targets!r} does not "
-                         f"select: the file contradicts itself")
+    options = {k: config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
+    try: chosen = set(select_targets(model, targets, **options, modules_to_save=config.get("modules_to_save")))
+    except ValueError: chosen = set()
+    if not chosen:
+        raise ValueError(f"{what}: target_modules={targets!r} with {options} matches no module of the model "
+                         "(PEFT refuses it too)")
+    if lost := [n for n in names if n not in chosen]:
+        raise ValueError(f"{what} holds tensors for modules {lost[:4]} that its target_modules={targets!r} with "
+                         f"{options} does not select: the file contradicts itself")
 
 # %% ../nbs/07b_peft.ipynb #2630013f
 def import_peft(model: nn.Module, path, name: str = "default", *, trainable: bool = True) -> nn.Module:

@@ -259,7 +259,5 @@ def test_adapter_names_on_a_transformers_model():
     _check_rows(lt.accept_adapter_names(_tiny_llama()))
 
 
-@pytest.mark.xfail(strict=True, reason="install() (07, not this branch's cell) must call accept_adapter_names(model) "
-                   "after its checks: until then a transformers model swallows adapter_names= in **kwargs")
 def test_adapter_names_never_silently_ignored_after_inject():
     _check_rows(_tiny_llama())
