@@ -376,13 +376,33 @@ def accept_adapter_names(model: nn.Module) -> nn.Module:
         model._names_hooked = True
     return model
 
+# %% ../nbs/07_models.ipynb #f4a1b2c3
+def _trial_merged_load(model: nn.Module, state: dict, prefix: str, *args) -> None:
+    """Load pre-hook of an adapted model: each merged layer first loads its incoming entries into a copy of itself, so
+    a re-merge it refuses (NaN or infinite) raises before any tensor of the model changes (a failing load changes
+    nothing); torch's own errors (shapes, keys) are left to the real load."""
+    for n, m in model.named_modules():
+        if not n or not isinstance(m, AdaptedLayer) or not m.merged: continue
+        part = {k[len(p):]: v for k, v in state.items() if k.startswith(p := f"{prefix}{n}.")}
+        try: copy.deepcopy(m).load_state_dict(part, strict=False)
+        except RuntimeError: pass
+
+# %% ../nbs/07_models.ipynb #f4a1b2c4
+def _guard_loads(model: nn.Module) -> nn.Module:
+    "Give `model` (once) the load pre-hook `_trial_merged_load`; returns `model`."
+    if not model.__dict__.get("_loads_guarded"):
+        model.register_load_state_dict_pre_hook(_trial_merged_load)
+        model._loads_guarded = True
+    return model
+
 # %% ../nbs/07_models.ipynb #16755f90
 def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = None, saved: list = ()) -> nn.Module:
     """Give `model` adapter `name`: the update `specs[module]` describes on each module named, a trained copy of each
     module in `saved`, then `tensors` (`'<module>.<parameter>'`, `'modules_to_save.<module>.<key>'`) copied in.
 
     Everything is built and checked before the first change; the first adapter freezes the model, and the model
-    then takes PEFT's `adapter_names=` keyword in its forward (`accept_adapter_names`)."""
+    then takes PEFT's `adapter_names=` keyword in its forward (`accept_adapter_names`); a state dict a merged layer
+    would refuse is refused before any tensor is loaded (`_guard_loads`)."""
     if check_name(name) in adapter_names(check_model(model)):
         raise ValueError(f"model already has an adapter named {name!r}: pass another name= to add one, or "
                          f"delete_adapter() it")
@@ -400,7 +420,7 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
         if not isinstance(m := model.get_submodule(n), SavedModule):
             replace_module(model, n, m := SavedModule(m)); m.set_disabled(off)
         m.add(name, active=first, module=c)
-    return accept_adapter_names(model)  # `adapter_names=` in a forward is never silently ignored
+    return accept_adapter_names(_guard_loads(model))  # `adapter_names=` in a forward is never silently ignored
 
 # %% ../nbs/07_models.ipynb #8d40ffd9
 def _is_plan(method) -> bool:

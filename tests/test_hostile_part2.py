@@ -1148,14 +1148,17 @@ def test_f1_double_backward_through_the_input_and_two_adapters():
     torch.testing.assert_close(hx, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("others", ["same", "new"])
 @pytest.mark.parametrize("bad", ["nan_factor", "inf_weight_sum"])
-def test_f4_a_refused_load_into_a_merged_model_leaves_it_as_it_was(bad):
-    "F4: a state dict whose re-merge is refused (NaN factor; a merge that overflows) leaves the merged model as it was."
+def test_f4_a_refused_load_into_a_merged_model_leaves_it_as_it_was(bad, others):
+    """F4: a state dict whose re-merge is refused (NaN factor; a merge that overflows) leaves the merged model as it was
+    -- also the first merged layer and the plain modules, loaded before the refused second layer (`others="new"`)."""
     m = adapted("lora")
     lt.merge(m)
     before, X = snapshot(m), torch.randn(5, 8)
     y = m(X)
     sd = m.state_dict()
+    if others == "new": sd = {k: v * 0.5 + 0.25 for k, v in sd.items()}  # every entry, layer "0"'s included, changes
     if bad == "nan_factor": sd["2.updates.default.A"] = torch.full((2, 6), float("nan"))
     else: sd["2.updates.default.B"] = torch.full((4, 2), 3e38)
     with pytest.raises(ValueError, match="NaN or infinite"): m.load_state_dict(sd)
