@@ -6,6 +6,7 @@ reliability chapter (nbs/13_reliability.ipynb) imports it from this folder, runs
 from __future__ import annotations
 import json
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ from lowrank_tales import (Factorization, als, as_triplets, dense_als, distribut
                            face_split, hadamard_als, import_peft, inject, khatri_rao, khatri_rao_als, khatri_rao_matvec,
                            kron, kron_matvec, kron_sum, kronecker_als, kruskal_rank, load_adapter, matrix_rank, merge,
                            nearest_kronecker, nearest_partition_khatri_rao, partition_khatri_rao, predict, rearrange,
-                           save_adapter, shard_batch, trainable_parameters, unmerge)
+                           save_adapter, set_adapter, shard_batch, trainable_parameters, unmerge)
 from lowrank_tales.core import to_numpy
 from lowrank_tales.injection import adapter_layers as adapters
 
@@ -594,9 +595,99 @@ def input_misuses() -> list[Misuse]:
                "rank must be between 0 and 1"),
     ]
 
+def _tree(root: Path) -> dict:
+    "Every entry under `root`: a link's target, a file's bytes, None for a folder (what a save must leave as it was)."
+    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+def _users_folder() -> Path:
+    "A temporary folder of a user's things: a git tree (`.git/`), a dot-file, a file, a symlink to a folder."
+    d = Path(tempfile.mkdtemp(prefix="lowrank_tales_users_"))
+    (d / ".git").mkdir(); (d / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (d / ".env").write_text("KEY=1\n"); (d / "notes.txt").write_text("mine\n")
+    (d / "shared").symlink_to(d / ".git", target_is_directory=True)
+    return d
+
+def _into_users_folder(save: Callable) -> Callable:
+    """A call of `save(folder)` on a user's folder; `AssertionError` if anything that was there changed or went,
+    whether the save succeeded or failed. Returns the names the save added."""
+    def call():
+        d = _users_folder(); before = _tree(d)
+        try: save(d)
+        finally:
+            after = _tree(d); shutil.rmtree(d)
+            if lost := [k for k, v in before.items() if after.get(k, "gone") != v]:
+                raise AssertionError(f"the save changed or removed {lost}") from None
+        return sorted(set(after) - set(before))
+    return call
+
+def _at(folder: Path, fn: Callable):
+    "`fn()` run with `folder` as the working directory (restored after)."
+    cwd = os.getcwd(); os.chdir(folder)
+    try: return fn()
+    finally: os.chdir(cwd)
+
+def _nan_second_layer(model: nn.Module) -> dict:
+    "`model`'s state dict with new values everywhere and a NaN factor in its second adapted layer (layer '2')."
+    sd = {k: v * 0.5 + 0.25 for k, v in model.state_dict().items()}
+    sd["2.updates.default.A"] = torch.full_like(sd["2.updates.default.A"], float("nan"))
+    return sd
+
+def promise_misuses() -> list[Misuse]:
+    """The promises of the hostile review's categories, as misuses: files touch only what they wrote, names are names,
+    state matches output, compile/functorch paths, imports keep their meaning, failed calls change nothing."""
+    dot = lambda save: _into_users_folder(lambda d: _at(d, lambda: save(trained("lora"), ".")))
+    merged = lambda: merge(trained("lora"))
+    second = lambda m, _: inject(m, "lora", targets=["0"], name="b", rank=2, rank_pattern="0")
+    return [
+        # files touch only what they wrote
+        Misuse("lt.save_adapter", "into '.', a git tree with dot-entries (only its own files appear)",
+               dot(save_adapter), None),
+        Misuse("lt.export_peft", "into '.', a git tree with dot-entries (only its own files appear)",
+               dot(export_peft), None),
+        Misuse("lt.save_adapter", "a file in the way of the folder",
+               _into_users_folder(lambda d: save_adapter(trained("lora"), d / "notes.txt")), ValueError,
+               "exists and is not a folder: refusing to save there"),
+        Misuse("lt.save_adapter", "a symlink in the way of the folder",
+               _into_users_folder(lambda d: save_adapter(trained("lora"), d / "shared")), ValueError,
+               "is a symbolic link: refusing to save through it"),
+        # names are names
+        Misuse("lt.inject", "name='..' (a path, not a name)",
+               unchanged_after(trained, lambda m, _: inject(m, "lora", targets=["0"], name="..", rank=2), None),
+               ValueError, "name must be an adapter name (a non-empty string without '.', '/', '\\' or NUL), got '..'"),
+        Misuse("lt.inject", "name='a/b' (a path, not a name)",
+               unchanged_after(trained, lambda m, _: inject(m, "lora", targets=["0"], name="a/b", rank=2), None),
+               ValueError, "got 'a/b'"),
+        # state matches output
+        Misuse("lt.merge", "load_state_dict of a NaN factor for the second of two merged layers",
+               unchanged_after(merged, lambda m, _: m.load_state_dict(_nan_second_layer(m)), None), ValueError,
+               "would write NaN or infinite values into the weight: refused"),
+        # compile / torch.func: a path a method lacks is refused when set
+        Misuse("lt.inject", "layer.path = 'factored' on LoKH (it has no factored path)",
+               unchanged_after(lambda: trained("lokh", p=2), lambda m, _: setattr(m[0], "path", "factored"), None),
+               ValueError, "path must be one of ('auto', 'folded') for adapter 'default' (LoKHUpdate on a Linear)"),
+        # imports keep their meaning
+        Misuse("lt.import_peft", "target_modules that select none of the file's modules",
+               unchanged_after(small_model, import_peft, damaged("peft", _edit_config(target_modules=["zzz"]))),
+               ValueError, "matches no module of the model"),
+        Misuse("lt.import_peft", "layers_to_transform=0 on a model without layers",
+               unchanged_after(small_model, import_peft, damaged("peft", _edit_config(layers_to_transform=0))),
+               ValueError, "matches no module of the model"),
+        # failed calls change nothing
+        Misuse("lt.inject", "a second adapter with rank_pattern='0' (not a dict)",
+               unchanged_after(trained, second, None), TypeError,
+               "rank_pattern must be a dict of module pattern (a regex string) → value, got '0'"),
+        Misuse("lt.inject", "targets='(' (not a regular expression)",
+               unchanged_after(small_model, lambda m, _: inject(m, "lora", targets="(", rank=2), None), ValueError,
+               "targets must be a valid regular expression, got '('"),
+        Misuse("lt.set_adapter", "name_or_names=None",
+               unchanged_after(trained, lambda m, _: set_adapter(m, None), None), TypeError,
+               "name_or_names must be an adapter name or a list of them"),
+    ]
+
 def catalogue() -> list[Misuse]:
     "Every misuse this page documents and the test suite checks."
-    return product_misuses() + decomposition_misuses() + adapter_misuses() + input_misuses()
+    return product_misuses() + decomposition_misuses() + adapter_misuses() + input_misuses() + promise_misuses()
 
 def run_catalogue(entries: list[Misuse] | None = None) -> list[dict]:
     "The record of `check_misuse` for every entry (default: the whole catalogue)."
