@@ -36,7 +36,7 @@ PEFT_PREFIX = "base_model.model."
 
 def peft_name(u: Update, factor: str) -> str:
     "PEFT's name for the `factor` of update `u`."
-    if u.method == "lora" and u.kind == "embedding": return f"lora_embedding_{factor}"
+    if u.method == "lora" and u.kind == "embedding" and factor != "magnitude": return f"lora_embedding_{factor}"
     return PEFT_NAMES[u.method][factor]
 
 # %% ../nbs/07b_peft.ipynb #ddd4e19f
@@ -44,6 +44,7 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
     "The shape PEFT gives the `factor` of update `u` on layer `base` (convolutions keep kernel dimensions in places)."
     shape = tuple(getattr(u, factor).shape)
     if u.kind != "conv": return shape
+    if factor == "magnitude": return (1, base.weight.shape[0], *[1] * (base.weight.dim() - 2))  # DoRA: per channel
     if u.method == "lora":
         return (shape[0], *base.weight.shape[1:]) if factor == "A" else (*shape, *[1] * (base.weight.dim() - 2))
     if u.method == "lokr" and factor == "B":

@@ -214,9 +214,6 @@ def test_dora_embedding_equals_peft():
         torch.testing.assert_close(ours(ids), theirs(ids), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="07b's export_peft writes an embedding's DoRA magnitude as "
-                   "'lora_embedding_magnitude' (PEFT: 'lora_magnitude_vector') and a convolution's as (c_out, 1, 1) "
-                   "(PEFT: (1, c_out, 1, 1)): peft_name/peft_shape need the non-linear DoRA cases")
 @pytest.mark.parametrize("target", ["emb", "conv"])
 def test_dora_export_beyond_linear_keeps_its_meaning(tmp_path, target):
     "DoRA on an embedding or a convolution, exported: PEFT computes what we compute (or the export refuses)."
