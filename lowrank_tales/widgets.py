@@ -21,6 +21,7 @@ from .hadamard import hadamard_als
 from .kronecker import kronecker_als
 from .khatri_rao_decomposition import khatri_rao_als
 from .adapters import LoRA, LoHA, LoKr, LoKH, split_dim, balanced_dims, max_factors
+from .planning import rank_cap
 
 # %% auto #0
 __all__ = ['METHODS', 'ADAPTER_CONFIGS', 'one_thread', 'camera_image', 'Approximation', 'approximate', 'plot_approximation',
@@ -293,13 +294,7 @@ def update_rank(adapter) -> int:
     "The largest rank the update `ΔW` of `adapter` (LoRA, LoHA, LoKr or LoKH) can reach with generic factors."
     if not isinstance(adapter, (LoRA, LoHA, LoKr, LoKH)):
         raise TypeError(f"adapter must be a LoRA, LoHA, LoKr or LoKH, got {type(adapter).__name__}")
-    d = min(adapter.d_out, adapter.d_in)
-    if isinstance(adapter, LoRA): return adapter.rank
-    if isinstance(adapter, LoHA): return min(math.prod(adapter.ranks), d)
-    if isinstance(adapter, LoKr):
-        (a1, a2), (b1, b2) = adapter.A.shape, (adapter.d_out // adapter.A.shape[0], adapter.d_in // adapter.A.shape[1])
-        return min(a1, a2) * (min(adapter.rank, b1, b2) if adapter.low_rank else min(b1, b2))
-    return d  # LoKH
+    return max(rank_cap(u) for u in adapter.updates.values())  # the planning chapter's cap, per structure
 
 # %% ../nbs/10_explore.ipynb #b5e70fcd
 ADAPTER_CONFIGS = {  # name: (class, keyword, candidate values as a function of (d_out, d_in))
