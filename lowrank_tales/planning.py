@@ -16,8 +16,8 @@ from .products import face_split, khatri_rao, kron, matrix_rank
 from .adapters import UPDATES, Adapter, layer_kind, layer_shape
 from .injection import (METHODS, adapter_layers, adapter_names, build_update, check_model, check_name,
                                      check_targets, install, plan_injection, shadow, target_matches)
-from .extraction import (balanced_tsvd, check_method, fit_update, lokh_max_p, shadow_adapter,
-                                      target_updates, update_matrix, weights_of)
+from .extraction import (balanced_tsvd, build_shadow, check_method, fit_update, lokh_max_p,
+                                      shadow_adapter, target_updates, update_matrix, weights_of)
 
 # %% auto #0
 __all__ = ['energy_rank', 'effective_rank', 'stable_rank', 'rank_cap', 'Table', 'spectrum_row', 'Spectrum', 'spectrum',
@@ -415,22 +415,69 @@ def _exact_as(method: str, u) -> tuple[dict, tuple]:
     return lora_as(method, B, A)
 
 # %% ../nbs/09b_planning.ipynb #b7736810
-def _approx_as(method: str, u, layer: nn.Module, D: torch.Tensor, rank: int) -> tuple[dict, tuple]:
+def _approx_as(method: str, u, layer: nn.Module, D: torch.Tensor, rank: int,
+               fit_options: dict | None = None) -> tuple[dict, tuple]:
     "Options and factors of a scale-1 `method` update of `rank` closest to `D = s·ΔW` (exact where it fits)."
     B, A = lora_equivalent(u)
     if B.shape[1] > min(u.d_out, u.d_in): B, A = exact_factors(D)
     if method in ("lora", "loha") and B.shape[1] <= rank: return _padded(method, B, A, rank)
     if method == "lora": return dict(rank=rank), balanced_tsvd(D, rank)
     ad = shadow_adapter(method, layer, rank=rank)
-    return _options(ad.updates["default"]), fit_update(D, ad, dict(progress=False) if method == "loha" else {}).factors
+    return _options(ad.updates["default"]), fit_update(D, ad, fit_options or (dict(progress=False) if method == "loha" else {})).factors
 
 # %% ../nbs/09b_planning.ipynb #aedd6ef5
-def _target_rank(method: str, D: torch.Tensor, rank, energy) -> int | None:
-    "The rank asked for: `rank`, or the smallest LoRA rank holding the fraction `energy` of `‖D‖²`; None: exact."
-    if rank is not None and energy is not None:
-        raise ValueError(f"pass rank= or energy=, not both (got rank={rank}, energy={energy})")
-    if energy is None: return rank
-    return max(energy_rank(torch.linalg.svdvals(D), energy), 1)
+def _first_passing(n: int, passes) -> int:
+    "The first index `i < n` with `passes(i)`, by bisection: `passes` taken monotone, `passes(n - 1)` true."
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid + 1, hi)
+    return lo
+
+# %% ../nbs/09b_planning.ipynb #4d86a868
+def _energy_ladder(method: str, u, layer: nn.Module, k: int) -> list:
+    "Keyword arguments of the `method` configurations `energy=` searches, smallest first; the last one always passes."
+    if method == "loha":
+        top = min(lora_equivalent(u)[0].shape[1], u.d_out, u.d_in)  # padded, the exact form fits from here
+        return [dict(rank=r) for r in range(1, top + 1) if r * r >= k]
+    if method == "lokh":
+        rungs = [dict(p=p) for p in range(lokh_max_p([layer_shape(layer)]), 0, -1)]
+    else:
+        kw = dict(shape=tuple(u.A.shape)) if u.method == "lokr" else {}
+        rungs = [dict(kw, rank=r, low_rank=True) for r in range(1, min(u.d_out, u.d_in) + 1)]
+    rungs = [kw for kw in rungs if (ad := build_shadow(method, layer, kw)) and rank_cap(ad.updates["default"]) >= k]
+    return rungs + ([dict(rank=k, shape=(1, 1), low_rank=True)] if method == "lokr" else [])
+
+# %% ../nbs/09b_planning.ipynb #0d7e52b2
+def _rung_fit(method: str, u, layer: nn.Module, D: torch.Tensor, kw: dict) -> tuple[dict, tuple, float]:
+    "Options, factors and relative error of the `method` configuration `kw` fitted to `D` (exact where it can be)."
+    fit = {} if method == "lokr" else dict(progress=False, max_iter=100)  # the fitters' default cap, accepted
+    if method == "loha": opts, fs = _approx_as("loha", u, layer, D, kw["rank"], fit)
+    elif kw.get("shape") == (1, 1): opts, fs = lora_as("lokr", *balanced_tsvd(D, kw["rank"]))
+    else:
+        ad = METHODS[method](layer, **kw)
+        opts, fs = _options(ad.updates["default"]), fit_update(D, ad, fit).factors
+    return opts, fs, relative_error(D, METHODS[method](layer, **opts).delta(*fs))
+
+# %% ../nbs/09b_planning.ipynb #1ab9234b
+def _energy_as(method: str, u, layer: nn.Module, D: torch.Tensor, energy: float) -> tuple[dict, tuple]:
+    "Options and factors of the smallest `method` configuration found whose fit keeps the fraction `energy` of `‖D‖²`."
+    k = max(energy_rank(torch.linalg.svdvals(D), energy), 1)  # below rank k nothing keeps it (Eckart–Young)
+    if method == "lora": return _approx_as("lora", u, layer, D, k)
+    ladder, fits = _energy_ladder(method, u, layer, k), {}
+    def passes(i):
+        if i not in fits: fits[i] = _rung_fit(method, u, layer, D, ladder[i])
+        return fits[i][2] ** 2 <= 1 - energy + 1e-9
+    found, last = _first_passing(len(ladder), passes), len(ladder) - 1
+    passes(found), passes(last)
+    size = lambda i: sum(f.numel() for f in fits[i][1])
+    return fits[min(found, last, key=lambda i: (size(i), i))][:2]
+
+# %% ../nbs/09b_planning.ipynb #513402b6
+def _converted(method: str, u, layer: nn.Module, D: torch.Tensor, rank, energy) -> tuple[dict, tuple]:
+    "Options and factors of update `u` as a `method` update: exact (no `rank`, `energy`), at `rank`, or by `energy`."
+    if energy is not None: return _energy_as(method, u, layer, D, energy)
+    return _exact_as(method, u) if rank is None else _approx_as(method, u, layer, D, rank)
 
 # %% ../nbs/09b_planning.ipynb #f30c0778
 def _check_convert(model, name, method, rank, energy) -> str:
@@ -439,13 +486,13 @@ def _check_convert(model, name, method, rank, energy) -> str:
     if name not in adapter_names(model):
         raise ValueError(f"name must be one of the model's adapters {adapter_names(model)}, got {name!r}")
     method = check_method(method)
+    if rank is not None and energy is not None:
+        raise ValueError(f"pass rank= or energy=, not both (got rank={rank}, energy={energy})")
     if rank is not None: check_int(rank, "rank", 1)
     if method == "lokh" and rank is not None:
-        raise ValueError(f"rank: LoKH has no rank (got rank={rank}); convert to 'lokh' exactly (rank=None)")
-    if energy is not None:
-        if method != "lora": raise ValueError(f"energy= picks a LoRA rank; for method={method!r} pass rank=")
-        if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
-            raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
+        raise ValueError(f"rank: LoKH has no rank (got rank={rank}); convert to 'lokh' exactly (rank=None) or by energy=")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
     return method
 
 # %% ../nbs/09b_planning.ipynb #e9e7c5fe
@@ -469,7 +516,7 @@ def convert_adapter(model: nn.Module,  # a model holding adapter `name`
                     method: str,  # "lora", "loha", "lokr" or "lokh"
                     *,
                     rank: int | None = None,  # the new adapter's rank (LoHA: r1 = r2 = rank); None: exact
-                    energy: float | None = None,  # LoRA only: the smallest rank holding this fraction of ‖ΔW‖²
+                    energy: float | None = None,  # the smallest configuration whose fit keeps this fraction of ‖ΔW‖²
                     new_name: str | None = None,  # default: f"{name}_{method}"
                     ) -> Table:
     "Add adapter `new_name`: adapter `name` as a `method` adapter per layer; returns the relative error per layer."
@@ -479,12 +526,11 @@ def convert_adapter(model: nn.Module,  # a model holding adapter `name`
     for n, a in adapter_layers(model).items():
         if name not in a.updates: continue
         u = a.updates[name]
-        D, r = u.delta_weight().double().cpu(), None
-        r = _target_rank(method, D, rank, energy)
-        opts, fs = _exact_as(method, u) if r is None else _approx_as(method, u, shadow(a.base), D, r)
+        D = u.delta_weight().double().cpu()
+        opts, fs = _converted(method, u, shadow(a.base), D, rank, energy)
         specs[n], new, t = _build_filled(model, n, method, opts, fs, u)
         tensors |= t
-        rows.append(_report_row(n, new, D, source=_config(u), exact=r is None))
+        rows.append(_report_row(n, new, D, source=_config(u), exact=rank is None and energy is None))
     install(model, new_name, specs, tensors)
     return Table(rows, ("layer", "source", "method", "config", "params", "rel_error"))
 

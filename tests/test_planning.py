@@ -79,3 +79,18 @@ def test_plan_fits_its_budget_and_injects_what_it_counts(d_in, d_hidden, budget)
     assert all(r["params"] <= budget for r in p)
     p.inject(net)
     assert lt.trainable_parameters(net) == sum(r["params"] for r in p.choose().values())
+
+
+@FAST
+@given(src=st.sampled_from(METHODS), dst=st.sampled_from(METHODS), d_in=DIMS, d_hidden=DIMS,
+       energy=st.sampled_from([0.3, 0.8, 0.95, 1.0]))
+def test_energy_keeps_the_fraction_for_every_target(src, dst, d_in, d_hidden, energy):
+    m = adapted(src, d_in, d_hidden)
+    report = lt.convert_adapter(m, "default", dst, energy=energy, new_name="e")
+    for r, layer in zip(report, adapter_layers(m).values()):
+        D, new = layer.updates["default"].delta_weight().double(), layer.updates["e"]
+        err = float((D - new.delta_weight().double()).norm() / D.norm())
+        assert err ** 2 <= 1 - energy + 1e-6, (r, err)  # keeps the fraction asked of ‖ΔW‖²
+        s = torch.linalg.svdvals(D)
+        k = int((torch.cumsum(s ** 2, 0) < energy * (s ** 2).sum() * (1 - 1e-12)).sum()) + 1
+        assert lt.planning.rank_cap(new) >= min(k, len(s)), (r, k)  # Eckart–Young: no lower rank can
