@@ -234,7 +234,7 @@ def plan_row(method: str, layer: nn.Module, budget: int, tokens: int, D=None, fi
     row = dict(method=method, config=_config(u), options=_options(u), params=u.n_params, rank_cap=rank_cap(u),
                forward_macs=u.extra_macs(tokens, fwd, False), train_macs=u.extra_macs(tokens, train, True),
                activation_bytes=4 * saved_elements(u, train, tokens), path=train)
-    quiet = dict(progress=False) if method in ("loha", "lokh") else {}  # no progress bars inside a plan
+    quiet = dict(progress=False, max_iter=100) if method in ("loha", "lokh") else {}  # no bars; 100 sweeps, stated
     if D is not None: row["rel_error"] = fit_update(D, ad, {**quiet, **(fit_options or {})}).rel_error
     return row
 
@@ -423,7 +423,8 @@ def _approx_as(method: str, u, layer: nn.Module, D: torch.Tensor, rank: int,
     if method in ("lora", "loha") and B.shape[1] <= rank: return _padded(method, B, A, rank)
     if method == "lora": return dict(rank=rank), balanced_tsvd(D, rank)
     ad = shadow_adapter(method, layer, rank=rank)
-    return _options(ad.updates["default"]), fit_update(D, ad, fit_options or (dict(progress=False) if method == "loha" else {})).factors
+    fit = fit_options or (dict(progress=False, max_iter=100) if method == "loha" else {})
+    return _options(ad.updates["default"]), fit_update(D, ad, fit).factors
 
 # %% ../nbs/09b_planning.ipynb #aedd6ef5
 def _first_passing(n: int, passes) -> int:
@@ -490,7 +491,8 @@ def _check_convert(model, name, method, rank, energy) -> str:
         raise ValueError(f"pass rank= or energy=, not both (got rank={rank}, energy={energy})")
     if rank is not None: check_int(rank, "rank", 1)
     if method == "lokh" and rank is not None:
-        raise ValueError(f"rank: LoKH has no rank (got rank={rank}); convert to 'lokh' exactly (rank=None) or by energy=")
+        raise ValueError(f"rank: LoKH has no rank (got rank={rank}); convert to 'lokh' exactly (rank=None) "
+                         "or by energy=")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
         raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
     return method
