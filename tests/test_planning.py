@@ -94,3 +94,4 @@ def test_energy_keeps_the_fraction_for_every_target(src, dst, d_in, d_hidden, en
         s = torch.linalg.svdvals(D)
         k = int((torch.cumsum(s ** 2, 0) < energy * (s ** 2).sum() * (1 - 1e-12)).sum()) + 1
         assert lt.planning.rank_cap(new) >= min(k, len(s)), (r, k)  # Eckart–Young: no lower rank can
+        if src == dst: assert new.n_params <= layer.updates["default"].n_params, r  # the source itself fits
