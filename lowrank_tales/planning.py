@@ -487,6 +487,10 @@ def _check_convert(model, name, method, rank, energy) -> str:
     if name not in adapter_names(model):
         raise ValueError(f"name must be one of the model's adapters {adapter_names(model)}, got {name!r}")
     method = check_method(method)
+    kinds = {n: layer_kind(a.base) for n, a in adapter_layers(model).items() if name in a.updates}
+    if bad := [n for n, k in kinds.items() if k not in UPDATES[method].kinds]:
+        raise ValueError(f"method: {method} cannot adapt {bad[:4]} ({kinds[bad[0]]}), layers of adapter {name!r}; "
+                         f"it adapts {', '.join(UPDATES[method].kinds)} layers")
     if rank is not None and energy is not None:
         raise ValueError(f"pass rank= or energy=, not both (got rank={rank}, energy={energy})")
     if rank is not None: check_int(rank, "rank", 1)
