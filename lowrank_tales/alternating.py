@@ -164,7 +164,7 @@ def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), floa
     step = functools.partial(_dense_step, A, norm2, reg, 16 * machine_eps(A.dtype) * norm2)  # the identity's noise
     (W, Z, _), losses = run_sweeps(step, (W, Z, None), functools.partial(_dense_loss, A, reg), max_iter, tol,
                                    progress, "als", residual_precision(A, rank))
-    fit = _residual_norm2(A, W, Z)  # the reported error always from the residual itself
+    fit = losses[-1] if reg == (0.0, 0.0) else _residual_norm2(A, W, Z)  # the error from the residual itself
     rel = (fit / norm2) ** 0.5 if norm2 else 0.0
     return fit_result((W, Z), _matmul, losses, rel, "als", e, 2)
 
