@@ -30,8 +30,10 @@ __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_
 # %% ../nbs/07b_peft.ipynb #f991fbd8
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 PEFT_NAMES = {"lora": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
-              "loha": {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
-              "lokr": {"A": "lokr_w1", "B": "lokr_w2", "B1": "lokr_w2_a", "B2": "lokr_w2_b"}}
+              "loha": {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b", "T1": "hada_t1",
+                       "T2": "hada_t2"},
+              "lokr": {"A": "lokr_w1", "B": "lokr_w2", "B1": "lokr_w2_a", "B2": "lokr_w2_b", "A1": "lokr_w1_a",
+                       "A2": "lokr_w1_b", "T": "lokr_t2"}}
 PEFT_PREFIX = "base_model.model."
 
 def peft_name(u: Update, factor: str) -> str:
@@ -44,10 +46,11 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
     "The shape PEFT gives the `factor` of update `u` on layer `base` (convolutions keep kernel dimensions in places)."
     shape = tuple(getattr(u, factor).shape)
     if u.kind != "conv": return shape
+    if factor[0] == "T" and isinstance(base, nn.Conv1d): return (*shape, 1)  # PEFT's Tucker cores are 4-d
     if factor == "magnitude": return (1, base.weight.shape[0], *[1] * (base.weight.dim() - 2))  # DoRA: per channel
     if u.method == "lora":
         return (shape[0], *base.weight.shape[1:]) if factor == "A" else (*shape, *[1] * (base.weight.dim() - 2))
-    if u.method == "lokr" and factor == "B":
+    if u.method == "lokr" and factor == "B":  # the kernel stays with B
         return (shape[0], base.in_channels // base.groups // u.A.shape[1], *base.kernel_size)
     return shape
 
@@ -70,7 +73,8 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
         return (f"PEFT's LoRA ignores a convolution's dilation and groups "
                 f"(dilation={base.dilation}, groups={base.groups})")
     if u.method == "lokr":
-        peft_like = UPDATES["lokr"](shadow(base), rank=u.rank, factor=u.spec["factor"])
+        peft_like = UPDATES["lokr"](shadow(base), rank=u.rank, factor=u.spec["factor"],
+                                    decompose_both=u.decompose_both, use_effective_conv2d=bool(u.tucker))
         if [f.shape for f in peft_like.factors] != [f.shape for f in u.factors]:
             return "its factor shapes (options shape= or low_rank=) differ from those PEFT's decompose_factor gives"
     return None
@@ -99,6 +103,22 @@ def _one_value(values: dict, what: str):
         raise ValueError(f"PEFT has one {what} per adapter; these modules differ: {values}")
     return next(iter(values.values()))
 
+# %% ../nbs/07b_peft.ipynb #c7e1b001
+def _lyco_flags(ups: dict, bases: dict) -> dict:
+    """PEFT's one `use_effective_conv2d` (LoKr: and `decompose_both`) for the LoHa/LoKr updates `ups`: true where any
+    update uses it; `ValueError` naming a module whose factors PEFT would then build in another form."""
+    us = list(ups.values())
+    flags = dict(use_effective_conv2d=any(u.tucker for u in us))
+    if us[0].method == "lokr": flags["decompose_both"] = any(u.decompose_both for u in us)
+    for n, u in ups.items():
+        kw = dict(factor=u.spec["factor"]) if u.method == "lokr" else {}
+        twin = UPDATES[u.method](shadow(bases[n]), rank=peft_rank(u), **kw, **flags)
+        if [f.shape for f in twin.factors] != [f.shape for f in u.factors]:
+            said = ", ".join(f"{k}={v}" for k, v in flags.items())
+            raise ValueError(f"module {n!r} cannot be exported to PEFT: PEFT has one {said} per adapter, under which "
+                             f"it builds this module's factors in another form (export it as a separate adapter)")
+    return flags
+
 # %% ../nbs/07b_peft.ipynb #dcf1b4b5
 def peft_config(ups: dict, bases: dict) -> dict:
     "PEFT's `adapter_config.json` for the updates `ups` (module → update, one method) on layers `bases`."
@@ -120,11 +140,12 @@ def peft_config(ups: dict, bases: dict) -> dict:
                     bias="none", fan_in_fan_out=gpt, init_lora_weights=True,
                     use_rslora=_one_value({n: u.rslora for n, u in ups.items()}, "use_rslora"),
                     use_dora=_one_value({n: u.dora for n, u in ups.items()}, "use_dora"))
+    flags = _lyco_flags(ups, bases)  # PEFT's use_effective_conv2d, decompose_both
     lycoris = dict(common, alpha=alpha, rank_dropout=0.0, module_dropout=0.0, use_effective_conv2d=False,
                    init_weights=True)
-    if method == "loha": return lycoris
+    if method == "loha": return lycoris | flags
     factor = _one_value({n: u.spec["factor"] for n, u in ups.items()}, "decompose_factor")
-    return dict(lycoris, decompose_both=False, decompose_factor=factor, rank_dropout_scale=False)
+    return dict(lycoris, decompose_both=False, decompose_factor=factor, rank_dropout_scale=False) | flags
 
 # %% ../nbs/07b_peft.ipynb #924a09dc
 def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
@@ -162,7 +183,7 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
     return write_files(path, files)
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
-UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
+UNSUPPORTED_PEFT = dict(lora_bias=False,
                         rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
                         alora_invocation_tokens=None, bias="none",
                         target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
@@ -176,6 +197,7 @@ PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mo
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
+PEFT_APPLIED |= {"use_effective_conv2d", "decompose_both"}  # PEFT's Tucker kernels; LoKr's A = A1 A2
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
@@ -189,6 +211,7 @@ def _field_rules(method: str) -> dict:
     return {"r": (pos, "a positive integer"), ("lora_alpha" if method == "lora" else "alpha"): (num, "a number"),
             "lora_dropout": (num, "a number"), "use_rslora": (flag, "true or false"),
             "use_dora": (flag, "true or false"),
+            "use_effective_conv2d": (flag, "true or false"), "decompose_both": (flag, "true or false"),
             "fan_in_fan_out": (flag, "true or false"), "decompose_factor": (lambda v: pos(v) or v == -1, "an integer"),
             "rank_pattern": (pattern(pos), "a map from module patterns to positive integers"),
             "alpha_pattern": (pattern(num), "a map from module patterns to numbers"),
@@ -297,6 +320,8 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
+        if method != "lora": kw.update(use_effective_conv2d=config.get("use_effective_conv2d", False))
+        if method == "lokr": kw.update(decompose_both=config.get("decompose_both", False))
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
