@@ -411,11 +411,14 @@ def _split_biases(tensors: dict, bias: str, saved: list) -> tuple[dict, dict]:
 def _peft_biases(model: nn.Module, name: str, bias: str, adapted: list, saved: list, found: dict,
                  what: str) -> tuple[dict, dict]:
     """The biases `found` in a PEFT file of adapter `name` (`bias`, on modules `adapted`, `saved` saved), checked
-    against those `bias` picks in `model`: their values and the model's dtypes, named `biases.<plain name>`. A trained
-    copy's second bias (`<module>.modules_to_save.bias`) is ignored, as PEFT's load ignores it."""
+    against those `bias` picks in `model`: their values and the model's dtypes, named `biases.<plain name>`. Ignored,
+    as PEFT's load ignores them: a trained copy's second bias (`<module>.modules_to_save.bias`), and the bias of a
+    layer another adapter adapted when PEFT saved (`<module>.base_layer.bias`, `module` not in `adapted`)."""
     held = _bias_targets(model, name, bias, adapted, what)
     keys = {_peft_bias_key(k.removeprefix("biases."), adapted, saved): k for k in held}
     copies = tuple(f"{PEFT_PREFIX}{s}.modules_to_save." for s in saved)
-    found = {k: t for k, t in found.items() if not k.startswith(copies)}
+    mine = tuple(f"{PEFT_PREFIX}{n}.base_layer." for n in adapted)
+    found = {k: t for k, t in found.items()
+             if not k.startswith(copies) and (".base_layer." not in k or k.startswith(mine))}
     check_tensors({pk: tuple(held[k].shape) for pk, k in keys.items()}, found, what)
     return {k: found[pk] for pk, k in keys.items()}, {k: p.dtype for k, p in held.items()}

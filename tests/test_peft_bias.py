@@ -139,3 +139,19 @@ def test_lycoris_train_options_round_trip(tmp_path, config, kw):
     again = lt.load_adapter(_bert(), lt.save_adapter(ours, tmp_path / "lt"))
     assert {k: getattr(adapter_layers(again)["bert.encoder.layer.0.attention.self.query"].updates["default"], k)
             for k in kw} == kw
+
+
+def test_lora_only_beside_another_adapter_as_peft(tmp_path):
+    "PEFT's lora_only file of one adapter also holds the biases of layers another adapter adapts; its load ignores them."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_bert(), peft.LoraConfig(r=2, target_modules=["query"], bias="lora_only"))
+        theirs.add_adapter("b", peft.LoraConfig(r=2, target_modules=["key"]))
+        trained(theirs)
+        with torch.no_grad(): theirs.base_model.model.bert.encoder.layer[0].attention.self.key.base_layer.bias.add_(1)
+        theirs.save_pretrained(tmp_path, selected_adapters=["default"])
+        assert "base_model.model.bert.encoder.layer.0.attention.self.key.base_layer.bias" in keys(tmp_path)
+        ref = peft.PeftModel.from_pretrained(_bert(), tmp_path).eval()
+    ours = lt.import_peft(_bert(), tmp_path).eval()
+    torch.testing.assert_close(out(ours), out(ref), atol=1e-5, rtol=1e-5)
+    assert list(_adapter_biases(ours, "default")) == ["bert.encoder.layer.0.attention.self.query.bias"]
