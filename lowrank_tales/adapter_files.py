@@ -20,6 +20,8 @@ from .adapters import UPDATES, Adapter, Update, check_name
 from .products import face_split, khatri_rao, kron
 from .injection import (SavedModule, _fill as _fill_state, _names, active_adapters, adapter_layers,
                                      check_model, install, saved_modules, shadow)
+from .injection import (BIASES, _adapter_biases, _adopt_biases, _bias_of, _bias_parameters,
+                                     _check_bias, adapter_names)
 try: import fcntl
 except ImportError: fcntl = None  # no advisory locks (Windows): a save then takes any journal it finds for stale
 
@@ -371,11 +373,21 @@ def _as_original(base: nn.Module, u: Update) -> Update:
         with torch.no_grad(): v.magnitude.copy_(u.magnitude)  # it normalises the same matrix W0 + s(ΔW − ΔW0)
     return v
 
+# %% ../nbs/07a_adapter_files.ipynb #a7a1b002
+def _bias_files(model: nn.Module, name: str) -> tuple[dict, dict]:
+    "The biases adapter `name` of `model` saves (`biases.<plain name>`) and their config entries; none for `'none'`."
+    bias, params = _bias_of(model, name), _adapter_biases(model, name)
+    if bias == "none": return {}, {}
+    return ({f"biases.{k}": p.detach().contiguous() for k, p in params.items()},
+            dict(bias=bias, biases={k: list(p.shape) for k, p in params.items()}))
+
 # %% ../nbs/07a_adapter_files.ipynb #61c9e1cc
 def _save_files(model: nn.Module, name: str) -> dict[str, bytes]:
     "The two files of adapter `name` of `model`, sealed, by their path in the save's folder."
     ups = {n: _as_original(a.base, a.updates[name]) for n, a in adapter_layers(model).items() if name in a.updates}
     tensors = {f"{n}.{k}": p.detach().contiguous() for n, u in ups.items() for k, p in u.named_parameters()}
+    biases, bias_config = _bias_files(model, name)
+    tensors |= biases
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to save a diverged adapter")
     copies = {n: _float_state(s.copies[name]) for n, s in saved_modules(model).items() if name in s.copies}
@@ -383,7 +395,8 @@ def _save_files(model: nn.Module, name: str) -> dict[str, bytes]:
     config = dict(library="lowrank_tales", version=__version__, name=name,
                   modules={n: dict(spec=_spec(u), shapes={k: list(p.shape) for k, p in u.named_parameters()})
                            for n, u in ups.items()},
-                  modules_to_save={n: {k: list(t.shape) for k, t in st.items()} for n, st in copies.items()})
+                  modules_to_save={n: {k: list(t.shape) for k, t in st.items()} for n, st in copies.items()},
+                  **bias_config)
     data = safetensors_save(tensors, metadata={"format": "pt", "lowrank_config": json.dumps(config, sort_keys=True)})
     sealed = json.dumps(dict(config, sha256=file_digest(data)), indent=2).encode()  # the checksum seals the pair
     return {_in_folder(name, "adapter.safetensors"): data, _in_folder(name, "adapter_config.json"): sealed}
@@ -564,6 +577,35 @@ def _saved_record(config: dict, what: str) -> dict:
     for n, st in saved.items(): _check_shapes(st, f"{what}: saved module {n!r}")
     return saved
 
+# %% ../nbs/07a_adapter_files.ipynb #a7a1b003
+def _saved_biases(config: dict, what: str) -> tuple[str, dict]:
+    "The `bias` of a saved config and its `biases` record (plain name → shape), checked for their form."
+    bias, biases = config.get("bias", "none"), config.get("biases") or {}
+    if not isinstance(bias, str) or bias not in BIASES:
+        raise ValueError(f"{what}: bias in adapter_config.json must be one of {BIASES}, got {bias!r}")
+    if bias == "none" and biases:
+        raise ValueError(f"{what}: adapter_config.json has bias 'none' but records biases {list(biases)[:4]} (edited?)")
+    return bias, _check_shapes(biases, f"{what}: biases")
+
+# %% ../nbs/07a_adapter_files.ipynb #a7a1b004
+def _bias_targets(model: nn.Module, name: str, bias: str, adapted: list, what: str) -> dict:
+    """The biases of `model` a load of adapter `name` (on modules `adapted`) with `bias` fills, as `biases.<plain
+    name>` → parameter; `ValueError` where the model's adapter `name` has another `bias`, or another trains biases."""
+    if name in adapter_names(model) and (have := _bias_of(model, name)) != bias:
+        raise ValueError(f"{what} has bias={bias!r}, but the model's adapter {name!r} has bias={have!r}: load it "
+                         f"under another name=, or delete_adapter() first")
+    try: _check_bias(model, name, bias)
+    except ValueError as e: raise ValueError(f"{what}: {e}") from None
+    return {f"biases.{k}": p for k, p in _bias_parameters(model, bias, adapted).items()}
+
+# %% ../nbs/07a_adapter_files.ipynb #a7a1b005
+def _load_biases(model: nn.Module, name: str, bias: str, values: dict, trainable: bool) -> nn.Module:
+    "`model` after the install of adapter `name`: the biases `bias` picks hold `values`, frozen for `trainable=False`."
+    _adopt_biases(model, name, bias, values)
+    if not trainable:
+        for p in _adapter_biases(model, name).values(): p.requires_grad_(False)
+    return model
+
 # %% ../nbs/07a_adapter_files.ipynb #4d5272d9
 def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: bool = True) -> nn.Module:
     """Load the adapter saved in folder `path` into `model` as `name` (default: its saved name), added if new.
@@ -581,11 +623,18 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     check_seal(config, meta, digest, what)
     if name is None: name = check_name(config.get("name", "default"), f"the name in {what}")
     saved = _saved_record(config, what)
+    bias, bias_shapes = _saved_biases(config, what)
     record = {f"{n}.{k}": tuple(s) for n, v in mods.items() for k, s in v["shapes"].items()}
     record |= {f"modules_to_save.{n}.{k}": tuple(s) for n, st in saved.items() for k, s in st.items()}
+    record |= {f"biases.{k}": tuple(s) for k, s in bias_shapes.items()}
     check_tensors(record, tensors, what)  # the file's own record
     specs = {n: v["spec"] for n, v in mods.items()}
     ups, existing = _load_targets(check_model(model), name, specs, what)
-    check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what), tensors, what)  # the model
-    tensors = _cast_checked(tensors, _target_dtypes(model, ups, list(saved)), what)
-    return _install(model, name, specs, tensors, ups, existing, list(saved), trainable)
+    held = _bias_targets(model, name, bias, list(specs), what)
+    check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what)
+                  | {k: tuple(p.shape) for k, p in held.items()}, tensors, what)  # the model
+    tensors = _cast_checked(tensors, _target_dtypes(model, ups, list(saved)) | {k: p.dtype for k, p in held.items()},
+                            what)
+    biases = {k.removeprefix("biases."): tensors.pop(k) for k in held}
+    _install(model, name, specs, tensors, ups, existing, list(saved), trainable)
+    return _load_biases(model, name, bias, biases, trainable)

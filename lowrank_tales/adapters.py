@@ -100,6 +100,7 @@ class Update(nn.Module, metaclass=abc.ABCMeta):
     dtypes = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # of the factors and the layer's weight
     rank_dropout = module_dropout = 0.0  # PEFT's LoHa/LoKr train-time dropouts (see `_lyco_options`)
     rank_dropout_scale = False  # whether rank dropout rescales the kept rows by 1 / (fraction kept)
+    tucker = None  # the kernel size where PEFT's Tucker form (`use_effective_conv2d`) holds it apart
 
     def __init__(self, base: nn.Module, path: str = "auto", dtype: torch.dtype | None = None,
                  dropout: float = 0.0,  # probability of zeroing an input of the update (PEFT's `lora_dropout`)
@@ -258,14 +259,15 @@ class FoldedLinear(torch.autograd.Function):
 
 # %% ../nbs/06_adapters.ipynb #a1b2c3g1
 def _lyco_options(u: Update, rank_dropout, module_dropout, use_effective_conv2d, base) -> None:
-    "PEFT's LoHa/LoKr options on `u`, checked: probabilities in [0, 1), not beside DoRA; no Tucker conv form."
+    "PEFT's LoHa/LoKr options on `u`, checked: probabilities in [0, 1), not beside DoRA; `u.tucker` (Tucker kernel)."
     for name, p in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
         if check_nonnegative(p, name) >= 1: raise ValueError(f"{name} must be in [0, 1), got {p!r}")
     if (rank_dropout or module_dropout) and u.dora:
         raise ValueError("rank_dropout and module_dropout are LoHa/LoKr options without DoRA (as PEFT): use dora=False")
-    if use_effective_conv2d and u.kind == "conv" and math.prod(base.kernel_size) > 1:
-        raise ValueError(f"use_effective_conv2d=True (PEFT's Tucker form of a {tuple(base.kernel_size)} kernel) is "
-                         f"not supported: ours adapts the flattened kernel; use use_effective_conv2d=False")
+    if not isinstance(use_effective_conv2d, bool):
+        raise TypeError(f"use_effective_conv2d must be True or False, got {use_effective_conv2d!r}")
+    k = tuple(base.kernel_size) if u.kind == "conv" else (1,)
+    u.tucker = k if use_effective_conv2d and math.prod(k) > 1 else None  # PEFT: a 1×1 kernel keeps the flat form
     u.rank_dropout, u.module_dropout = float(rank_dropout), float(module_dropout)
     u.spec.update({k: float(v) for k, v in (("rank_dropout", rank_dropout), ("module_dropout", module_dropout)) if v})
 
@@ -781,7 +783,7 @@ class LoHAUpdate(Update):
                  dropout: float = 0.0, dora: bool = False,  # on the update's input; DoRA's magnitude
                  rank_dropout: float = 0.0,  # training: zero each row of `ΔW` with this probability (PEFT's)
                  module_dropout: float = 0.0,  # training: skip the whole update with this probability (PEFT's)
-                 use_effective_conv2d: bool = False):  # PEFT's Tucker kernel form: refused where it would apply
+                 use_effective_conv2d: bool = False):  # PEFT's Tucker form of a kernel larger than 1 (see below)
         super().__init__(base, path, dtype, dropout, dora)
         _lyco_options(self, rank_dropout, module_dropout, use_effective_conv2d, base)
         self.rank_dropout_scale = True  # PEFT's LoHa always rescales the kept rows
@@ -789,16 +791,36 @@ class LoHAUpdate(Update):
         why = f" for a {self.d_out}×{self.d_in} layer"
         self.ranks = tuple(check_int(r, "rank", 1, min(self.d_out, self.d_in), why) for r in (r1, r2))
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha") / math.sqrt(math.prod(self.ranks))
-        self.B1, self.A1 = self.new(self.d_out, r1, init="kaiming"), self.new(r1, self.d_in, init="kaiming")
-        self.B2, self.A2 = self.new(self.d_out, r2, init="kaiming"), self.new(r2, self.d_in, init="zeros")
+        if self.tucker: self._tucker_factors(r1, r2)
+        else:
+            self.B1, self.A1 = self.new(self.d_out, r1, init="kaiming"), self.new(r1, self.d_in, init="kaiming")
+            self.B2, self.A2 = self.new(self.d_out, r2, init="kaiming"), self.new(r2, self.d_in, init="zeros")
         self.spec.update(rank=self.ranks[0] if r1 == r2 else list(self.ranks),
                          alpha=None if alpha is None else float(alpha))
 
-    factors = property(lambda self: (self.B1, self.A1, self.B2, self.A2))
-    def delta(self, B1, A1, B2, A2): return (B1 @ A1) * (B2 @ A2)
+    def _tucker_factors(self, r1: int, r2: int) -> None:
+        "PEFT's `hada_w*_a` (`r × c_out`) as `B*`, `hada_w*_b` (`r × c_in`) as `A*`, then its cores `hada_t*`."
+        c_in = self.d_in // math.prod(self.tucker)
+        self.B1, self.A1 = self.new(r1, self.d_out, init="kaiming"), self.new(r1, c_in, init="kaiming")
+        self.B2, self.A2 = self.new(r2, self.d_out, init="kaiming"), self.new(r2, c_in, init="zeros")
+        self.T1, self.T2 = (self.new(r, r, *self.tucker, init="kaiming") for r in (r1, r2))
+        self.spec["use_effective_conv2d"] = True
+
+    factors = property(lambda self: (self.B1, self.A1, self.B2, self.A2) + ((self.T1, self.T2) if self.tucker else ()))
+    def delta(self, *factors): return torch.mul(*self.products(factors))
     def can_factor(self): return self.kind == "linear"
     def per_token_macs(self): return math.prod(self.ranks) * (self.d_in + self.d_out)
-    def form_macs(self): return sum(self.ranks) * self.d_out * self.d_in
+
+    def products(self, factors) -> tuple:
+        "`(P1, P2)` with `ΔW = P1 ∘ P2`: `B_i A_i`, or the flattened Tucker kernels `T_i ×₁ B_iᵀ ×₂ A_iᵀ`."
+        B1, A1, B2, A2, *T = factors
+        if T: return _tucker_kernel(T[0], B1, A1), _tucker_kernel(T[1], B2, A2)
+        return B1 @ A1, B2 @ A2
+
+    def form_macs(self):
+        "Multiply-adds of forming `P1` and `P2`: `(r1 + r2) d_out d_in`, or the Tucker kernels' `r c_in K (r + c_out)`."
+        if not self.tucker: return sum(self.ranks) * self.d_out * self.d_in
+        return sum(r * self.d_in * (r + self.d_out) for r in self.ranks)
 
     def factored(self, base, x, W0, bias):
         "`W0 x + b + s·(B1 • B2)((A1 ⊙ A2) x)`: the exact rank-`r1 r2` LoRA form."
@@ -807,11 +829,12 @@ class LoHAUpdate(Update):
 
     def add_delta(self, W, factors, scale: float):
         "`W + scale·P1 ∘ P2` in one fused pass."
-        B1, A1, B2, A2 = factors
-        return torch.addcmul(W, (B1 @ A1).to(W.dtype), (B2 @ A2).to(W.dtype), value=scale)
+        P1, P2 = self.products(factors)
+        return torch.addcmul(W, P1.to(W.dtype), P2.to(W.dtype), value=scale)
 
     def pullback(self, factors):
-        "`P1 ∘ P2` and the hand-written chain rule through it to `B1, A1, B2, A2`."
+        "`P1 ∘ P2` and the hand-written chain rule through it to `B1, A1, B2, A2` (Tucker kernels: autograd's)."
+        if self.tucker: return super().pullback(factors)
         B1, A1, B2, A2 = factors
         P1, P2 = B1 @ A1, B2 @ A2
 
@@ -824,6 +847,11 @@ class LoHAUpdate(Update):
 class LoHA(AdaptedLayer):
     "A layer with one LoHA adapter, `name` (default `'default'`); the other arguments are `LoHAUpdate`'s."
     update_class = LoHAUpdate
+
+# %% ../nbs/06_adapters.ipynb #c7e1a002
+def _tucker_kernel(T: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    "`T ×₁ Uᵀ ×₂ Vᵀ` flattened to `p × (q·K)`: `Σ_ij T[i, j, …] U[i, p] V[j, q]` (PEFT's `make_weight_cp`)."
+    return U.T @ torch.einsum("ij...,jq->iq...", T, V).flatten(1)  # T ×₂ Vᵀ first: the cheaper order
 
 # %% ../nbs/06_adapters.ipynb #912b5505
 def split_dim(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -878,7 +906,7 @@ def _check_divides(a, n: int, name: str, shape) -> None:
 
 # %% ../nbs/06_adapters.ipynb #619d0c84
 class LoKrUpdate(Update):
-    "LoKr: `ΔW = A ⊗ B` (optionally `B = B1 B2` of rank `r`); scale `alpha / r` (PEFT's convention)."
+    "LoKr: `ΔW = A ⊗ B` (optionally `B = B1 B2` of rank `r`, `A = A1 A2`); scale `alpha / r` (PEFT's convention)."
     method = "lokr"
 
     def __init__(self, base: nn.Module, rank: int = 8, alpha: float | None = None,
@@ -888,45 +916,73 @@ class LoKrUpdate(Update):
                  path: str = "auto", dtype: torch.dtype | None = None, dropout: float = 0.0, dora: bool = False,
                  rank_dropout: float = 0.0, module_dropout: float = 0.0,  # PEFT's, in training (as LoHA's)
                  rank_dropout_scale: bool = False,  # rescale the kept rows by 1 / (fraction kept) (PEFT's)
-                 decompose_both: bool = False,  # PEFT's `A = A1 A2`: refused where it would apply
-                 use_effective_conv2d: bool = False):
+                 decompose_both: bool = False,  # PEFT's `A = A1 A2`, where `rank < max(a1, a2) / 2`
+                 use_effective_conv2d: bool = False):  # PEFT's Tucker form of a low-rank `B` (kernels above 1)
         super().__init__(base, path, dtype, dropout, dora)
         _lyco_options(self, rank_dropout, module_dropout, use_effective_conv2d, base)
+        if not isinstance(decompose_both, bool):
+            raise TypeError(f"decompose_both must be True or False, got {decompose_both!r}")
         self.rank_dropout_scale = bool(rank_dropout_scale)
         if rank_dropout_scale: self.spec["rank_dropout_scale"] = True
-        self.rank = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
+        self.rank = r = check_int(rank, "rank", 1, min(self.d_out, self.d_in), f" for a {self.d_out}×{self.d_in} layer")
         self.scale = 1.0 if alpha is None else check_nonnegative(alpha, "alpha") / self.rank
         c_in = base.in_channels // base.groups if self.kind == "conv" else self.d_in  # the kernel stays with B
         a1, a2 = shape if shape is not None else (split_dim(self.d_out, factor)[0], split_dim(c_in, factor)[0])
         _check_divides(a1, self.d_out, "d_out", shape)
         _check_divides(a2, c_in, "d_in" if c_in == self.d_in else "input channels", shape)
         b1, b2 = self.d_out // a1, self.d_in // a2
-        if decompose_both and self.rank < max(a1, a2) / 2:
-            raise ValueError(f"decompose_both=True (PEFT's A = A1 A2 of rank {self.rank} for A of {a1}×{a2}) is not "
-                             f"supported: use decompose_both=False, or a rank >= {max(a1, a2) / 2:g}")
-        self.low_rank = self.rank < max(b1, c_in // a2) / 2 if low_rank is None else bool(low_rank)
-        self.A = self.new(a1, a2, init="zeros")
-        if self.low_rank:
-            self.B1, self.B2 = self.new(b1, self.rank, init="kaiming"), self.new(self.rank, b2, init="kaiming")
+        self.decompose_both = decompose_both and r < max(a1, a2) / 2  # PEFT's rule; else A stays whole
+        self.low_rank = r < max(b1, c_in // a2) / 2 if low_rank is None else bool(low_rank)
+        self.tucker = self.tucker if self.low_rank else None  # PEFT: the Tucker form splits a low-rank B only
+        if self.decompose_both: self.A1, self.A2 = self.new(a1, r, init="zeros"), self.new(r, a2, init="kaiming")
+        else: self.A = self.new(a1, a2, init="zeros")
+        if self.tucker:  # PEFT's lokr_w2_a (r × b1), lokr_w2_b (r × c_in / a2), then lokr_t2 (r × r × kernel)
+            self.B1, self.B2 = self.new(r, b1, init="kaiming"), self.new(r, c_in // a2, init="kaiming")
+            self.T = self.new(r, r, *self.tucker, init="kaiming")
+        elif self.low_rank: self.B1, self.B2 = self.new(b1, r, init="kaiming"), self.new(r, b2, init="kaiming")
         else: self.B = self.new(b1, b2, init="kaiming")
         self.spec.update(rank=self.rank, alpha=None if alpha is None else float(alpha), factor=int(factor),
                          shape=[int(a1), int(a2)], low_rank=self.low_rank)
+        self.spec.update({k: True for k, v in (("decompose_both", self.decompose_both),
+                                               ("use_effective_conv2d", self.tucker)) if v})
 
-    factors = property(lambda self: (self.A, self.B1, self.B2) if self.low_rank else (self.A, self.B))
-    def delta(self, A, *B): return kron(A, B[0] @ B[1] if len(B) == 2 else B[0])
+    @property
+    def A(self) -> torch.Tensor:
+        "The matrix `A` of `ΔW = A ⊗ B`: the factor itself, or (`decompose_both`) the product `A1 A2`."
+        return self._parameters["A"] if "A" in self._parameters else self.A1 @ self.A2
+
+    @property
+    def factors(self) -> tuple:
+        "The trained tensors in `delta`'s order: `A` (or `A1, A2`), then `B` (or `B1, B2`, then the Tucker core `T`)."
+        a = (self.A1, self.A2) if self.decompose_both else (self.A,)
+        return a + ((self.B1, self.B2, self.T) if self.tucker else (self.B1, self.B2) if self.low_rank else (self.B,))
+
+    def kron_pair(self, *factors) -> tuple:
+        "`(A, B)` with `ΔW = A ⊗ B` from `factors`: `A` or `A1 A2`; `B`, `B1 B2` or the flattened Tucker kernel."
+        n = 2 if self.decompose_both else 1
+        (A, *a), (B, *b) = factors[:n], factors[n:]
+        return A @ a[0] if a else A, _tucker_kernel(b[1], B, b[0]) if self.tucker else B @ b[0] if b else B
+
+    def delta(self, *factors): return kron(*self.kron_pair(*factors))
     def can_factor(self): return self.kind == "linear"
-    def form_macs(self): return self.B1.numel() * self.B2.shape[1] if self.low_rank else 0  # B1 B2; ⊗ is elementwise
     def factored_form_macs(self): return self.form_macs()
+
+    def form_macs(self):
+        "Multiply-adds of `A1 A2`, and of `B1 B2` or the Tucker kernel (`⊗` itself is elementwise)."
+        (a1, a2), r = self.spec["shape"], self.rank
+        b1, b2 = self.d_out // a1, self.d_in // a2
+        macs = a1 * r * a2 if self.decompose_both else 0
+        return macs + (b1 * r * b2 if self.low_rank and not self.tucker else r * b2 * (r + b1) if self.tucker else 0)
 
     def per_token_macs(self):
         "`B` on the right of the `a2 × b2` reshaped token, then `A` on the left: `b1 a2 (b2 + a1)`."
-        (a1, a2), b1 = self.A.shape, self.d_out // self.A.shape[0]
+        (a1, a2), b1 = self.spec["shape"], self.d_out // self.spec["shape"][0]
         return b1 * a2 * (self.d_in // a2 + a1)
 
     def factored(self, base, x, W0, bias):
         "`W0 x + b + s·(A ⊗ B) x` by the vec identity, without forming `A ⊗ B` (`W0=None`: the update alone)."
-        B = self.B1 @ self.B2 if self.low_rank else self.B
-        return KronLinear.apply(x, W0, bias, self.A.to(x.dtype), B.to(x.dtype), self.scale)
+        A, B = self.kron_pair(*self.factors)
+        return KronLinear.apply(x, W0, bias, A.to(x.dtype), B.to(x.dtype), self.scale)
 
 # %% ../nbs/06_adapters.ipynb #750c80d0
 class LoKr(AdaptedLayer):

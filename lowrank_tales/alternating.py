@@ -4,13 +4,14 @@
 
 # %% ../nbs/01_als.ipynb #6032174f
 from __future__ import annotations
+import functools
 
 import numpy as np
 import torch
 
-from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative,
-                                check_tol, fit_loop, fit_result, is_tensor, observed_data, random_normal, scale_problem,
-                                _sum_squares)
+from .core import (Estimate, Factorization, as_float_array, as_generator, check_choice, check_int,
+                                check_nonnegative, check_tol, fit_result, is_tensor, machine_eps, observed_data,
+                                random_normal, residual_precision, run_sweeps, scale_problem, _sum_squares)
 from .kernels import balanced_factors, gram_solve, randomized_svd
 
 # %% auto #0
@@ -129,35 +130,16 @@ def _residual_norm2(A, W, Z, block: int = 1 << 20) -> float:
     return sum(_sum_squares(A[i:i + rows] - W[i:i + rows] @ Z) for i in range(0, A.shape[0], rows))
 
 # %% ../nbs/01_als.ipynb #619da111
-class _DenseFit:
-    "The state of a dense ALS fit: factors, their Gram matrices, and how the loss is measured."
-    def __init__(self, A, W, Z, reg):
-        self.A, self.W, self.Z, self.reg, self.grams = A, W, Z, reg, None
-        self.norm2 = _norm2(A)
-        eps = float(torch.finfo(A.dtype).eps) if is_tensor(A) else float(np.finfo(A.dtype).eps)
-        self.noise = 16 * eps * self.norm2  # how finely the trace identity resolves the loss
-        self.amax = float(A.abs().max()) if is_tensor(A) else float(np.abs(A).max())
-        self.eps, self.direct = eps, False
-        self.loss = self.direct_loss()
+def _dense_step(A, norm2: float, reg: tuple, noise: float, state: tuple) -> tuple:
+    "One sweep as `run_sweeps` takes it: (W, Z, grams) to the next, with the trace identity's loss as an `Estimate`."
+    W, Z, grams, _, after = als_sweep(A, *state[:2], norm2, reg, state[2])
+    return (W, Z, grams), Estimate(after, noise)
 
-    def penalty(self) -> float:
-        return self.reg[0] * _sum_squares(self.W) + self.reg[1] * _sum_squares(self.Z)
-
-    def direct_loss(self) -> float:
-        "The loss from the residual itself."
-        return _residual_norm2(self.A, self.W, self.Z) + self.penalty()
-
-    def sweep(self) -> float:
-        "One sweep; the loss by the trace identity while it resolves the decrease, from the residual after that."
-        self.W, self.Z, self.grams, _, after = als_sweep(self.A, self.W, self.Z, self.norm2, self.reg, self.grams)
-        if not self.direct and (after < 1e4 * self.noise or self.loss - after < 1e2 * self.noise): self.direct = True
-        self.loss = self.direct_loss() if self.direct else after
-        return self.loss
-
-    def precision(self, loss: float) -> float:
-        "The smallest decrease the current loss formula resolves."
-        if not self.direct: return self.noise
-        return 4 * self.eps * self.amax * (self.W.shape[1] * max(loss, 0.0)) ** 0.5
+# %% ../nbs/01_als.ipynb #619da112
+def _dense_loss(A, reg: tuple, state: tuple) -> float:
+    "The dense ALS loss of `state` (W, Z, grams) measured from the residual itself: ‖A − WZ‖² + λ_w‖W‖² + λ_z‖Z‖²."
+    W, Z = state[:2]
+    return _residual_norm2(A, W, Z) + (reg[0] * _sum_squares(W) + reg[1] * _sum_squares(Z))
 
 # %% ../nbs/01_als.ipynb #11c273dc
 def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), float32 or float64
@@ -177,12 +159,14 @@ def dense_als(A,  # data (M, N), numpy array or torch tensor (CPU or CUDA), floa
     check_choice(method, "method", ("cholesky",))
     max_iter = check_int(max_iter, "max_iter", 0)
     A, reg, e = scale_problem(A, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (exact), scale back at the end
-    s = _DenseFit(A, *_initial_factors(A, rank, init, as_generator(seed)), reg)
-    losses = fit_loop(s.sweep, s.loss, max_iter, tol, progress, "als", s.precision)
-    fit = _residual_norm2(A, s.W, s.Z)  # the reported error always from the residual itself
-    if not s.direct: losses[-1] = fit + s.penalty()
-    rel = (fit / s.norm2) ** 0.5 if s.norm2 else 0.0
-    return fit_result((s.W, s.Z), _matmul, losses, rel, "als", e, 2)
+    W, Z = _initial_factors(A, rank, init, as_generator(seed))
+    norm2 = _norm2(A)
+    step = functools.partial(_dense_step, A, norm2, reg, 16 * machine_eps(A.dtype) * norm2)  # the identity's noise
+    (W, Z, _), losses = run_sweeps(step, (W, Z, None), functools.partial(_dense_loss, A, reg), max_iter, tol,
+                                   progress, "als", residual_precision(A, rank))
+    fit = losses[-1] if reg == (0.0, 0.0) else _residual_norm2(A, W, Z)  # the error from the residual itself
+    rel = (fit / norm2) ** 0.5 if norm2 else 0.0
+    return fit_result((W, Z), _matmul, losses, rel, "als", e, 2)
 
 # %% ../nbs/01_als.ipynb #80813586
 def _matmul(W, Z):

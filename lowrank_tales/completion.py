@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import (DEFAULT_MAX_ITER, Factorization, as_float_array, as_generator, check_choice,
-                                check_finite, check_int, check_nonnegative, check_solvable, check_tol, fit_loop,
-                                fit_result, is_tensor, like, namespace, observed_data, random_normal, scale_problem,
-                                stored_entries, to_numpy, to_tensor, torch_threads, _sum_squares)
+from .core import (DEFAULT_MAX_ITER, Estimate, Factorization, as_float_array, as_generator, check_choice,
+                                check_finite, check_int, check_nonnegative, check_solvable, check_tol, fit_result,
+                                is_tensor, like, machine_eps, namespace, observed_data, random_normal,
+                                residual_precision, run_sweeps, scale_problem, stored_entries, to_numpy, to_tensor,
+                                torch_threads, _sum_squares)
 from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_weighted_columns,
                                    weighted_grams)
 from .alternating import dense_als
@@ -287,6 +288,14 @@ def _masked_start(obs, rank, mean, init, rng):
     scale = (obs.sum(_sum_squares(obs.vals - mean)) / obs.count / rank) ** 0.25 or 1.0
     return random_normal((M, rank), obs.vals, rng, scale), random_normal((rank, N), obs.vals, rng, scale)
 
+# %% ../nbs/02_completion.ipynb #13079b2e
+def _masked_step(obs, state: tuple, reg_rows, reg_cols, mean: float, cg_steps: int) -> tuple:
+    "One masked sweep as `run_sweeps` takes it: (W, Z, b, c) to the next; the W-step identity's loss as an `Estimate`."
+    *state, loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
+    if cg_steps: return tuple(state), loss  # the CG sweep measures its loss from the residual
+    t = obs.vals - mean - (state[3][obs.cols] if state[3] is not None else 0)  # the W-step's targets: its scale
+    return tuple(state), Estimate(loss, 16 * machine_eps(obs.vals.dtype) * obs.sum(_sum_squares(t)))
+
 # %% ../nbs/02_completion.ipynb #13079b2c
 def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed, progress, e=0,
                 cg_steps=0, bias_reg=None) -> Factorization:
@@ -297,26 +306,11 @@ def _masked_als(obs, rank, reg, biases, weighted_reg, max_iter, tol, init, seed,
     mean = obs.sum(float(obs.vals.sum())) / obs.count if biases else 0.0
     W, Z = _masked_start(obs, rank, mean, init, as_generator(seed))
     b, c = (like(np.zeros(M), obs.vals), like(np.zeros(N), obs.vals)) if biases else (None, None)
-    state = [W, Z, b, c]
-    eps = float(torch.finfo(obs.vals.dtype).eps) if is_tensor(obs.vals) else float(np.finfo(obs.vals.dtype).eps)
     amax = obs.max(float(abs(obs.vals).max()) if len(obs.vals) else 0.0)  # a rank may hold no observation
-    loss0 = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)
-    fit = {"last": loss0, "noise": 0.0, "direct": bool(cg_steps)}  # the CG sweep measures its loss from the residual
-    def sweep():  # the W-step's identity while it resolves the decrease, then the residual over Ω (|Ω|K)
-        *state[:], loss = masked_sweep(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:], cg_steps=cg_steps)
-        t = obs.vals - mean - (state[3][obs.cols] if biases else 0)  # the W-step's targets: the identity's scale
-        fit["noise"] = 16 * eps * obs.sum(_sum_squares(t))
-        if not fit["direct"] and (loss < 1e4 * fit["noise"] or fit["last"] - loss < 1e2 * fit["noise"]):
-            fit["direct"] = True
-        if fit["direct"] and not cg_steps: loss = _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])
-        fit["last"] = loss
-        return loss
-    def precision(loss):  # the smallest decrease the current loss formula resolves
-        if not fit["direct"]: return fit["noise"]
-        return 4 * eps * amax * ((rank + 1) * max(loss, 0.0)) ** 0.5  # rounding of the residual's square
-    losses = fit_loop(sweep, loss0, max_iter, tol, progress, "als", precision)
-    W, Z, b, c = state
-    if not fit["direct"]: losses[-1] = _masked_loss(obs, W, Z, reg_rows, reg_cols, mean, b, c)  # the last: residual
+    step = lambda state: _masked_step(obs, state, reg_rows, reg_cols, mean, cg_steps)
+    measured = lambda state: _masked_loss(obs, *state[:2], reg_rows, reg_cols, mean, *state[2:])  # over Ω, |Ω|K
+    (W, Z, b, c), losses = run_sweeps(step, (W, Z, b, c), measured, max_iter, tol, progress, "als",
+                                      residual_precision(obs.vals, rank + 1, amax))
     r = obs.vals - _sampled(obs, W, Z) - (0 if b is None else mean + b[obs.rows] + c[obs.cols])
     norm2 = obs.sum(_sum_squares(obs.vals))
     extras = {} if not biases else {"mean": mean, "row_bias": like(b, obs.ref), "col_bias": like(c, obs.ref)}

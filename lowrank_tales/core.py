@@ -21,7 +21,7 @@ __all__ = ['DEFAULT_MAX_ITER', 'is_tensor', 'namespace', 'to_numpy', 'to_tensor'
            'scale_problem', 'check_finite', 'check_int', 'check_nonnegative', 'check_mask', 'observed_data',
            'check_choice', 'check_tol', 'as_generator', 'random_normal', 'iterations', 'torch_threads', 'n_elements',
            'Factorization', 'relative_error', 'rescale_factorization', 'ConvergenceWarning', 'Losses', 'fit_loop',
-           'fit_result']
+           'fit_result', 'Estimate', 'machine_eps', 'residual_precision', 'run_sweeps']
 
 # %% ../nbs/00_core.ipynb #4c9f7581
 def is_tensor(x) -> bool:
@@ -467,3 +467,66 @@ def fit_result(factors: tuple,  # the factors of the scaled problem
                       n_iter=len(losses) - 1, method=method, extras={} if extras is None else extras,
                       converged=getattr(losses, "converged", True))  # a plain list: a closed form, exact
     return rescale_factorization(f, e, degree)
+
+# %% ../nbs/00_core.ipynb #9390ce45
+@dataclass(frozen=True)
+class Estimate:
+    "A loss computed cheaply (an identity, not the residual), and the `noise` below which it resolves no decrease."
+    value: float  # the estimated loss
+    noise: float  # its rounding: decreases smaller than this are not seen
+
+# %% ../nbs/00_core.ipynb #72f9ac35
+def machine_eps(dtype) -> float:
+    "The spacing of floats at 1 in `dtype` (numpy or torch): 2⁻²³ for float32, 2⁻⁵² for float64."
+    return float(torch.finfo(dtype).eps) if isinstance(dtype, torch.dtype) else float(np.finfo(dtype).eps)
+
+# %% ../nbs/00_core.ipynb #bac605d3
+def residual_precision(A,  # the data the residual is taken of (numpy or torch)
+                       terms: int = 1,  # products summed in each entry of the approximation (the rank)
+                       amax: float | None = None,  # max|A| where the caller knows it better (over several ranks)
+                      ) -> Callable:  # `precision(loss)`: the smallest decrease of the loss rounding lets through
+    "The precision of a loss measured from its residual: `4·eps·max|A|·√(terms·loss)`, the rounding of ‖A − Â‖²."
+    eps = machine_eps(A.dtype)
+    if amax is None: amax = float(A.abs().max()) if is_tensor(A) else float(np.abs(A).max())
+    return lambda loss: 4 * eps * amax * (terms * max(loss, 0.0)) ** 0.5
+
+# %% ../nbs/00_core.ipynb #79907d28
+class _SweepRun:
+    "The bookkeeping of `run_sweeps`: the fitter's state, the last loss, and whether it is an estimate."
+    def __init__(self, step: Callable, state, loss: Callable, precision: Callable | None):
+        self.step, self.state, self.loss, self.measured = step, state, loss, precision
+        self.last, self.noise, self.direct, self.estimated = float(loss(state)), 0.0, False, False
+
+    def sweep(self) -> float:
+        "One step; its estimate while that resolves the decrease, else the loss it measured or `loss(state)`."
+        self.state, value = self.step(self.state)
+        if isinstance(value, Estimate):
+            self.noise = value.noise
+            if value.value < 1e4 * value.noise or self.last - value.value < 1e2 * value.noise: self.direct = True
+            value = None if self.direct else value.value
+        else: self.direct = True
+        self.estimated = value is not None and not self.direct
+        self.last = float(self.loss(self.state) if value is None else value)
+        return self.last
+
+    def precision(self, loss: float) -> float:
+        "The smallest decrease the current loss resolves: the estimate's noise, else the measured loss's precision."
+        if self.estimated: return self.noise
+        return self.measured(loss) if self.measured else 0.0
+
+# %% ../nbs/00_core.ipynb #a8b48c40
+def run_sweeps(step: Callable,  # `step(state)` → `(state, loss)`: one sweep; loss a number, an `Estimate`, or None
+               state,  # the start: whatever the fitter carries from sweep to sweep (factors, grams, step sizes)
+               loss: Callable,  # `loss(state)`: the loss measured from the residual (the start's, and where needed)
+               max_iter: int,  # most sweeps (`DEFAULT_MAX_ITER`: warn when it stops an unconverged fit)
+               tol: float,  # relative decrease at which a sweep counts as stalled; 0: run max_iter
+               progress=None,  # progress bar: True, False, or None (automatic)
+               desc: str = "",  # the fit's name, for the bar and the warning
+               precision: Callable | None = None,  # `precision(loss)` of the measured loss (`residual_precision`)
+               patience: int = 1,  # stalled sweeps in a row that stop the loop
+              ) -> tuple:  # the last state and its `Losses` (`[0]` at the start; the last one measured)
+    "The sweep loop of every iterative fitter: `fit_loop` over `step`, an `Estimate` trusted while it resolves."
+    run = _SweepRun(step, state, loss, precision)
+    losses = fit_loop(run.sweep, run.last, max_iter, tol, progress, desc, run.precision, patience)
+    if run.estimated: losses[-1] = float(loss(run.state))  # the history ends with a measured loss
+    return run.state, losses

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -27,13 +26,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .core import (Factorization, as_float_array, check_choice, check_finite,
                                 check_int, check_nonnegative, check_tol, is_tensor, iterations, like, scale_pow2,
                                 scale_problem, to_numpy, is_sparse, stored_entries)
-from .kernels import ridge_solve, spd_solve, weighted_grams
-from .completion import _from_coo, _masked_als, _penalty
+from .kernels import weighted_grams
+from .completion import _from_coo, _masked_als, _masked_loss, _transpose, masked_sweep
 from .injection import adapter_layers as adapters, check_model, saved_modules
 
 # %% auto #0
 __all__ = ['world', 'require_process_group', 'free_port', 'launch', 'shard_batch', 'shard_loader', 'check_same_across_ranks',
-           'adapter_factors', 'adapter_ddp', 'as_triplets', 'RatingShard', 'all_reduce_sum', 'distributed_sweep',
+           'adapter_factors', 'adapter_ddp', 'as_triplets', 'all_reduce_sum', 'RatingShard', 'distributed_sweep',
            'distributed_loss', 'distributed_als', 'local_spark', 'spark_factor_matrix', 'from_spark', 'spark_als']
 
 # %% ../nbs/12_distributed.ipynb #40eb4f8b
@@ -290,30 +289,6 @@ def as_triplets(ratings,  # (n, 3) array/tensor, (rows, cols, values) tuple, pan
     check_finite(vals, "ratings' values")
     return _ids(rows, "ratings' row ids"), _ids(cols, "ratings' column ids"), vals
 
-# %% ../nbs/12_distributed.ipynb #a328c1ec
-class RatingShard:
-    "One rank's observed entries of an M×N matrix, as CSR matrices of values and of the pattern (and their transposes)."
-    def __init__(self, rows, cols, vals, shape):
-        M, N = shape
-        if len(rows) and (rows.max() >= M or cols.max() >= N):
-            raise ValueError(f"ratings' ids must fit shape {tuple(shape)}, "
-                             f"got a row id {rows.max()} and a column id {cols.max()}")
-        self.S = scipy.sparse.csr_array((vals, (rows, cols)), shape=(M, N))
-        if self.S.nnz != len(vals):
-            raise ValueError(f"ratings holds {len(vals) - self.S.nnz} duplicated (row id, column id) pairs: "
-                             "each entry must be observed once")
-        self.mask = scipy.sparse.csr_array((np.ones_like(vals), (rows, cols)), shape=(M, N))
-        self.St, self.mask_t = self.S.T.tocsr(), self.mask.T.tocsr()
-        self.rows, self.cols, self.vals, self.shape = rows, cols, vals, (M, N)
-
-    def statistics(self, W):
-        "Z-step statistics of this shard: Grams (N, K, K) and right-hand sides (K, N)."
-        return weighted_grams(W, self.mask), np.ascontiguousarray((self.St @ W).T)
-
-    def statistics_t(self, Zt):
-        "W-step statistics (the same on the transpose): Grams (M, K, K) and right-hand sides (K, M), from Zᵀ (N, K)."
-        return weighted_grams(Zt, self.mask_t), np.ascontiguousarray((self.S @ Zt).T)
-
 # %% ../nbs/12_distributed.ipynb #425b53b7
 def all_reduce_sum(*arrays) -> list:
     "The element-wise sums over all ranks of numpy arrays or tensors (the arrays themselves in a single process)."
@@ -326,25 +301,6 @@ def all_reduce_sum(*arrays) -> list:
         dist.all_reduce(t)
         out.append(like(t, x))
     return out
-
-# %% ../nbs/12_distributed.ipynb #95dc9ac4
-def distributed_sweep(shard: RatingShard,  # this rank's observations
-                      W,  # left factor (M, K), the same on every rank
-                      Z,  # right factor (K, N), the same on every rank
-                      reg_rows,  # ridge per row (M,)
-                      reg_cols,  # ridge per column (N,)
-                     ):  # W, Z after the sweep, and the loss (identical on every rank)
-    "One ALS sweep, observations spread over ranks: local statistics, all-reduce, the same batched solve everywhere."
-    Z = ridge_solve(*all_reduce_sum(*shard.statistics(W)), reg_cols)
-    W = ridge_solve(*all_reduce_sum(*shard.statistics_t(np.ascontiguousarray(Z.T))), reg_rows).T
-    return W, Z, distributed_loss(shard, W, Z, reg_rows, reg_cols)
-
-# %% ../nbs/12_distributed.ipynb #2672a227
-def distributed_loss(shard, W, Z, reg_rows, reg_cols) -> float:
-    "Σ over every rank's observations of (a_mn − w_mᵀ z_n)², plus the ridge penalty (the completion chapter's)."
-    r = shard.vals - np.einsum("ik,ki->i", W[shard.rows], Z[:, shard.cols])
-    fit, = all_reduce_sum(np.array([float(r @ r)]))
-    return float(fit[0]) + _penalty(reg_rows, reg_cols, W, Z)
 
 # %% ../nbs/12_distributed.ipynb #df7995c5
 class _AllReduce:
@@ -370,6 +326,44 @@ def _check_entries(rows, cols, shape) -> None:
                          f"got a row id {rows.max()} and a column id {cols.max()}")
     if dup := len(rows) - len(np.unique(rows * N + cols)):
         raise ValueError(f"ratings holds {dup} duplicated (row id, column id) pairs: each entry must be observed once")
+
+# %% ../nbs/12_distributed.ipynb #dd66eca8
+def _local_sums(F, pattern, values) -> tuple:
+    "One side's local statistics: Grams of `F` (n, K) over the columns of `pattern`ᵀ, right-hand sides `(values F)ᵀ`."
+    return weighted_grams(F, _transpose(pattern)), np.ascontiguousarray((values @ F).T)
+
+# %% ../nbs/12_distributed.ipynb #a328c1ec
+class RatingShard:
+    "One rank's observed entries of an M×N matrix: the completion chapter's observations, summed over every rank."
+    def __init__(self, rows, cols, vals, shape):
+        _check_entries(rows, cols, tuple(shape))
+        self.obs = _from_coo(rows, cols, vals, tuple(shape), vals[:0])
+        self.obs.comm = _AllReduce() if world()[1] > 1 else None  # the sweep's sums: over every rank's observations
+        self.rows, self.cols, self.vals, self.shape = self.obs.rows, self.obs.cols, self.obs.vals, self.obs.shape
+
+    def statistics(self, W):
+        "Z-step statistics of this shard: Grams (N, K, K) and right-hand sides (K, N)."
+        return _local_sums(W, self.obs.mask_c, self.obs.by_col(self.vals))
+
+    def statistics_t(self, Zt):
+        "W-step statistics (the same on the transpose): Grams (M, K, K) and right-hand sides (K, M), from Zᵀ (N, K)."
+        return _local_sums(Zt, self.obs.mask_r, self.obs.by_row(self.vals))
+
+# %% ../nbs/12_distributed.ipynb #95dc9ac4
+def distributed_sweep(shard: RatingShard,  # this rank's observations
+                      W,  # left factor (M, K), the same on every rank
+                      Z,  # right factor (K, N), the same on every rank
+                      reg_rows,  # ridge per row (M,)
+                      reg_cols,  # ridge per column (N,)
+                     ):  # W, Z after the sweep, and the loss (identical on every rank)
+    "One ALS sweep, observations spread over ranks: the completion chapter's `masked_sweep`, its sums all-reduced."
+    W, Z, *_ = masked_sweep(shard.obs, W, Z, reg_rows, reg_cols)
+    return W, Z, distributed_loss(shard, W, Z, reg_rows, reg_cols)
+
+# %% ../nbs/12_distributed.ipynb #2672a227
+def distributed_loss(shard, W, Z, reg_rows, reg_cols) -> float:
+    "Σ over every rank's observations of (a_mn − w_mᵀ z_n)², plus the ridge penalty: the completion chapter's loss."
+    return _masked_loss(shard.obs, W, Z, reg_rows, reg_cols)
 
 # %% ../nbs/12_distributed.ipynb #5550311e
 def _global_shape(rows, cols, shape, across_ranks=True):

@@ -165,6 +165,9 @@ def adapter_options(ad: Adapter) -> dict:
 def fit_update(D, ad: Adapter, fit_options: dict | None = None) -> Extraction:
     "The factors of (meta) adapter `ad` closest to the update `D` (`d_out × d_in`, numpy or torch; same kind out)."
     method = ad.method  # the update's method, however its layer was built
+    if ad.tucker or getattr(ad, "decompose_both", False):
+        raise ValueError(f"{method} factors are fitted in the plain form only: build the adapter without "
+                         f"use_effective_conv2d and decompose_both (got {ad.spec})")
     factors = tuple(like(f, D) for f in FITS[method](to_tensor(D), ad, **(fit_options or {})))
     return Extraction(factors, ad.delta, rel_error=relative_error(D, ad.delta(*factors)), method=method,
                       options=adapter_options(ad), shape=tuple(D.shape))

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .core import (DEFAULT_MAX_ITER, Factorization, as_generator, check_choice, check_int,
-                                check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
-                                random_normal, relative_error, scale_problem, to_tensor)
+                                check_nonnegative, check_tol, fit_result, is_tensor, like, observed_data,
+                                random_normal, relative_error, residual_precision, run_sweeps, scale_problem, to_tensor)
 from .kernels import balanced_factors, batched_svd, fix_signs, spd_solve, weighted_grams
 from .products import face_split, khatri_rao
 
@@ -195,17 +195,15 @@ def _hadamard(W1, Z1, W2, Z2):
 # %% ../nbs/03_hadamard.ipynb #4f3f7dab
 def _hadamard_run(At, Om, F, sweep, reg, momentum, max_iter, tol, progress) -> tuple:
     "One fit from the start `F`: exact block sweeps (accelerated when `momentum` > 0); the factors and losses."
-    state = {"F": F, "beta": momentum, "beta_max": 1.0, "loss": _loss(At, Om, F, reg)}
-    def step():
-        if state["beta"] > 0:
-            state["F"], state["loss"], state["beta"], state["beta_max"] = _momentum_step(
-                At, Om, state["F"], sweep, reg, state["beta"], state["beta_max"], state["loss"])
-        else: state["F"] = sweep(At, Om, state["F"], reg)[0]; state["loss"] = _loss(At, Om, state["F"], reg)
-        return state["loss"]
-    eps, amax = float(torch.finfo(At.dtype).eps), float(At.abs().max())
-    precision = lambda loss: 4 * eps * amax * max(loss, 0.0) ** 0.5
-    losses = fit_loop(step, state["loss"], max_iter, tol, progress, "hadamard_als", precision, patience=10)
-    return state["F"], losses
+    def step(s):  # state: (F, its loss, β, β_max)
+        F, last, beta, beta_max = s
+        if beta > 0: F, last, beta, beta_max = _momentum_step(At, Om, F, sweep, reg, beta, beta_max, last)
+        else: F = sweep(At, Om, F, reg)[0]; last = _loss(At, Om, F, reg)
+        return (F, last, beta, beta_max), last
+    start = (F, _loss(At, Om, F, reg), momentum, 1.0)  # every state carries its loss, measured from the residual
+    state, losses = run_sweeps(step, start, lambda s: s[1], max_iter, tol, progress, "hadamard_als",
+                               residual_precision(At), patience=10)
+    return state[0], losses
 
 # %% ../nbs/03_hadamard.ipynb #231c2c38
 def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor, float32/float64

@@ -252,7 +252,7 @@ _METHOD_ONLY = {"init": ("lora",), "rank_dropout": ("loha", "lokr"), "module_dro
 BIASES = ("none", "all", "lora_only")  # PEFT's `bias` values
 
 def _peft_options(method: str, options: dict) -> dict:
-    "`options` less `bias='none'`; `ValueError` naming an option `method` lacks, or a `bias` we cannot keep."
+    "`options` less `bias`; `ValueError` naming an option `method` lacks, or a `bias` that is not PEFT's."
     for opt, methods in _METHOD_ONLY.items():
         if opt in options and method not in methods:
             raise ValueError(f"{opt}={options[opt]!r} is an option of {', '.join(methods)} (as PEFT), "
@@ -261,9 +261,9 @@ def _peft_options(method: str, options: dict) -> dict:
     bias = options.pop("bias", "none")
     if not isinstance(bias, str) or bias not in BIASES:
         raise ValueError(f"bias must be one of {BIASES} (PEFT's bias), got {bias!r}")
-    if bias != "none":
-        raise ValueError(f"bias={bias!r} (PEFT: train those biases and save them with the adapter) is not "
-                         f"supported: our adapter files hold no biases; use bias='none' or modules_to_save")
+    if bias != "none" and method != "lora":
+        raise ValueError(f"bias={bias!r} is an option of lora (as PEFT: LoHa and LoKr configs have no bias), "
+                         f"got method={method!r}")
     return options
 
 # %% ../nbs/07_models.ipynb #8eda8829
@@ -465,14 +465,90 @@ def inject(model: nn.Module, method, *,
         raise TypeError(f"targets must be given with method={got}: a full-match regex, a list of module names or "
                         f"'all-linear' (only inject(model, plan) chooses the modules itself)")
     method = method.lower() if isinstance(method, str) else method
-    opts = _method_options(method, dropout, rslora, dora, options)
+    opts, bias = _method_options(method, dropout, rslora, dora, options), options.get("bias", "none")
     targets = _peft_targets(model, targets, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)
     plan = plan_injection(model, method, targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
                           alpha_pattern=alpha_pattern)
+    _check_bias(model, name, bias)
     saved = plan_saved(model, modules_to_save, list(plan))
     specs = {n: dict(method=method, **_update_kwargs(method, pattern_value(rank_pattern, n, rank),
                                                      pattern_value(alpha_pattern, n, alpha), opts)) for n in plan}
-    return install(model, name, specs, saved=saved)
+    install(model, name, specs, saved=saved)
+    _adopt_biases(model, name, bias)
+    return model
+
+# %% ../nbs/07_models.ipynb #a7b1c002
+def _bias_record(model: nn.Module) -> tuple:
+    "`(adapter, bias)` of the one adapter of `model` that trains biases (PEFT's `bias`), else `(None, 'none')`."
+    name, bias = model.__dict__.get("_lt_bias", (None, "none"))
+    return (name, bias) if name in adapter_names(model) else (None, "none")
+
+# %% ../nbs/07_models.ipynb #a7b1c003
+def _bias_of(model: nn.Module, name: str) -> str:
+    "PEFT's `bias` of adapter `name` of `model`: `'all'`, `'lora_only'` or `'none'`."
+    held, bias = _bias_record(model)
+    return bias if held == name else "none"
+
+# %% ../nbs/07_models.ipynb #a7b1c004
+def _plain_parameters(module: nn.Module, prefix: str = "") -> dict:
+    "`module`'s parameters by name in the plain model: an adapted layer as its base, a saved module as its original."
+    if isinstance(module, Adapter): return _plain_parameters(module.base, prefix)
+    if isinstance(module, SavedModule): return _plain_parameters(module.original, prefix)
+    out = {prefix + k: p for k, p in module._parameters.items() if p is not None}
+    for k, m in module._modules.items():
+        if m is not None: out |= _plain_parameters(m, f"{prefix}{k}.")
+    return out
+
+# %% ../nbs/07_models.ipynb #a7b1c005
+def _bias_parameters(model: nn.Module, bias: str, adapted: list) -> dict:
+    """The biases PEFT's `bias` trains and saves, by name in the plain model: for `'all'` every parameter named
+    `bias`, for `'lora_only'` those of the modules `adapted`, for `'none'` none."""
+    if bias == "none": return {}
+    params = _plain_parameters(model)
+    if bias == "all": return {k: p for k, p in params.items() if k == "bias" or k.endswith(".bias")}
+    return {k: params[k] for n in adapted if (k := f"{n}.bias") in params}
+
+# %% ../nbs/07_models.ipynb #a7b1c006
+def _adapter_biases(model: nn.Module, name: str) -> dict:
+    "The biases adapter `name` of `model` trains and saves (PEFT's `bias`), by name in the plain model."
+    layers = [n for n, a in adapter_layers(model).items() if name in a.updates]
+    return _bias_parameters(model, _bias_of(model, name), layers)
+
+# %% ../nbs/07_models.ipynb #a7b1c007
+def _check_bias(model: nn.Module, name: str, bias: str) -> None:
+    "`ValueError` if adapter `name` with `bias` would be a second adapter of `model` that trains biases (PEFT's rule)."
+    held, mode = _bias_record(model)
+    if bias != "none" and held not in (None, name):
+        raise ValueError(f"bias={bias!r}: the model's adapter {held!r} already trains biases (bias={mode!r}) and, as "
+                         f"in PEFT, only one adapter may: use bias='none', or delete_adapter({held!r}) first")
+
+# %% ../nbs/07_models.ipynb #a7b1c008
+def _train_biases(model: nn.Module) -> None:
+    "The biases of the adapter that trains them, trainable while it is active (saved modules' originals stay frozen)."
+    held, _ = _bias_record(model)
+    if held is None: return
+    frozen = {id(p) for s in saved_modules(model).values() for p in s.original.parameters()}
+    for p in _adapter_biases(model, held).values():
+        if id(p) not in frozen: p.requires_grad_(held in active_adapters(model))
+
+# %% ../nbs/07_models.ipynb #a7b1c009
+def _adopt_biases(model: nn.Module, name: str, bias: str, values: dict | None = None) -> None:
+    """Adapter `name` (already installed) trains the biases `bias` picks: recorded, `values` (plain name → tensor,
+    checked by the caller) copied into them, trainable while it is active."""
+    if bias == "none": return
+    model.__dict__["_lt_bias"] = (name, bias)
+    params = _adapter_biases(model, name)
+    with torch.no_grad():
+        for k, t in (values or {}).items(): params[k].copy_(t)
+    _train_biases(model)
+
+# %% ../nbs/07_models.ipynb #a7b1c00a
+def _drop_biases(model: nn.Module, name: str | None = None) -> None:
+    "Adapter `name` (default: whichever) trains biases no more: they keep their trained values (as PEFT's), frozen."
+    held, _ = _bias_record(model)
+    if held is None or name not in (None, held): return
+    for p in _adapter_biases(model, held).values(): p.requires_grad_(False)
+    model.__dict__.pop("_lt_bias", None)
 
 # %% ../nbs/07_models.ipynb #34ebe891
 def plan_saved(model: nn.Module, modules_to_save, adapted: list) -> list[str]:
@@ -647,6 +723,7 @@ def set_adapter(model: nn.Module, name_or_names) -> nn.Module:
         if len(here := [n for n in names if n in s.copies]) > 1:
             raise ValueError(f"adapters {here} each hold a trained copy of one module: only one of them can be active")
     for h in _holders(model): h.set_active(names)
+    _train_biases(model)
     return model
 
 # %% ../nbs/07_models.ipynb #38276c6b
@@ -673,6 +750,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     _names(model, check_name(name), [])
     if merged := [n for n, a in ads.items() if name in a.merged]:
         raise ValueError(f"adapter {name!r} is merged in {merged[:4]}: unmerge() first")
+    _drop_biases(model, name)
     for n, a in ads.items():
         if name in a.updates and a.delete(name): replace_module(model, n, a.base)
     for n, s in saved_modules(model).items():
@@ -684,6 +762,7 @@ def unload(model: nn.Module) -> nn.Module:
     "Remove every adapter without merging: each layer back to its original module, its weight `W0` exactly."
     ads = adapter_layers(check_model(model))
     if not ads: raise ValueError("model has no adapters to unload")
+    _drop_biases(model)
     for n, a in ads.items(): replace_module(model, n, a.unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.original)
     return model
@@ -698,6 +777,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                          f"model would compute with the adapters; leave the block first")
     todo = [n for n in active_adapters(model) if not any(n in a.merged for a in ads.values())]
     if todo: merge(model, todo)
+    _drop_biases(model)
     for n, a in ads.items(): replace_module(model, n, a.merge_and_unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.live())  # the trained copy in its place
     return model

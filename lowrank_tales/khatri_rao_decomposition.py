@@ -12,8 +12,8 @@ import torch
 
 from .core import DEFAULT_MAX_ITER
 from .core import (Factorization, as_float_array, as_generator, check_choice, check_int, check_nonnegative,
-                                check_tol, fit_loop, fit_result, is_tensor, like, observed_data, random_normal,
-                                relative_error, scale_problem, to_tensor, _sum_squares)
+                                check_tol, fit_result, is_tensor, like, observed_data, random_normal,
+                                relative_error, residual_precision, run_sweeps, scale_problem, to_tensor, _sum_squares)
 from .products import khatri_rao, partition_khatri_rao
 from .kernels import balanced_split, batched_svd, fix_signs
 from .hadamard import masked_default_reg
@@ -109,13 +109,6 @@ def _mode_update(X, Om, ws: list, i: int):
     else: num, den = (Om * X * P).sum(axes), (Om * P * P).sum(axes)
     return num / den.clamp_min(torch.finfo(X.dtype).tiny)
 
-# %% ../nbs/05_khatri_rao.ipynb #197d3cf9
-def _hopm_sweep(X, Om, ws: list) -> list:
-    "One ALS sweep: update every factor in turn."
-    ws = list(ws)
-    for i in range(len(ws)): ws[i] = _mode_update(X, Om, ws, i)
-    return ws
-
 # %% ../nbs/05_khatri_rao.ipynb #217d0581
 def _balance(ws: list) -> list:
     "Rescale each column's factors to equal norms (the product is unchanged), then fix the signs."
@@ -152,6 +145,13 @@ def _ridge_mode_update(X, Om, ws: list, i: int, reg: float):
     if Om is None: num, den = (X * P).sum(axes), (P * P).sum(axes)
     else: num, den = (Om * X * P).sum(axes), (Om * P * P).sum(axes)
     return num / (den + reg)
+
+# %% ../nbs/05_khatri_rao.ipynb #197d3cf9
+def _hopm_sweep(X, Om, ws, reg: float = 0.0) -> list:
+    "One ALS (HOPM) sweep: update every factor in turn, each from the ones already updated; `ws` is left as it is."
+    ws = list(ws)
+    for i in range(len(ws)): ws[i] = _ridge_mode_update(X, Om, ws, i, reg)
+    return ws
 
 # %% ../nbs/05_khatri_rao.ipynb #ecb72283
 def _khatri_rao_loss(X, Om, ws, reg) -> float:
@@ -235,14 +235,10 @@ def khatri_rao_als(A,  # matrix (d1·d2⋯dk, N), numpy array, masked array or t
     ws = [random_normal((X.shape[0], d), X, rng) for d in dims] if init == "random" else _hosvd_start(X)
     runs_als = bool(mask is not None or init == "random" or len(dims) > 2 or reg)
     if runs_als:
-        state = list(ws)
-        def sweep():
-            for i in range(len(state)): state[i] = _ridge_mode_update(X, Om, state, i, reg)
-            return _khatri_rao_loss(X, Om, state, reg)
-        eps, amax = float(torch.finfo(X.dtype).eps), float(X.abs().max())
-        precision = lambda loss: 4 * eps * amax * max(loss, 0.0) ** 0.5
-        losses = fit_loop(sweep, _khatri_rao_loss(X, Om, ws, reg), max_iter, tol, progress, "khatri_rao_als", precision)
-        ws = _balance(state)
+        ws, losses = run_sweeps(lambda ws: (_hopm_sweep(X, Om, ws, reg), None), ws,
+                                lambda ws: _khatri_rao_loss(X, Om, ws, reg), max_iter, tol, progress, "khatri_rao_als",
+                                residual_precision(X))
+        ws = _balance(ws)
     else: losses = [_khatri_rao_loss(X, Om, ws, reg)]
     Ws = tuple(like(w.T, A) for w in ws)
     rel = relative_error(A, khatri_rao(*Ws), mask)

@@ -10,8 +10,9 @@ import torch
 
 from .core import DEFAULT_MAX_ITER
 from .core import (_describe, Factorization, as_float_array, as_generator, check_choice, check_finite, check_int,
-                                check_nonnegative, check_tol, fit_loop, fit_result, is_tensor, like, observed_data,
-                                random_normal, relative_error, scale_problem, to_tensor, _sum_squares)
+                                check_nonnegative, check_tol, fit_result, is_tensor, like, observed_data,
+                                random_normal, relative_error, residual_precision, run_sweeps, scale_problem,
+                                to_tensor, _sum_squares)
 from .kernels import (balanced_factors, batched_svd, divisors, fix_signs, gram_solve, randomized_svd,
                                    solve_weighted_columns, truncated_svd)
 
@@ -156,14 +157,11 @@ def _loss(R, Om, X, Bm, Cm, reg: float) -> float:
 # %% ../nbs/04_kronecker.ipynb #adc61a7e
 def _kronecker_loop(R, Om, Bm, Cm, reg, max_iter, tol, progress) -> tuple:
     "ALS sweeps on the rearranged matrix (masked when `Om` is given) from (Bm, Cm); the factors and losses."
-    state = [Bm, Cm]
-    def sweep():
-        state[:] = _als_sweep(R, *state, reg) if Om is None else _masked_sweep(R, Om, *state, reg)
-        return _loss(R, Om, state[0] @ state[1].T, *state, reg)
-    eps, amax = float(torch.finfo(R.dtype).eps), float(R.abs().max())
-    precision = lambda loss: 4 * eps * amax * (Bm.shape[1] * max(loss, 0.0)) ** 0.5
-    losses = fit_loop(sweep, _loss(R, Om, Bm @ Cm.T, Bm, Cm, reg), max_iter, tol, progress, "kronecker_als", precision)
-    return (*fix_signs(state, dim=0), losses)
+    step = lambda s: (_als_sweep(R, *s, reg) if Om is None else _masked_sweep(R, Om, *s, reg), None)
+    loss = lambda s: _loss(R, Om, s[0] @ s[1].T, *s, reg)
+    state, losses = run_sweeps(step, (Bm, Cm), loss, max_iter, tol, progress, "kronecker_als",
+                               residual_precision(R, Bm.shape[1]))
+    return (*fix_signs(list(state), dim=0), losses)
 
 # %% ../nbs/04_kronecker.ipynb #46e79f10
 def _kronecker_label(method: str, runs_als: bool, masked: bool, init: str) -> str:

@@ -16,9 +16,10 @@ from torch import nn
 from .adapters import UPDATES, Adapter, Update, check_name, layer_kind
 from .injection import (_outer_names, adapter_layers, check_model, exact_targets, pattern_value,
                                      saved_modules, select_targets, shadow, ALL_LINEAR)
+from .injection import BIASES, _adapter_biases, _bias_of
 from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _float_state, _in_folder,
                                          _install, _load_targets, _low_rank_pair, _saved_targets, _spec,
-                                         _target_dtypes, _to_write,
+                                         _target_dtypes, _to_write, _bias_targets, _load_biases,
                                          check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
 
@@ -30,8 +31,10 @@ __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_
 # %% ../nbs/07b_peft.ipynb #f991fbd8
 PEFT_TYPES = {"lora": "LORA", "loha": "LOHA", "lokr": "LOKR"}
 PEFT_NAMES = {"lora": {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitude_vector"},
-              "loha": {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b"},
-              "lokr": {"A": "lokr_w1", "B": "lokr_w2", "B1": "lokr_w2_a", "B2": "lokr_w2_b"}}
+              "loha": {"B1": "hada_w1_a", "A1": "hada_w1_b", "B2": "hada_w2_a", "A2": "hada_w2_b", "T1": "hada_t1",
+                       "T2": "hada_t2"},
+              "lokr": {"A": "lokr_w1", "B": "lokr_w2", "B1": "lokr_w2_a", "B2": "lokr_w2_b", "A1": "lokr_w1_a",
+                       "A2": "lokr_w1_b", "T": "lokr_t2"}}
 PEFT_PREFIX = "base_model.model."
 
 def peft_name(u: Update, factor: str) -> str:
@@ -44,10 +47,11 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
     "The shape PEFT gives the `factor` of update `u` on layer `base` (convolutions keep kernel dimensions in places)."
     shape = tuple(getattr(u, factor).shape)
     if u.kind != "conv": return shape
+    if factor[0] == "T" and isinstance(base, nn.Conv1d): return (*shape, 1)  # PEFT's Tucker cores are 4-d
     if factor == "magnitude": return (1, base.weight.shape[0], *[1] * (base.weight.dim() - 2))  # DoRA: per channel
     if u.method == "lora":
         return (shape[0], *base.weight.shape[1:]) if factor == "A" else (*shape, *[1] * (base.weight.dim() - 2))
-    if u.method == "lokr" and factor == "B":
+    if u.method == "lokr" and factor == "B":  # the kernel stays with B
         return (shape[0], base.in_channels // base.groups // u.A.shape[1], *base.kernel_size)
     return shape
 
@@ -70,7 +74,8 @@ def peft_problem(base: nn.Module, u: Update) -> str | None:
         return (f"PEFT's LoRA ignores a convolution's dilation and groups "
                 f"(dilation={base.dilation}, groups={base.groups})")
     if u.method == "lokr":
-        peft_like = UPDATES["lokr"](shadow(base), rank=u.rank, factor=u.spec["factor"])
+        peft_like = UPDATES["lokr"](shadow(base), rank=u.rank, factor=u.spec["factor"],
+                                    decompose_both=u.decompose_both, use_effective_conv2d=bool(u.tucker))
         if [f.shape for f in peft_like.factors] != [f.shape for f in u.factors]:
             return "its factor shapes (options shape= or low_rank=) differ from those PEFT's decompose_factor gives"
     return None
@@ -99,6 +104,22 @@ def _one_value(values: dict, what: str):
         raise ValueError(f"PEFT has one {what} per adapter; these modules differ: {values}")
     return next(iter(values.values()))
 
+# %% ../nbs/07b_peft.ipynb #c7e1b001
+def _lyco_flags(ups: dict, bases: dict) -> dict:
+    """PEFT's one `use_effective_conv2d` (LoKr: and `decompose_both`) for the LoHa/LoKr updates `ups`: true where any
+    update uses it; `ValueError` naming a module whose factors PEFT would then build in another form."""
+    us = list(ups.values())
+    flags = dict(use_effective_conv2d=any(u.tucker for u in us))
+    if us[0].method == "lokr": flags["decompose_both"] = any(u.decompose_both for u in us)
+    for n, u in ups.items():
+        kw = dict(factor=u.spec["factor"]) if u.method == "lokr" else {}
+        twin = UPDATES[u.method](shadow(bases[n]), rank=peft_rank(u), **kw, **flags)
+        if [f.shape for f in twin.factors] != [f.shape for f in u.factors]:
+            said = ", ".join(f"{k}={v}" for k, v in flags.items())
+            raise ValueError(f"module {n!r} cannot be exported to PEFT: PEFT has one {said} per adapter, under which "
+                             f"it builds this module's factors in another form (export it as a separate adapter)")
+    return flags
+
 # %% ../nbs/07b_peft.ipynb #dcf1b4b5
 def peft_config(ups: dict, bases: dict) -> dict:
     "PEFT's `adapter_config.json` for the updates `ups` (module → update, one method) on layers `bases`."
@@ -120,11 +141,30 @@ def peft_config(ups: dict, bases: dict) -> dict:
                     bias="none", fan_in_fan_out=gpt, init_lora_weights=True,
                     use_rslora=_one_value({n: u.rslora for n, u in ups.items()}, "use_rslora"),
                     use_dora=_one_value({n: u.dora for n, u in ups.items()}, "use_dora"))
-    lycoris = dict(common, alpha=alpha, rank_dropout=0.0, module_dropout=0.0, use_effective_conv2d=False,
-                   init_weights=True)
-    if method == "loha": return lycoris
+    flags = _lyco_flags(ups, bases)  # PEFT's use_effective_conv2d, decompose_both
+    drops = {k: _one_value({n: getattr(u, k) for n, u in ups.items()}, k) for k in ("rank_dropout", "module_dropout")}
+    lycoris = dict(common, alpha=alpha, **drops, use_effective_conv2d=False, init_weights=True)
+    if method == "loha": return lycoris | flags
     factor = _one_value({n: u.spec["factor"] for n, u in ups.items()}, "decompose_factor")
-    return dict(lycoris, decompose_both=False, decompose_factor=factor, rank_dropout_scale=False)
+    scale = _one_value({n: u.rank_dropout_scale for n, u in ups.items()}, "rank_dropout_scale")
+    return dict(lycoris, decompose_both=False, decompose_factor=factor, rank_dropout_scale=scale) | flags
+
+# %% ../nbs/07b_peft.ipynb #b7b1c002
+def _peft_bias_key(k: str, adapted, saved) -> str:
+    "PEFT's key of the bias `k` (its name in the plain model) while the modules `adapted` are adapted, `saved` saved."
+    m, _, leaf = k.rpartition(".")
+    if m in adapted: return f"{PEFT_PREFIX}{m}.base_layer.{leaf}"
+    s = next((s for s in saved if k.startswith(s + ".")), None)
+    return PEFT_PREFIX + (k if s is None else f"{s}.original_module.{k[len(s) + 1:]}")
+
+# %% ../nbs/07b_peft.ipynb #b7b1c003
+def _peft_bias_tensors(model: nn.Module, name: str, adapted: list, copies: dict) -> dict:
+    "The biases PEFT's `bias` writes for adapter `name` (on the modules `adapted`, its saved `copies`), by PEFT key."
+    out = {_peft_bias_key(k, adapted, copies): p.detach().contiguous() for k, p in _adapter_biases(model, name).items()}
+    if _bias_of(model, name) == "all":  # PEFT's state-dict filter also picks each trained copy's biases (a copy)
+        out |= {f"{PEFT_PREFIX}{n}.modules_to_save.{k}": p.detach().clone() for n, c in copies.items()
+                for k, p in c.named_parameters() if k == "bias" or k.endswith(".bias")}
+    return out
 
 # %% ../nbs/07b_peft.ipynb #924a09dc
 def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
@@ -142,10 +182,12 @@ def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
             raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
                              f"{n!r}) would also pick {others[:4]}")
     config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
+    if (bias := _bias_of(model, name)) != "none": config["bias"] = bias  # only LoRA has one (inject refuses others)
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
     tensors |= {f"{PEFT_PREFIX}{n}.{k}": t.detach().contiguous()
                 for n, c in copies.items() for k, t in _float_state(c).items()}
+    tensors |= _peft_bias_tensors(model, name, list(ups), copies)
     if bad := [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]:
         raise ValueError(f"adapter factors {bad[:4]} hold NaN or infinite entries: refusing to export a diverged "
                          f"adapter")
@@ -162,9 +204,8 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
     return write_files(path, files)
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
-UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
-                        rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
-                        alora_invocation_tokens=None, bias="none",
+UNSUPPORTED_PEFT = dict(lora_bias=False,
+                        trainable_token_indices=None, alora_invocation_tokens=None,
                         target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
@@ -173,9 +214,11 @@ UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_b
 PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
               "inference_mode", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
               "megatron_core", "runtime_config", "loftq_config",
-              "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
+              "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
-                "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
+                "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights",
+                "bias", "rank_dropout", "module_dropout", "rank_dropout_scale"}
+PEFT_APPLIED |= {"use_effective_conv2d", "decompose_both"}  # PEFT's Tucker kernels; LoKr's A = A1 A2
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
@@ -189,12 +232,18 @@ def _field_rules(method: str) -> dict:
     return {"r": (pos, "a positive integer"), ("lora_alpha" if method == "lora" else "alpha"): (num, "a number"),
             "lora_dropout": (num, "a number"), "use_rslora": (flag, "true or false"),
             "use_dora": (flag, "true or false"),
+            "use_effective_conv2d": (flag, "true or false"), "decompose_both": (flag, "true or false"),
             "fan_in_fan_out": (flag, "true or false"), "decompose_factor": (lambda v: pos(v) or v == -1, "an integer"),
             "rank_pattern": (pattern(pos), "a map from module patterns to positive integers"),
             "alpha_pattern": (pattern(num), "a map from module patterns to numbers"),
             "target_modules": (lambda v: isinstance(v, str) or names(v), "a list of module names or a pattern"),
             "modules_to_save": (names, "a list of module names"),
-            "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name")}
+            "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or a method's name"),
+            "rank_dropout": (lambda v: num(v) and 0 <= v < 1, "a number in [0, 1)"),
+            "module_dropout": (lambda v: num(v) and 0 <= v < 1, "a number in [0, 1)"),
+            "rank_dropout_scale": (flag, "true or false"),
+            "bias": (lambda v: v in (BIASES if method == "lora" else ("none",)), "PEFT's LoRA bias: 'none', 'all' or "
+                     "'lora_only' (LoHa and LoKr have none)")}
 
 # %% ../nbs/07b_peft.ipynb #05f84113
 _RESIDUAL_INITS = ("corda", "loftq", "lora_ga")  # they leave the base weights changed, not recomputably here
@@ -296,7 +345,12 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
                   alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
-        if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
+        if method != "lora": kw.update(rank_dropout=config.get("rank_dropout") or 0.0,
+                                       module_dropout=config.get("module_dropout") or 0.0,
+                                       use_effective_conv2d=config.get("use_effective_conv2d", False))
+        if method == "lokr": kw.update(factor=config.get("decompose_factor", -1),
+                                       rank_dropout_scale=bool(config.get("rank_dropout_scale")),
+                                       decompose_both=config.get("decompose_both", False))
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
@@ -332,6 +386,8 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
         raise ValueError(f"{what}: adapter_config.json lacks {lacking} (truncated or edited?)")
     tensors = parse_safetensors(files["adapter_model.safetensors"], "adapter_model.safetensors", what)[0]
     saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
+    bias = config.get("bias") or "none"
+    tensors, found_biases = _split_biases(tensors, bias, saved)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
     keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
@@ -347,10 +403,13 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     saved_shapes = _saved_targets(model, name, saved, existing, what)
     expected |= {PEFT_PREFIX + k.removeprefix("modules_to_save."): s for k, s in saved_shapes.items()}
     check_tensors(expected, tensors, what)
+    values, bias_dtypes = _peft_biases(model, name, bias, list(specs), saved, found_biases, what)
     ours = {f"{n}.{k}": tensors[key].reshape(getattr(ups[n], k).shape) for key, (n, k) in keys.items()}
     ours |= {"modules_to_save." + k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if k in of_saved}
-    ours = _cast_checked(ours, _target_dtypes(model, ups, saved), what)  # finite in the model's dtype
-    return _install(model, name, specs, ours, ups, existing, saved, trainable)
+    ours = _cast_checked(ours | values, _target_dtypes(model, ups, saved) | bias_dtypes, what)  # finite, model's dtype
+    biases = {k.removeprefix("biases."): ours.pop(k) for k in values}
+    _install(model, name, specs, ours, ups, existing, saved, trainable)
+    return _load_biases(model, name, bias, biases, trainable)
 
 # %% ../nbs/07b_peft.ipynb #662116c9
 def _peft_saved(model: nn.Module, modules_to_save, what: str) -> list[str]:
@@ -361,3 +420,30 @@ def _peft_saved(model: nn.Module, modules_to_save, what: str) -> list[str]:
     names = [n for n in _outer_names(model) if any(n.endswith(t) for t in modules_to_save)]
     if not names: raise ValueError(f"{what}: modules_to_save {modules_to_save} match no module of the model")
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
+
+# %% ../nbs/07b_peft.ipynb #b7b1c005
+def _split_biases(tensors: dict, bias: str, saved: list) -> tuple[dict, dict]:
+    """A PEFT file's tensors as (the others, the biases `bias` saved): names ending in `.bias` outside the modules
+    to save, and those inside one's `original_module` or `modules_to_save`. With `'none'`, no biases."""
+    if bias == "none": return tensors, {}
+    def is_bias(k):
+        s = next((s for s in saved if k.startswith(f"{PEFT_PREFIX}{s}.")), None)
+        if s is None: return k.endswith(".bias")
+        return k.startswith((f"{PEFT_PREFIX}{s}.original_module.", f"{PEFT_PREFIX}{s}.modules_to_save."))
+    return {k: t for k, t in tensors.items() if not is_bias(k)}, {k: t for k, t in tensors.items() if is_bias(k)}
+
+# %% ../nbs/07b_peft.ipynb #b7b1c006
+def _peft_biases(model: nn.Module, name: str, bias: str, adapted: list, saved: list, found: dict,
+                 what: str) -> tuple[dict, dict]:
+    """The biases `found` in a PEFT file of adapter `name` (`bias`, on modules `adapted`, `saved` saved), checked
+    against those `bias` picks in `model`: their values and the model's dtypes, named `biases.<plain name>`. Ignored,
+    as PEFT's load ignores them: a trained copy's second bias (`<module>.modules_to_save.bias`), and the bias of a
+    layer another adapter adapted when PEFT saved (`<module>.base_layer.bias`, `module` not in `adapted`)."""
+    held = _bias_targets(model, name, bias, adapted, what)
+    keys = {_peft_bias_key(k.removeprefix("biases."), adapted, saved): k for k in held}
+    copies = tuple(f"{PEFT_PREFIX}{s}.modules_to_save." for s in saved)
+    mine = tuple(f"{PEFT_PREFIX}{n}.base_layer." for n in adapted)
+    found = {k: t for k, t in found.items()
+             if not k.startswith(copies) and (".base_layer." not in k or k.startswith(mine))}
+    check_tensors({pk: tuple(held[k].shape) for pk, k in keys.items()}, found, what)
+    return {k: found[pk] for pk, k in keys.items()}, {k: p.dtype for k, p in held.items()}

@@ -52,7 +52,8 @@ def rank_cap(u) -> int:
     if u.method == "loha": return min(math.prod(u.ranks), d)
     if u.method == "lokr":
         (a1, a2), (b1, b2) = u.A.shape, (u.d_out // u.A.shape[0], u.d_in // u.A.shape[1])
-        return min(a1, a2) * (min(u.rank, b1, b2) if u.low_rank else min(b1, b2))
+        ra = min(a1, a2, u.rank) if u.decompose_both else min(a1, a2)  # A = A1 A2 has rank at most r
+        return ra * (min(u.rank, b1, b2) if u.low_rank else min(b1, b2))
     other = u.d_in if u.along == "output" else u.d_out
     return min(math.prod(min(di, other) for di in u.dims), d)
 
@@ -159,11 +160,12 @@ def lora_equivalent(u) -> tuple:
     "`(B, A)` in float64 with `B A = s·ΔW` of update `u` (to round-off), at the rank its structure shows."
     f = [p.detach().double().cpu() for p in u.factors]
     if u.method == "lora": B, A = f
-    elif u.method == "loha": B, A = face_split(f[0], f[2]), khatri_rao(f[1], f[3])
-    elif u.method == "lokr":
-        (UA, VA), (UB, VB) = exact_factors(f[0]), (f[1], f[2]) if u.low_rank else exact_factors(f[1])
+    elif u.method == "loha" and not u.tucker: B, A = face_split(f[0], f[2]), khatri_rao(f[1], f[3])
+    elif u.method == "lokr":  # A and B as matrices (A1 A2, the Tucker kernel formed); B1 B2 kept where they are B
+        A, B = u.kron_pair(*f)  # formed in float64
+        (UA, VA), (UB, VB) = exact_factors(A), (f[-2], f[-1]) if u.low_rank and not u.tucker else exact_factors(B)
         B, A = kron(UA, UB), kron(VA, VB)
-    else: return exact_factors(u.delta_weight())  # s·ΔW already
+    else: return exact_factors(u.delta(*f) * u.scale)  # s·ΔW, formed in float64
     return B * u.scale, A
 
 # %% ../nbs/09b_planning.ipynb #6a7fa4a8
@@ -178,8 +180,7 @@ def lora_as(method: str, B: torch.Tensor, A: torch.Tensor) -> tuple[dict, tuple]
 # %% ../nbs/09b_planning.ipynb #3386d1aa
 def lokr_as_lokh(u) -> tuple[dict, tuple]:
     "The options and factors of the `p = 2` LoKH (scale 1) equal to LoKr update `u`: `(A ⊗ 1ᵀ) ⊙ (1ᵀ ⊗ B)`."
-    A, *Bs = [p.detach().double().cpu() for p in u.factors]
-    B = Bs[0] @ Bs[1] if len(Bs) == 2 else Bs[0]
+    A, B = u.kron_pair(*[p.detach().double().cpu() for p in u.factors])
     W1, W2 = kron(A, A.new_ones(1, B.shape[1])), kron(A.new_ones(1, A.shape[1]), B)
     return dict(dims=(A.shape[0], B.shape[0]), along="output"), (W1 * u.scale, W2)
 
@@ -208,8 +209,10 @@ def _config(u) -> str:
 def _options(u) -> dict:
     "Keyword arguments that rebuild update `u`'s factor shapes (for `inject` and the updates)."
     if u.method == "lora": return dict(rank=u.rank)
-    if u.method == "loha": return dict(rank=u.ranks[0] if u.ranks[0] == u.ranks[1] else tuple(u.ranks))
-    if u.method == "lokr": return dict(rank=u.rank, shape=tuple(u.A.shape), low_rank=u.low_rank)
+    flags = {k: True for k, v in (("use_effective_conv2d", u.tucker), ("decompose_both", u.spec.get("decompose_both")))
+             if v}  # PEFT's forms of LoHA/LoKr, kept
+    if u.method == "loha": return dict(rank=u.ranks[0] if u.ranks[0] == u.ranks[1] else tuple(u.ranks), **flags)
+    if u.method == "lokr": return dict(rank=u.rank, shape=tuple(u.A.shape), low_rank=u.low_rank, **flags)
     return dict(dims=tuple(u.dims), along=u.along)
 
 # %% ../nbs/09b_planning.ipynb #f5747d5b

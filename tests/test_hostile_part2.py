@@ -612,13 +612,15 @@ PEFT_CASES = {
     "bert_exclude": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query", "value"],
                                                     exclude_modules=["encoder.layer.0.attention.self.value"])),
     "bert_float_alpha": (_bert, lambda: peft.LoraConfig(r=3, lora_alpha=2.5, target_modules=["query"])),
+    "bert_lokr_decompose_both": (_bert, lambda: peft.LoKrConfig(r=1, alpha=5, target_modules=["query"],
+                                                                init_weights=False, decompose_both=True)),
+    "bert_bias_all": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"], bias="all")),
+    "bert_bias_lora_only": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"],
+                                                           bias="lora_only")),
     "gpt2_layers_to_transform": (_gpt2, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=GT,
                                  fan_in_fan_out=True, layers_to_transform=[1], layers_pattern="h")),
 }
 PEFT_REFUSED = {
-    "bert_lokr_decompose_both": (_bert, lambda: peft.LoKrConfig(r=2, alpha=5, target_modules=["query"],
-                                 init_weights=False, decompose_both=True), "decompose_both"),
-    "bert_bias_all": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"], bias="all"), "bias"),
     "bert_pissa_niter": (_bert, lambda: peft.LoraConfig(r=2, lora_alpha=5, target_modules=["query"],
                                                         init_lora_weights="pissa_niter_2"), "pissa_niter"),
 }

@@ -15,13 +15,14 @@ CASES = [  # one adapter per linear layer, all active at once: every method on e
     ("folded", "lokr", dict(rank=2, alpha=5)), ("folded", "lokh", dict(p=2, alpha=3, dora=True)),
     ("factored", "lora", dict(rank=4, alpha=8)), ("factored", "loha", dict(rank=2, alpha=3)),
     ("factored", "lokr", dict(rank=2, alpha=5)), ("factored", "lora", dict(rank=2, alpha=3, dora=True)),
+    ("factored", "lokr", dict(rank=1, alpha=5, decompose_both=True)),  # A = A1 A2 (PEFT's decompose_both)
 ]
 
 
 def model():
     "A stack of linear layers, each with one adapter of `CASES`, random factors (a trained adapter is not zero)."
     torch.manual_seed(0)
-    dims = [16, 32, 24, 16, 24, 32, 16, 24, 8]
+    dims = [16, 32, 24, 16, 24, 32, 16, 24, 8, 16]
     m = nn.Sequential(*[nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(dims, dims[1:])])
     for i, (path, method, kw) in enumerate(CASES):
         lt.inject(m, method, targets=[f"{i}.0"], name=f"a{i}", path=path, **kw)

@@ -142,7 +142,8 @@ def test_dora_conv_equals_peft():
 def test_options_refused_by_name_before_any_change():
     model = mlp()
     before = copy.deepcopy(model.state_dict())
-    for kw, msg in [(dict(init="pissa_niter_4"), "init must be one of"), (dict(bias="lora_only"), "bias='lora_only'"),
+    for kw, msg in [(dict(init="pissa_niter_4"), "init must be one of"),
+                    (dict(bias="lora_only", method="loha"), "bias='lora_only' is an option of lora"),
                     (dict(init="olora", rank=3, method="loha"), "init='olora' is an option of lora")]:
         method = kw.pop("method", "lora")
         with pytest.raises(ValueError, match=msg): inject(model, method, targets=["0"], **kw)
