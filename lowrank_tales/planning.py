@@ -474,8 +474,8 @@ def _energy_as(method: str, u, layer: nn.Module, D: torch.Tensor, energy: float)
         return fits[i][2] ** 2 <= 1 - energy + 1e-9
     found, last = _first_passing(len(ladder), passes), len(ladder) - 1
     passes(found), passes(last)
-    same = [(*_exact_as(method, u), 0.0)] if method == u.method else []  # the source itself, exactly
-    return min([fits[found], fits[last], *same], key=lambda f: sum(t.numel() for t in f[1]))[:2]
+    exact = (*_exact_as(method, u), 0.0)  # the exact conversion: it always passes
+    return min([fits[found], fits[last], exact], key=lambda f: sum(t.numel() for t in f[1]))[:2]
 
 # %% ../nbs/09b_planning.ipynb #513402b6
 def _converted(method: str, u, layer: nn.Module, D: torch.Tensor, rank, energy) -> tuple[dict, tuple]:
