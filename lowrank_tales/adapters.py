@@ -19,11 +19,23 @@ from .core import check_int, check_nonnegative
 from .products import face_split, khatri_rao, kron
 
 # %% auto #0
-__all__ = ['CONVS', 'KIND_NAMES', 'PATHS', 'LORA_INITS', 'METHODS', 'UPDATES', 'LAYERS', 'layer_kind', 'layer_shape',
-           'weight_matrix', 'as_layer_weight', 'compute_dtype', 'fold_macs', 'factored_macs', 'Update', 'FoldedLinear',
+__all__ = ['PATHS', 'CONVS', 'KIND_NAMES', 'LORA_INITS', 'METHODS', 'UPDATES', 'LAYERS', 'fold_macs', 'factored_macs',
+           'layer_kind', 'layer_shape', 'weight_matrix', 'as_layer_weight', 'compute_dtype', 'Update', 'FoldedLinear',
            'check_name', 'check_unique', 'AdaptedLayer', 'Adapter', 'LowRankLinear', 'conv_low_rank_update',
            'LoRAUpdate', 'LoRA', 'LoHAUpdate', 'LoHA', 'split_dim', 'KronLinear', 'LoKrUpdate', 'LoKr', 'balanced_dims',
            'max_factors', 'LoKHUpdate', 'LoKH']
+
+# %% ../nbs/06_adapters.ipynb #6f9510be
+PATHS = ("auto", "factored", "folded")
+
+def fold_macs(tokens: int, d_out: int, d_in: int, form: int, training: bool) -> int:
+    "Multiply-adds the folded path adds to the frozen layer: forming `ΔW` (`form`), plus `G = gᵀx` in training."
+    return tokens * d_out * d_in + 4 * form if training else form
+
+# %% ../nbs/06_adapters.ipynb #424e5132
+def factored_macs(tokens: int, per_token: int, form: int, training: bool) -> int:
+    "Multiply-adds the factored path adds: `per_token` per token (plus `form` per step), three times that in training."
+    return (3 if training else 1) * (tokens * per_token + form)
 
 # %% ../nbs/06_adapters.ipynb #37133005
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -79,18 +91,6 @@ def _autocast_off(t: torch.Tensor):
 def _autograd_only() -> bool:
     "Whether a `torch.func` transform (`grad`, `vmap`, `jvp`, ...) is running: the layer then uses plain autograd ops."
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-
-# %% ../nbs/06_adapters.ipynb #6f9510be
-PATHS = ("auto", "factored", "folded")
-
-def fold_macs(tokens: int, d_out: int, d_in: int, form: int, training: bool) -> int:
-    "Multiply-adds the folded path adds to the frozen layer: forming `ΔW` (`form`), plus `G = gᵀx` in training."
-    return tokens * d_out * d_in + 4 * form if training else form
-
-# %% ../nbs/06_adapters.ipynb #424e5132
-def factored_macs(tokens: int, per_token: int, form: int, training: bool) -> int:
-    "Multiply-adds the factored path adds: `per_token` per token (plus `form` per step), three times that in training."
-    return (3 if training else 1) * (tokens * per_token + form)
 
 # %% ../nbs/06_adapters.ipynb #dea25165
 class Update(nn.Module, metaclass=abc.ABCMeta):

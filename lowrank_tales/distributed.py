@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .core import (Factorization, as_float_array, check_choice, check_finite,
+from .core import (Factorization, as_float_array, check_choice, check_finite, optional_import,
                                 check_int, check_nonnegative, check_tol, is_tensor, iterations, like, scale_pow2,
                                 scale_problem, to_numpy, is_sparse, stored_entries)
 from .kernels import weighted_grams
@@ -438,7 +438,7 @@ def local_spark(cores: int = 2,  # worker threads (`local[cores]`)
                 memory: str = "2g",  # driver memory
                ):  # a SparkSession; call `.stop()` when done
     "A quiet local Spark session (no UI, few shuffle partitions) for fits on one machine."
-    from pyspark.sql import SparkSession
+    SparkSession = optional_import("pyspark.sql", "peers").SparkSession
     spark = (SparkSession.builder.master(f"local[{check_int(cores, 'cores', 1)}]").appName("lowrank_tales")
              .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", str(2 * cores))
              .config("spark.driver.memory", memory).config("spark.sql.execution.arrow.pyspark.enabled", "false")
@@ -493,7 +493,7 @@ def spark_als(ratings,  # (n, 3) array, (rows, cols, values), DataFrame (user, i
                          f"got a row id {rows.max()} and a column id {cols.max()}")
     if max(M, N) > 2 ** 31 - 1: raise ValueError(f"Spark needs ids below 2**31, got shape {(M, N)}")
     rank, max_iter, reg = check_int(rank, "rank", 1), check_int(max_iter, "max_iter", 1), check_nonnegative(reg, "reg")
-    from pyspark.ml.recommendation import ALS
+    ALS = optional_import("pyspark.ml.recommendation", "peers").ALS
     own = spark is None
     spark = local_spark() if own else spark
     try:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import check_int, relative_error
+from .core import check_int, optional_import, relative_error
 from .products import face_split, khatri_rao, kron, matrix_rank
 from .adapters import UPDATES, Adapter, layer_kind, layer_shape
 from .injection import (METHODS, adapter_layers, adapter_names, build_update, check_model, check_name,
@@ -100,7 +100,7 @@ class Spectrum(Table):
     "Spectrum summaries per layer (and adapter): a `Table` with a plot of the normalised singular values."
     def plot(self, ax=None, top: int = 64):
         "The first `top` singular values of each row, divided by the largest, on a log axis."
-        import matplotlib.pyplot as plt
+        plt = optional_import("matplotlib.pyplot", "widgets")
         ax = ax or plt.subplots(figsize=(6, 3.5))[1]
         for r in self.rows:
             s = r["s"][:top]
@@ -269,7 +269,7 @@ Plan.choose = _choose
 # %% ../nbs/09b_planning.ipynb #f576c381
 def _plot(self, ax=None):
     "The figure: mean relative error (or, without a reference, rank cap) against parameters per layer, per method."
-    import matplotlib.pyplot as plt
+    plt = optional_import("matplotlib.pyplot", "widgets")
     ax = ax or plt.subplots(figsize=(6, 3.5))[1]
     what = "rel_error" if self.has_error else "rank_cap"
     for m in dict.fromkeys(r["method"] for r in self.rows):

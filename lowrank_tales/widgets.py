@@ -6,7 +6,6 @@
 from __future__ import annotations
 import contextlib
 import functools
-import importlib
 import math
 from typing import NamedTuple
 
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core import check_int, check_nonnegative, relative_error
+from .core import check_int, check_nonnegative, optional_import, relative_error
 from .products import matrix_rank
 from .completion import als
 from .hadamard import hadamard_als
@@ -31,11 +30,8 @@ __all__ = ['METHODS', 'ADAPTER_CONFIGS', 'one_thread', 'camera_image', 'Approxim
 
 # %% ../nbs/10_explore.ipynb #f1a2b3c4
 def _optional(module: str):
-    "Import `module`, which only the explorers need, or raise an ImportError that names the extra installing it."
-    try: return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(f"lowrank_tales.widgets needs {module.split('.')[0]} ({e}): "
-                          'it comes with the `widgets` extra: pip install "lowrank_tales[widgets]"') from e
+    "Import `module`, which only the explorers need, or an ImportError naming the `widgets` extra that installs it."
+    return optional_import(module, "widgets")
 
 # %% ../nbs/10_explore.ipynb #eaee6bdc
 def _plt():

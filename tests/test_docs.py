@@ -105,6 +105,19 @@ def test_sidebar_lists_every_chapter(browser, server):
     page.screenshot(path=str(artifact("docs-index.png")), full_page=True)
 
 
+def test_sidebar_reads_in_file_order():
+    "The book's reading order (the sidebar) is the order JupyterLab lists the notebooks in: by file name, index first."
+    import yaml
+    def walk(items):
+        for item in items:
+            if isinstance(item, str): yield item
+            else: yield from walk(item.get("contents", []))
+    side = yaml.safe_load((ROOT / "nbs" / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    listed = list(walk(side))
+    assert listed[0] == "index.ipynb" and listed[1:] == sorted(listed[1:]), listed
+    assert sorted(listed) == sorted(nb.name for nb in CHAPTERS), "the sidebar and nbs/ list different notebooks"
+
+
 def test_doc_and_source_links_resolve(browser, server):
     page = browser.new_page()
     page.goto(f"{server}/index.html")
@@ -289,7 +302,7 @@ def test_captions_are_numbered_and_alt_text_set(site):
         for fig in re.findall(r"<figure\b.*?</figure>", text, re.S):
             if "<img" not in fig: continue
             assert re.search(r'<img[^>]*\balt="[^"]+"', fig), f"{name}: a figure without alt text"
-            assert re.search(r"<figcaption>Figure \d+\.\d+: ", fig), f"{name}: a figure caption without its number"
+            assert re.search(r"<figcaption>Figure (?:\d+|[A-Z])\.\d+: ", fig), f"{name}: a figure caption without its number"
 
 
 # ---------------------------------------------------------------- layout at a desktop's and a phone's width
@@ -363,7 +376,7 @@ def test_fix_links_points_pages_at_their_notebooks():
     sys.path.insert(0, str(ROOT / "tools"))
     from fix_links import fix_notebook, notebook_pages
     pages = notebook_pages(ROOT / "nbs")
-    assert pages["als.html"] == "01_als.ipynb" and pages["kernels.html"] == "00a_kernels.ipynb"
+    assert pages["als.html"] == "01_als.ipynb" and pages["kernels.html"] == "96_kernels.ipynb"
     assert pages["index.html"] == "index.ipynb" and len(pages) == len(CHAPTERS)
     md = ["See [ALS](als.html#dense_als) and [core](core.html), <a href=\"api.html\">the API</a>,\n",
           "[a site](https://example.org/als.html), [no chapter](nowhere.html), [done](01_als.ipynb).\n"]
@@ -371,7 +384,7 @@ def test_fix_links_points_pages_at_their_notebooks():
                     {"cell_type": "code", "id": "b2", "metadata": {}, "source": ["# [ALS](als.html)\n"], "outputs": []}]}
     changed = fix_notebook(nb, pages)
     assert nb["cells"][0]["source"] == [
-        "See [ALS](01_als.ipynb#dense_als) and [core](00_core.ipynb), <a href=\"99_api.ipynb\">the API</a>,\n", md[1]]
+        "See [ALS](01_als.ipynb#dense_als) and [core](95_core.ipynb), <a href=\"99_api.ipynb\">the API</a>,\n", md[1]]
     assert nb["cells"][1]["source"] == ["# [ALS](als.html)\n"] and nb["cells"][0]["id"] == "a1"
     assert changed == [(md[0], nb["cells"][0]["source"][0])]
     assert fix_notebook(nb, pages) == []  # a second run changes nothing

@@ -3,14 +3,14 @@
 nbdev processes the notebooks (front matter, `show_doc` output, doc links) into `_proc/`; smalldocs renders that
 Quarto project to HTML; this script fills the gaps between the two (see ../shared/design/toolchain.md):
 
-1. pages are named after nbdev's `output-file` (`00_core.ipynb` -> `core.html`), as nbdev's doc links expect;
+1. pages are named after nbdev's `output-file` (`95_core.ipynb` -> `core.html`), as nbdev's doc links expect;
 2. KaTeX is served from the site itself (from the npm package, cached in `.cache/`), so maths renders offline;
 3. `show_doc` source links point at highlighted copies of the library's source inside the site;
 4. README.md is regenerated from `index.ipynb`;
 5. every local link and anchor of the finished site is checked, and no page or stylesheet loads from another host;
 6. `show_doc` shows a compact signature and a parameter table (docments) instead of comments inside the code;
-7. chapters are numbered in the sidebar's order, figures with a `fig-cap` are numbered per chapter, and the code of
-   a cell whose only output is a figure is folded;
+7. chapters are numbered in the sidebar's order (the Appendix's lettered A, B, ...), figures with a `fig-cap` are
+   numbered per chapter, and the code of a cell whose only output is a figure is folded;
 8. the theme's web font is dropped (system fonts instead) and the search index carries no TeX;
 9. an identifier in prose (inline code) may fold only after a `.`, `_`, `/` or `,` (`<wbr>`), never inside a word or number.
 
@@ -198,6 +198,16 @@ def sidebar_order() -> list[str]:
     return [Path(f).name for f in walk(side)]
 
 
+def chapter_labels() -> dict[str, str]:
+    "Each chapter's number in the sidebar's order (no `index.ipynb`); the Appendix section's chapters get letters."
+    side = yaml.safe_load((PROC / "sidebar.yml").read_text())["website"]["sidebar"]["contents"]
+    appendix = {Path(f).name for item in side if isinstance(item, dict) and item.get("section") == "Appendix"
+                for f in item.get("contents", []) if isinstance(f, str)}
+    order = [n for n in sidebar_order() if n != "index.ipynb"]
+    body, extra = [n for n in order if n not in appendix], [n for n in order if n in appendix]
+    return {**{n: str(i + 1) for i, n in enumerate(body)}, **{n: chr(ord("A") + i) for i, n in enumerate(extra)}}
+
+
 def _set_front_matter(nb: dict, fm: dict) -> None:
     nb["cells"][0]["source"] = "---\n" + yaml.safe_dump(fm, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
 
@@ -231,10 +241,9 @@ def _repair_links(md: str) -> str:
     return PRIVATE_LINK.sub(r"\1", NESTED_LINK.sub(r"[\1](\2)", md))
 
 
-def polish_notebooks() -> dict[str, int]:
-    "Number the chapters and their captioned figures, fold the code of figure-only cells, repair nested doc links."
-    order = [n for n in sidebar_order() if n != "index.ipynb"]
-    numbers = {name: i + 1 for i, name in enumerate(order)}
+def polish_notebooks() -> dict[str, str]:
+    "Number (or letter) the chapters and their captioned figures, fold the code of figure-only cells, repair nested doc links."
+    numbers = chapter_labels()
     for path in PROC.glob("*.ipynb"):
         nb = json.loads(path.read_text())
         num, figures = numbers.get(path.name), 0
