@@ -21,6 +21,7 @@ from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _f
                                          _target_dtypes, _to_write,
                                          check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
+from .peft_layers import peft_parameter_config, peft_parameter_kw
 
 # %% auto #0
 __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_INERT', 'PEFT_APPLIED', 'peft_name', 'peft_shape',
@@ -142,6 +143,7 @@ def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
             raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
                              f"{n!r}) would also pick {others[:4]}")
     config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
+    config = peft_parameter_config(model, config, ups, bases)  # LoRAs on parameters: PEFT's target_parameters
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
     tensors |= {f"{PEFT_PREFIX}{n}.{k}": t.detach().contiguous()
@@ -165,7 +167,7 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
 UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
                         rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
                         alora_invocation_tokens=None, bias="none",
-                        target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
+                        layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
@@ -175,7 +177,8 @@ PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mo
               "megatron_core", "runtime_config", "loftq_config",
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
-                "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights"}
+                "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights",
+                "target_parameters"}
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
@@ -297,6 +300,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
+        if method == "lora": kw = peft_parameter_kw(config, n, layer, kw, what)  # a parameter target_parameters picks
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
@@ -337,7 +341,8 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
-    _check_peft_targets(model, config, list(specs), what)  # after the checks of each module (missing, unadaptable)
+    layers = [n for n in specs if "parameter" not in specs[n]]  # target_parameters: checked by peft_parameter_kw
+    _check_peft_targets(model, config, layers, what)  # after the checks of each module (missing, unadaptable)
     ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
     for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning
