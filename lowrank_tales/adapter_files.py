@@ -20,7 +20,7 @@ from .adapters import UPDATES, Adapter, Update, check_name
 from .products import face_split, khatri_rao, kron
 from .injection import (SavedModule, _fill as _fill_state, _names, active_adapters, adapter_layers,
                                      check_model, install, saved_modules, shadow)
-from .peft_layers import ParamLoRAUpdate
+from .peft_layers import param_update_class
 try: import fcntl
 except ImportError: fcntl = None  # no advisory locks (Windows): a save then takes any journal it finds for stale
 
@@ -421,7 +421,7 @@ def _build(layer: nn.Module, spec: dict, where: str) -> Update:
     kw = from_json(dict(spec))
     method = kw.pop("method", None)
     if method not in UPDATES: raise ValueError(f"{where}: method {method!r} is not one of {list(UPDATES)}")
-    try: return (ParamLoRAUpdate if "parameter" in kw else UPDATES[method])(layer, **kw)  # a parameter's: 07c
+    try: return (param_update_class(kw) if "parameter" in kw else UPDATES[method])(layer, **kw)  # parameters: 07c
     except (TypeError, ValueError) as e: raise ValueError(f"{where}: {e}") from None
 
 # %% ../nbs/07a_adapter_files.ipynb #1c72b06b

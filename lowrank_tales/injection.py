@@ -463,7 +463,7 @@ def inject(model: nn.Module, method, *,
     """Add adapter `name` of `method` to every targeted layer (the first adapter freezes the rest); returns `model`.
 
     `method` may also be a `Plan` (from `plan`): its chosen method and size per layer, added as adapter `name`."""
-    if set(options) & {"target_parameters", "trainable_token_indices"}:  # PEFT's other wrappers (chapter 07c)
+    if _peft_layers().peft_layers_needed(model, targets, options):  # PEFT's other wrappers (chapter 07c)
         return _peft_layers().inject_peft_layers(**locals())
     if _is_plan(method):
         given = dict(targets=targets, rank=rank, dropout=dropout, rslora=rslora, dora=dora, rank_pattern=rank_pattern,

@@ -21,7 +21,7 @@ from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _f
                                          _target_dtypes, _to_write,
                                          check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
-from .peft_layers import peft_parameter_config, peft_parameter_kw
+from .peft_layers import attention_keys, peft_layer_problem, peft_parameter_config, peft_parameter_kw
 
 # %% auto #0
 __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_INERT', 'PEFT_APPLIED', 'peft_name', 'peft_shape',
@@ -55,6 +55,7 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
 # %% ../nbs/07b_peft.ipynb #6844a8ff
 def peft_problem(base: nn.Module, u: Update) -> str | None:
     "Why update `u` on layer `base` cannot be written as a PEFT adapter, or `None`."
+    if why := peft_layer_problem(u): return why  # chapter 07c's wrappers
     if u.method == "lokh":
         return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
     if u.method == "loha" and u.ranks[0] != u.ranks[1]:
@@ -338,6 +339,7 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
     keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    keys = attention_keys(model, keys)  # an nn.MultiheadAttention's out_proj tensors belong to its adapter
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)

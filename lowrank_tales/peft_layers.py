@@ -12,12 +12,14 @@ from torch import nn
 
 from .adapters import AdaptedLayer, Update, _merge_after_load, _unmerge_for_load, check_name, layer_kind
 from .core import check_int, check_nonnegative
-from .injection import (_method_options, _outer_names, _peft_targets, _update_kwargs, check_model,
-                                     exact_targets, install, pattern_value, plan_injection, plan_saved)
+from .injection import (_method_options, _outer_names, _update_kwargs, check_model, exact_targets,
+                                     install, pattern_value, plan_injection, plan_saved, select_targets,
+                                     target_matches)
 
 # %% auto #0
-__all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'select_parameters',
-           'inject_peft_layers', 'param_update', 'peft_parameter_config', 'peft_parameter_kw']
+__all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'AttentionLoRAUpdate',
+           'param_update_class', 'select_parameters', 'peft_layers_needed', 'inject_peft_layers', 'param_update',
+           'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem', 'attention_keys']
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000008
 def expert_dims(shape: tuple, transposed: bool = False) -> tuple[int, int, int]:
@@ -81,8 +83,10 @@ class ParamLoRAUpdate(nn.Module):
                          rslora=self.rslora, dtype=dtype)
 
     factors = property(lambda self: (self.B, self.A))
-    n_params = property(lambda self: self.A.numel() + self.B.numel())
+    paths = property(lambda self: (self.parameter,))  # the parameters it adapts, as `base.get_parameter` names them
+    n_params = property(lambda self: sum(f.numel() for f in self.factors))
     def delta(self, B, A): return expert_delta(B, A, self.shape, self.transposed)
+    def deltas(self, *factors) -> tuple: return (self.delta(*factors),)  # one `ΔW` per path, unscaled
     def can_factor(self): return False
 
     def delta_weight(self) -> torch.Tensor:
@@ -93,80 +97,119 @@ class ParamLoRAUpdate(nn.Module):
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000013
 def _unmerged_param_state(layer, state: dict, prefix: str, local_metadata) -> None:
-    "State-dict hook: a merged `ParamLayer` saves `P0` as its parameter, so a state dict means the same merged or not."
-    key = f"{prefix}base.{layer.parameter}"
-    if layer.merged and key in state: state[key] = layer.original_weight
+    "State-dict hook: a merged `ParamLayer` saves `P0` as its parameters, so a state dict means the same merged or not."
+    if not layer.merged: return
+    for i, p in enumerate(layer.paths):
+        if f"{prefix}base.{p}" in state: state[f"{prefix}base.{p}"] = getattr(layer, f"original_{i}")
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000014
 class ParamLayer(AdaptedLayer):
-    "Module `base` whose parameter (`update.parameter`) carries named LoRA adapters: PEFT's `ParamWrapper`."
-    def __init__(self, base: nn.Module, name: str = "default", update: ParamLoRAUpdate | None = None,
-                 parameter: str | None = None):  # the parameter adapted; default: the update's
+    "Module `base` whose parameters (`update.paths`) carry named LoRA adapters: PEFT's `ParamWrapper` (and its MHA)."
+    def __init__(self, base: nn.Module, name: str = "default", update: ParamLoRAUpdate | None = None):
+        if not isinstance(update, ParamLoRAUpdate):
+            raise TypeError(f"update must be a ParamLoRAUpdate (it names the parameter), got {type(update).__name__}")
         nn.Module.__init__(self)
-        self.parameter = parameter or getattr(update, "parameter", None)
-        _target_parameter(base, self.parameter)
+        self.parameter, self.paths = update.parameter, tuple(update.paths)
         self.base, self.updates = base.requires_grad_(False), nn.ModuleDict()
         self.train(base.training)
         self._state = ((), (), False)  # (active, merged, disabled): written by `_set` alone
         self.register_state_dict_post_hook(_unmerged_param_state)
         self.register_load_state_dict_pre_hook(_unmerge_for_load)
         self.register_load_state_dict_post_hook(_merge_after_load)
-        if update is not None: self.add(name, update)
+        self.add(name, update)
 
     def add(self, name: str, update: ParamLoRAUpdate, active: bool = True) -> None:
-        "Hold `update` (a LoRA on this parameter) as adapter `name`, active and trainable or inactive and frozen."
+        "Hold `update` (a LoRA on these parameters) as adapter `name`, active and trainable or inactive and frozen."
         if check_name(name) in self.updates: raise ValueError(f"the layer already has an adapter named {name!r}")
-        P = getattr(self.base, self.parameter)
-        if getattr(update, "parameter", None) != self.parameter or update.shape != tuple(P.shape):
-            raise ValueError(f"update must be a LoRA on parameter {self.parameter!r} {tuple(P.shape)}, got "
-                             f"{type(update).__name__} on {getattr(update, 'parameter', None)!r}")
+        P = self.base.get_parameter(self.paths[0])
+        if tuple(getattr(update, "paths", ())) != self.paths or update.shape != tuple(P.shape):
+            raise ValueError(f"update must be a LoRA on parameters {self.paths} {tuple(P.shape)}, got "
+                             f"{type(update).__name__} on {getattr(update, 'paths', None)}")
         self.updates[name] = update.train(self.training)
         self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
 
     weight = property(lambda self: self.base.weight, doc="The module's own `weight` (PEFT: adapters not applied).")
 
-    def delta_weight(self, names: list | None = None) -> torch.Tensor:
-        "`Σ s_i ΔW_i` (detached, the parameter's layout, at least float32) over `names` (default: the active ones)."
-        P = getattr(self.base, self.parameter)
-        zero = torch.zeros(P.shape, device=P.device)
-        return sum((self.updates[n].delta_weight() for n in (self.active if names is None else names)), zero)
+    def delta_weight(self, names: list | None = None) -> dict:
+        "`{path: Σ s_i ΔW_i}` (detached, each parameter's layout, float32 or wider) over `names` (default: active)."
+        ups = [self.updates[n] for n in (self.active if names is None else names)]
+        with torch.no_grad(): return {p: D.detach() for p, D in zip(self.paths, self._sums(ups, None))}
 
-    def adapted(self, live: list) -> torch.Tensor:
-        "The parameter plus `Σ s_i ΔW_i` over the updates `live` (differentiable in their factors), float32 or wider."
-        P = getattr(self.base, self.parameter)  # merged adapters are in it already
-        W = P.to(torch.promote_types(P.dtype, torch.float32))
-        for u in live: W = W + u.delta(*u.factors).to(W.dtype) * u.scale
-        return W
+    def _sums(self, ups: list, start) -> list:
+        "`start[i] + Σ s_u ΔW_u` per path (`start=None`: zero), in float32 or wider, differentiable in the factors."
+        Ps = [self.base.get_parameter(p) for p in self.paths]
+        out = [torch.zeros(P.shape, device=P.device, dtype=torch.promote_types(P.dtype, torch.float32))
+               if start is None else start[i].to(torch.promote_types(P.dtype, torch.float32)) for i, P in enumerate(Ps)]
+        for u in ups:
+            for i, D in enumerate(u.deltas(*u.factors)): out[i] = out[i] + D.to(out[i].dtype) * u.scale
+        return out
 
     def forward(self, *args, **kwargs):
-        "The module's forward with `P0 + Σ s_i ΔW_i` over the active adapters in place of its parameter."
+        "The module's forward with `P0 + Σ s_i ΔW_i` over the active adapters in place of each adapted parameter."
         active, merged, disabled = self._state
         if self.__dict__.get("_rows") is not None and not disabled:
-            raise ValueError(f"a LoRA on parameter {self.parameter!r} cannot run a per-row batch of adapters "
-                             f"(adapter_names=; PEFT's ParamWrapper refuses it too)")
-        live, P = self.live(), getattr(self.base, self.parameter)
-        if disabled and merged: W = self.original_weight
+            raise ValueError(f"a LoRA on parameters {self.paths} cannot run a per-row batch of adapters "
+                             f"(adapter_names=; PEFT refuses it too)")
+        live, Ps = self.live(), [self.base.get_parameter(p) for p in self.paths]
+        if disabled and merged: Ws = [getattr(self, f"original_{i}") for i in range(len(Ps))]
         elif not live: return self.base(*args, **kwargs)
-        else: W = self.adapted(live).to(P.dtype)
-        return torch.func.functional_call(self.base, {self.parameter: W}, args, kwargs)
+        else: Ws = [W.to(P.dtype) for W, P in zip(self._sums(live, Ps), Ps)]  # merged ones are in `P` already
+        return torch.func.functional_call(self.base, dict(zip(self.paths, Ws)), args, kwargs)
 
     def _write(self, merged: list) -> None:
-        "Make the parameter `P0 + Σ s_i ΔW_i` over `merged` (float32, rounded once), or `P0` exactly for none."
-        P = getattr(self.base, self.parameter)
-        P0 = self.original_weight if self.merged else P
+        "Make each parameter `P0 + Σ s_i ΔW_i` over `merged` (float32, rounded once), or `P0` exactly for none."
+        Ps = [self.base.get_parameter(p) for p in self.paths]
+        P0s = [getattr(self, f"original_{i}") for i in range(len(Ps))] if self.merged else Ps
         with torch.no_grad():
-            if not merged: P.copy_(P0); del self.original_weight
+            if not merged:
+                for i, (P, P0) in enumerate(zip(Ps, P0s)): P.copy_(P0); delattr(self, f"original_{i}")
             else:
-                M = P0.to(torch.promote_types(P0.dtype, torch.float32))
-                for n in merged: M = M + self.updates[n].delta_weight().to(M.dtype)
-                if not bool(torch.isfinite(M).all()) and bool(torch.isfinite(P0).all()):
+                Ms = self._sums([self.updates[n] for n in merged], P0s)
+                finite = lambda ts: all(bool(torch.isfinite(t).all()) for t in ts)
+                if not finite(Ms) and finite(P0s):
                     raise ValueError(f"merging adapters {merged} would write NaN or infinite values into "
-                                     f"parameter {self.parameter!r}: refused")
-                if not self.merged: self.register_buffer("original_weight", P.detach().clone(), persistent=False)
-                P.copy_(M.to(P.dtype))
+                                     f"parameters {self.paths}: refused")
+                for i, (P, M) in enumerate(zip(Ps, Ms)):
+                    if not self.merged: self.register_buffer(f"original_{i}", P.detach().clone(), persistent=False)
+                    P.copy_(M.to(P.dtype))
         self._set(self.active, merged, self.disabled)
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000019
+class AttentionLoRAUpdate(ParamLoRAUpdate):
+    "PEFT's LoRA on `nn.MultiheadAttention`: LoRAs on `in_proj_weight` and `out_proj.weight`, one rank and scale."
+    kind, paths = "attention", ("in_proj_weight", "out_proj.weight")
+
+    def __init__(self, base: nn.Module, parameter: str = "in_proj_weight", rank: int = 8, alpha: float | None = None,
+                 rslora: bool = False, dtype: torch.dtype | None = None, attention: bool = True):
+        if not isinstance(base, nn.MultiheadAttention):
+            raise TypeError(f"an attention LoRA adapts nn.MultiheadAttention, got {type(base).__name__}")
+        if not base._qkv_same_embed_dim:
+            raise ValueError(f"nn.MultiheadAttention with kdim={base.kdim}, vdim={base.vdim} other than embed_dim="
+                             f"{base.embed_dim}: PEFT adapts only equal sizes (one in_proj_weight)")
+        if (out := base._modules.get("out_proj")) is not None and not isinstance(out, nn.Linear):
+            raise TypeError(f"out_proj must be an nn.Linear (as PEFT), got {type(out).__name__}: an adapter on it? "
+                            f"adapt the attention module or its out_proj, not both")
+        if parameter != "in_proj_weight" or attention is not True:
+            raise ValueError(f"an attention LoRA adapts in_proj_weight and out_proj, got parameter={parameter!r}")
+        super().__init__(base, "in_proj_weight", rank, alpha, rslora, dtype)
+        self.out_A = nn.Parameter(torch.empty_like(self.A))  # r × d, as out_proj's lora_A
+        nn.init.kaiming_uniform_(self.out_A, a=math.sqrt(5))
+        self.out_B = nn.Parameter(self.A.new_zeros(base.embed_dim, self.rank))
+        self.spec["attention"] = True
+
+    factors = property(lambda self: (self.B, self.A, self.out_B, self.out_A))
+    def deltas(self, B, A, out_B, out_A) -> tuple: return (B @ A, out_B @ out_A)
+    def delta_weight(self) -> tuple:
+        "`(s·ΔW_in, s·ΔW_out)`, detached, in the factors' precision (at least float32)."
+        with torch.no_grad(): return tuple(D.to(torch.promote_types(D.dtype, torch.float32)) * self.scale
+                                           for D in self.deltas(*self.factors))
+
+# %% ../nbs/07c_peft_layers.ipynb #7c00001d
+def param_update_class(kw: dict) -> type:
+    "The update class a saved spec `kw` of a parameter's LoRA names: `AttentionLoRAUpdate` or `ParamLoRAUpdate`."
+    return AttentionLoRAUpdate if kw.get("attention") else ParamLoRAUpdate
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000020
 def select_parameters(model: nn.Module, target_parameters) -> dict[str, str]:
     "The parameters PEFT's `target_parameters` choose in `model`: `{module name: parameter name}`, checked."
     if isinstance(target_parameters, str) or not isinstance(target_parameters, (list, tuple, set)) or \
@@ -195,54 +238,79 @@ def select_parameters(model: nn.Module, target_parameters) -> dict[str, str]:
                          f"{[k for k, _ in model.named_parameters()][:8]}")
     return found
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00001c
+# %% ../nbs/07c_peft_layers.ipynb #7c000023
 PEFT_LAYER_OPTIONS = ("target_parameters", "trainable_token_indices")  # inject's keywords handled in this chapter
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00001d
+# %% ../nbs/07c_peft_layers.ipynb #7c000024
+def _attention(m: nn.Module) -> bool:
+    "Whether `m` is an `nn.MultiheadAttention`, or the `ParamLayer` adapting one."
+    return isinstance(m.base if isinstance(m, ParamLayer) else m, nn.MultiheadAttention)
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000025
+def peft_layers_needed(model, targets, options: dict) -> bool:
+    "Whether an `inject` call needs this chapter: `options` name one of `PEFT_LAYER_OPTIONS`, or `targets` an MHA."
+    if set(options) & set(PEFT_LAYER_OPTIONS): return True
+    if not isinstance(model, nn.Module) or not isinstance(targets, (str, list, tuple)): return False
+    try: return any(_attention(m) and target_matches(n, targets) for n, m in model.named_modules() if n)
+    except (re.error, TypeError): return False  # inject's own checks name the problem
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000026
+def _split_targets(model: nn.Module, targets, choosing: dict) -> tuple[list, list]:
+    "The modules PEFT's `targets` (with the `choosing` options) pick: `(attention modules, other layers)`."
+    if targets is None: return [], []
+    chosen = select_targets(model, targets, **choosing)
+    att = [n for n in chosen if _attention(model.get_submodule(n))]
+    if inside := [n for n in chosen if any(n.startswith(a + ".") for a in att)]:
+        raise ValueError(f"targets pick {inside[:4]} inside the attention modules {att[:4]}: PEFT's attention LoRA "
+                         f"adapts out_proj itself; target the attention module alone")
+    return att, [n for n in chosen if n not in att]
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000027
 def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "default", rank=None, alpha=None,
                        dropout: float = 0.0, rslora: bool = False, dora: bool = False, rank_pattern=None,
                        alpha_pattern=None, modules_to_save=None, exclude_modules=None, layers_to_transform=None,
                        layers_pattern=None, options: dict | None = None) -> nn.Module:
-    "`inject` with `options` holding `target_parameters`: layer adapters on `targets`, LoRA on each parameter chosen."
+    "`inject` where PEFT builds other wrappers: LoRA on the parameters `target_parameters` picks, on MHA modules."
     options = dict(options or {})
     if (tokens := options.pop("trainable_token_indices", None)) is not None:
         raise ValueError(f"trainable_token_indices={tokens!r} (PEFT's TrainableTokens wrapper) is not supported: "
                          f"train the embedding in full with modules_to_save instead")
-    params = options.pop("target_parameters", None)
-    if params is None: raise TypeError("target_parameters must be a non-empty list of parameter names, got None")
+    found = select_parameters(model, options.pop("target_parameters")) if "target_parameters" in options else {}
+    choosing = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
+                    layers_pattern=layers_pattern, modules_to_save=modules_to_save)
+    att, rest = _split_targets(model, targets, choosing)
     if not (isinstance(method, str) and method.lower() == "lora"):
-        raise ValueError(f"target_parameters is LoRA's option (PEFT's ParamWrapper), got method={method!r}")
-    if dropout or dora or options:
-        got = dict(options, **({"dropout": dropout} if dropout else {}), **({"dora": dora} if dora else {}))
-        raise ValueError(f"target_parameters takes rank, alpha, rslora and the patterns only; got {got} (PEFT's "
-                         f"ParamWrapper refuses lora_dropout, use_dora and the other options too)")
-    found, opts = select_parameters(model, params), _method_options("lora", 0.0, rslora, False, {})
-    plan = {}
-    if targets is not None:
-        targets = _peft_targets(model, targets, exclude_modules, layers_to_transform, layers_pattern, modules_to_save)
-        plan = plan_injection(model, "lora", targets, rank, alpha, opts, name=name, rank_pattern=rank_pattern,
-                              alpha_pattern=alpha_pattern)
-    if both := [n for n in found if any(n == p or n.startswith(p + ".") or p.startswith(n + ".") for p in plan)]:
+        what = "target_parameters" if found else f"modules {att[:4]} (nn.MultiheadAttention)"
+        raise ValueError(f"{what}: PEFT adapts them with LoRA only, got method={method!r}")
+    if dropout or dora:
+        raise ValueError(f"dropout={dropout}, dora={dora}: PEFT's LoRA on a parameter refuses lora_dropout and "
+                         f"use_dora, and on nn.MultiheadAttention refuses use_dora and never applies lora_dropout")
+    if options: raise ValueError(f"options {list(options)} do not apply to LoRA on parameters or attention modules")
+    opts = _method_options("lora", 0.0, rslora, False, {})
+    plan = {} if not rest else plan_injection(model, "lora", exact_targets(rest), rank, alpha, opts, name=name,
+                                              rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    taken = list(plan) + att
+    if both := [n for n in found if any(n == p or n.startswith(p + ".") or p.startswith(n + ".") for p in taken)]:
         raise ValueError(f"modules {both[:4]} are chosen by targets and hold a parameter target_parameters picks: "
                          f"a module is adapted one way (as PEFT)")
-    saved = plan_saved(model, modules_to_save, list(plan) + list(found))
-    specs = {n: dict(method="lora", **_update_kwargs("lora", pattern_value(rank_pattern, n, rank),
-                                                     pattern_value(alpha_pattern, n, alpha), opts)) for n in plan}
-    for n, p in found.items():  # PEFT's key for a parameter's patterns: `<module>.<parameter>`
-        r, a = (pattern_value(pat, f"{n}.{p}", v) for pat, v in ((rank_pattern, rank), (alpha_pattern, alpha)))
-        specs[n] = dict(method="lora", parameter=p, rank=8 if r is None else r, alpha=a, rslora=bool(rslora))
+    saved = plan_saved(model, modules_to_save, list(plan) + att + list(found))
+    value = lambda key: [pattern_value(p, key, v) for p, v in ((rank_pattern, rank), (alpha_pattern, alpha))]
+    spec = lambda r, a, **kw: dict(method="lora", rank=8 if r is None else r, alpha=a, rslora=bool(rslora), **kw)
+    specs = {n: dict(method="lora", **_update_kwargs("lora", *value(n), opts)) for n in plan}
+    specs |= {n: spec(*value(n), parameter="in_proj_weight", attention=True) for n in att}
+    specs |= {n: spec(*value(f"{n}.{p}"), parameter=p) for n, p in found.items()}  # PEFT's key: `<module>.<name>`
     return install(model, name, specs, saved=saved)  # every update built and checked before the first change
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00001e
+# %% ../nbs/07c_peft_layers.ipynb #7c000028
 def param_update(layer: nn.Module, kw: dict, name: str) -> ParamLoRAUpdate:
-    "The `ParamLoRAUpdate` the keyword arguments `kw` (a saved spec) build on module `name`, `layer`; errors name it."
-    try: return ParamLoRAUpdate(layer, **kw)
+    "The parameter LoRA the keyword arguments `kw` (a saved spec) build on module `name`, `layer`; errors name it."
+    try: return param_update_class(kw)(layer, **kw)
     except (ValueError, TypeError) as e: raise type(e)(f"module {name!r} ({type(layer).__name__}): {e}") from None
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00001f
+# %% ../nbs/07c_peft_layers.ipynb #7c000029
 ParamLoRAUpdate.layer_class = ParamLayer  # what `install` puts in the module's place
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000023
+# %% ../nbs/07c_peft_layers.ipynb #7c00002d
 def peft_parameter_config(model: nn.Module, config: dict, ups: dict, bases: dict) -> dict:
     "PEFT's `config` for the updates `ups` (on layers `bases`) with their parameter LoRAs in `target_parameters`."
     params = {n: u for n, u in ups.items() if getattr(u, "kind", None) == "parameter"}
@@ -260,9 +328,13 @@ def peft_parameter_config(model: nn.Module, config: dict, ups: dict, bases: dict
                 rank_pattern=renamed(config.get("rank_pattern")), alpha_pattern=renamed(config.get("alpha_pattern")),
                 fan_in_fan_out=bool(fans and fans.pop()))
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000024
+# %% ../nbs/07c_peft_layers.ipynb #7c00002e
 def peft_parameter_kw(config: dict, n: str, layer: nn.Module, kw: dict, what: str) -> dict:
-    "`kw` for module `n` (`layer`) of a PEFT LoRA `config`, or the parameter LoRA its `target_parameters` picks there."
+    "`kw` for module `n` (`layer`) of a PEFT LoRA `config`; for an MHA or a parameter `target_parameters` picks: its."
+    if isinstance(layer, nn.MultiheadAttention):  # PEFT's attention LoRA: its lora_dropout never applies
+        if config.get("use_dora"): raise ValueError(f"{what}: module {n!r}: PEFT refuses use_dora on attention")
+        return dict(parameter="in_proj_weight", rank=kw["rank"], alpha=kw["alpha"], rslora=bool(kw.get("rslora")),
+                    attention=True)
     wanted = config.get("target_parameters") or []
     if not isinstance(wanted, list) or not all(isinstance(t, str) for t in wanted):
         raise ValueError(f"{what}: field target_parameters must be a list of parameter names, got {wanted!r}")
@@ -278,3 +350,20 @@ def peft_parameter_kw(config: dict, n: str, layer: nn.Module, kw: dict, what: st
     return dict(parameter=keys[0], rank=pattern_value(config.get("rank_pattern"), key, config["r"]),
                 alpha=pattern_value(config.get("alpha_pattern"), key, config["lora_alpha"]),
                 rslora=bool(config.get("use_rslora")))
+
+# %% ../nbs/07c_peft_layers.ipynb #7c00002f
+def peft_layer_problem(u) -> str | None:
+    "Why `export_peft`/`import_peft` refuse update `u` of this chapter, or `None`."
+    if getattr(u, "kind", None) != "attention": return None
+    return ("PEFT 0.21 adds out_proj's update twice on nn.MultiheadAttention (W_out + 2·s·B'A', in its forward and "
+            "its merge; huggingface/peft#3774), so a PEFT file of it would not mean what this adapter does: use "
+            "save_adapter()")
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000031
+def attention_keys(model: nn.Module, keys: dict) -> dict:
+    "PEFT's `(module, factor)` of its tensors, with an attention module's `out_proj` ones as ours: `(mha, 'out_A')`."
+    mods, out = dict(model.named_modules()), {}
+    for k, (n, f) in keys.items():
+        parent = n.removesuffix(".base_layer.out_proj")
+        out[k] = (parent, f"out_{f}") if parent != n and parent in mods and _attention(mods[parent]) else (n, f)
+    return out

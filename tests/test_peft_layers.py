@@ -111,8 +111,8 @@ def test_refusals_by_name(tmp_path):
             m(X, EXPERT)
     with pytest.raises(ValueError, match="trainable_token_indices"):
         lt.inject(Net(), "lora", targets=["proj"], trainable_token_indices=[0, 1])
-    with pytest.raises(TypeError, match="MultiheadAttention"):
-        lt.inject(nn.Sequential(nn.MultiheadAttention(8, 2)), "lora", targets=["0"], rank=2)
+    with pytest.raises(ValueError, match="equal sizes"):  # PEFT: "Only same embed for query/key/value"
+        lt.inject(nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)), "lora", targets=["0"], rank=2)
 
 
 def test_tiny_qwen3_moe_both_ways(tmp_path):
@@ -136,3 +136,47 @@ def test_tiny_qwen3_moe_both_ways(tmp_path):
     torch.testing.assert_close(back(ids).logits, made(ids).logits)
     lt.merge(back); made.merge_adapter()
     torch.testing.assert_close(back(ids).logits, made(ids).logits)
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+        self.head = nn.Linear(8, 3).double()
+
+    def forward(self, q): return self.head(self.mha(q, q, q)[0])
+
+
+def test_multihead_attention_as_peft_but_its_double_out_proj(tmp_path):
+    "PEFT's attention LoRA, but for PEFT 0.21's out_proj update added twice (huggingface/peft#3774): refused at its files."
+    q = torch.randn(2, 5, 8, dtype=torch.float64)
+    theirs = randomize(peft.get_peft_model(Attn(), peft.LoraConfig(target_modules=["mha"], r=2, lora_alpha=4)))
+    ours = lt.inject(Attn(), "lora", targets=["mha"], rank=2, alpha=4)
+    u, wrapper = ours.mha.updates["default"], theirs.base_model.model.mha
+    pairs = [(u.A, wrapper.lora_A["default"].weight), (u.B, wrapper.lora_B["default"].weight),
+             (u.out_A, wrapper.base_layer.out_proj.lora_A["default"].weight),
+             (u.out_B, wrapper.base_layer.out_proj.lora_B["default"].weight)]
+    with torch.no_grad():
+        for ours_f, theirs_f in pairs: ours_f.copy_(theirs_f)
+        u.out_B.mul_(2)  # PEFT computes W_out + 2·s·B'A': ours with B' doubled is the same function
+    y, yp = ours(q), theirs(q)
+    torch.testing.assert_close(y, yp)
+    y.square().sum().backward(); yp.square().sum().backward()
+    for ours_f, theirs_f in pairs[:2]: torch.testing.assert_close(ours_f.grad, theirs_f.grad)
+    # PEFT's second addition goes through `.data`: its gradients are those of W_out + s·B'A', not of its forward
+    torch.testing.assert_close(u.out_A.grad, 2 * pairs[2][1].grad)
+    torch.testing.assert_close(u.out_B.grad, pairs[3][1].grad)
+    lt.merge(ours); theirs.merge_adapter()
+    torch.testing.assert_close(ours.mha.base.in_proj_weight, wrapper.base_layer.in_proj_weight)
+    torch.testing.assert_close(ours.mha.base.out_proj.weight, wrapper.base_layer.out_proj.base_layer.weight)
+    with lt.disable_adapters(ours): torch.testing.assert_close(ours(q), Attn()(q))
+    lt.unmerge(ours)
+    assert torch.equal(ours.mha.base.in_proj_weight, Attn().mha.in_proj_weight)
+    with pytest.raises(ValueError, match="peft#3774"): lt.export_peft(ours, tmp_path / "to_peft")
+    assert not (tmp_path / "to_peft").exists()
+    theirs.unmerge_adapter(); theirs.save_pretrained(tmp_path / "from_peft")
+    with pytest.raises(ValueError, match="peft#3774"): lt.import_peft(Attn(), tmp_path / "from_peft")
+    with pytest.raises(ValueError, match="DoRA"):
+        peft.get_peft_model(Attn(), peft.LoraConfig(target_modules=["mha"], r=2, use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"): lt.inject(Attn(), "lora", targets=["mha"], rank=2, dora=True)
