@@ -301,7 +301,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
-        if method == "lora": kw = peft_parameter_kw(config, n, layer, kw, what)  # a parameter target_parameters picks
+        kw = peft_parameter_kw(config, n, layer, kw, what)  # an attention module, a parameter target_parameters picks
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 

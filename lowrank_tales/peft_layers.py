@@ -12,14 +12,14 @@ from torch import nn
 
 from .adapters import AdaptedLayer, Update, _merge_after_load, _unmerge_for_load, check_name, layer_kind
 from .core import check_int, check_nonnegative
-from .injection import (_method_options, _outer_names, _update_kwargs, check_model, exact_targets,
-                                     install, pattern_value, plan_injection, plan_saved, select_targets,
-                                     target_matches)
+from .injection import (_method_options, _outer_names, _update_kwargs, adapter_layers, check_model,
+                                     exact_targets, install, pattern_value, plan_injection, plan_saved,
+                                     select_targets, target_matches)
 
 # %% auto #0
 __all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'AttentionLoRAUpdate',
            'param_update_class', 'select_parameters', 'peft_layers_needed', 'inject_peft_layers', 'param_update',
-           'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem', 'attention_keys']
+           'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem', 'attention_keys', 'refuse_peft_layers']
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000008
 def expert_dims(shape: tuple, transposed: bool = False) -> tuple[int, int, int]:
@@ -331,6 +331,10 @@ def peft_parameter_config(model: nn.Module, config: dict, ups: dict, bases: dict
 # %% ../nbs/07c_peft_layers.ipynb #7c00002e
 def peft_parameter_kw(config: dict, n: str, layer: nn.Module, kw: dict, what: str) -> dict:
     "`kw` for module `n` (`layer`) of a PEFT LoRA `config`; for an MHA or a parameter `target_parameters` picks: its."
+    if config.get("peft_type") != "LORA":
+        if config.get("target_parameters"):
+            raise ValueError(f"{what}: target_parameters in a {config.get('peft_type')} config: it is LoRA's option")
+        return kw
     if isinstance(layer, nn.MultiheadAttention):  # PEFT's attention LoRA: its lora_dropout never applies
         if config.get("use_dora"): raise ValueError(f"{what}: module {n!r}: PEFT refuses use_dora on attention")
         return dict(parameter="in_proj_weight", rank=kw["rank"], alpha=kw["alpha"], rslora=bool(kw.get("rslora")),
@@ -367,3 +371,11 @@ def attention_keys(model: nn.Module, keys: dict) -> dict:
         parent = n.removesuffix(".base_layer.out_proj")
         out[k] = (parent, f"out_{f}") if parent != n and parent in mods and _attention(mods[parent]) else (n, f)
     return out
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000035
+def refuse_peft_layers(model: nn.Module, names: list, what: str) -> None:
+    "`ValueError` naming the modules where adapters `names` are this chapter's LoRAs, which `what` does not take."
+    ours = lambda a: isinstance(a, ParamLayer) and bool(set(names) & set(a.updates))
+    if held := [n for n, a in adapter_layers(model).items() if ours(a)]:
+        raise ValueError(f"{what}: adapters {names} hold LoRAs on parameters or attention modules (modules "
+                         f"{held[:4]}), which it does not take: it works on layer adapters")
