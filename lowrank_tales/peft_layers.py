@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import AdaptedLayer, Update, _merge_after_load, _unmerge_for_load, check_name, layer_kind
 from .core import check_int, check_nonnegative
 from .injection import (_method_options, _outer_names, _update_kwargs, adapter_layers, check_model,
-                                     exact_targets, install, pattern_value, plan_injection, plan_saved,
+                                     exact_targets, inject, install, pattern_value, plan_injection, plan_saved,
                                      select_targets, target_matches)
 
 # %% auto #0
@@ -275,10 +275,15 @@ def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "d
     if (tokens := options.pop("trainable_token_indices", None)) is not None:
         raise ValueError(f"trainable_token_indices={tokens!r} (PEFT's TrainableTokens wrapper) is not supported: "
                          f"train the embedding in full with modules_to_save instead")
-    found = select_parameters(model, options.pop("target_parameters")) if "target_parameters" in options else {}
+    params = options.pop("target_parameters", None)  # None: PEFT's default, no parameter
+    found = {} if params is None else select_parameters(model, params)
     choosing = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
                     layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     att, rest = _split_targets(model, targets, choosing)
+    if not (found or att):  # nothing of this chapter's: the plain `inject`
+        return inject(model, method, targets=targets, name=name, rank=rank, alpha=alpha, dropout=dropout,
+                      rslora=rslora, dora=dora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **choosing,
+                      **options)
     if not (isinstance(method, str) and method.lower() == "lora"):
         what = "target_parameters" if found else f"modules {att[:4]} (nn.MultiheadAttention)"
         raise ValueError(f"{what}: PEFT adapts them with LoRA only, got method={method!r}")
