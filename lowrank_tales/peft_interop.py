@@ -21,7 +21,8 @@ from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _f
                                          _target_dtypes, _to_write,
                                          check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
-from .peft_layers import attention_keys, peft_layer_problem, peft_parameter_config, peft_parameter_kw
+from .peft_layers import (attention_keys, peft_layer_problem, peft_parameter_config, peft_parameter_kw,
+                                      token_key)
 
 # %% auto #0
 __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_INERT', 'PEFT_APPLIED', 'peft_name', 'peft_shape',
@@ -37,6 +38,7 @@ PEFT_PREFIX = "base_model.model."
 
 def peft_name(u: Update, factor: str) -> str:
     "PEFT's name for the `factor` of update `u`."
+    if names := getattr(u, "peft_names", None): return names[factor]  # trainable tokens' (chapter 07c)
     if u.method == "lora" and u.kind == "embedding" and factor != "magnitude": return f"lora_embedding_{factor}"
     return PEFT_NAMES[u.method][factor]
 
@@ -143,7 +145,8 @@ def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
         if others := [m for m in outer if m != n and m.endswith(n) and not m.startswith(n + ".")]:
             raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
                              f"{n!r}) would also pick {others[:4]}")
-    config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
+    lora = {n: u for n, u in ups.items() if u.kind != "tokens"}  # trainable tokens: no rank, no alpha
+    config = dict(peft_config(lora, bases), modules_to_save=list(copies) or None)
     config = peft_parameter_config(model, config, ups, bases)  # LoRAs on parameters: PEFT's target_parameters
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
@@ -166,7 +169,7 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
 UNSUPPORTED_PEFT = dict(decompose_both=False, use_effective_conv2d=False, lora_bias=False,
-                        rank_dropout=0.0, module_dropout=0.0, trainable_token_indices=None,
+                        rank_dropout=0.0, module_dropout=0.0,
                         alora_invocation_tokens=None, bias="none",
                         layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
@@ -179,7 +182,7 @@ PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mo
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights", "rank_dropout_scale"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights",
-                "target_parameters"}
+                "target_parameters", "trainable_token_indices"}
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
@@ -301,7 +304,7 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
-        kw = peft_parameter_kw(config, n, layer, kw, what)  # an attention module, a parameter target_parameters picks
+        kw = peft_parameter_kw(model, config, n, layer, kw, what)  # tokens, attention, a parameter: chapter 07c
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
@@ -338,7 +341,7 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     tensors = parse_safetensors(files["adapter_model.safetensors"], "adapter_model.safetensors", what)[0]
     saved = _peft_saved(check_model(model), config.get("modules_to_save"), what)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
-    keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    keys = {k: token_key(k, PEFT_PREFIX) or split_peft_key(k, method, what) for k in tensors if k not in of_saved}
     keys = attention_keys(model, keys)  # an nn.MultiheadAttention's out_proj tensors belong to its adapter
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)

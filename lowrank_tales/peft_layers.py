@@ -18,8 +18,9 @@ from .injection import (_method_options, _outer_names, _update_kwargs, adapter_l
 
 # %% auto #0
 __all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'AttentionLoRAUpdate',
-           'param_update_class', 'select_parameters', 'peft_layers_needed', 'inject_peft_layers', 'param_update',
-           'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem', 'attention_keys', 'refuse_peft_layers']
+           'TokenUpdate', 'select_tokens', 'token_key', 'param_update_class', 'select_parameters', 'peft_layers_needed',
+           'inject_peft_layers', 'param_update', 'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem',
+           'attention_keys', 'refuse_peft_layers']
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000008
 def expert_dims(shape: tuple, transposed: bool = False) -> tuple[int, int, int]:
@@ -89,6 +90,10 @@ class ParamLoRAUpdate(nn.Module):
     def deltas(self, *factors) -> tuple: return (self.delta(*factors),)  # one `ΔW` per path, unscaled
     def can_factor(self): return False
 
+    def fold(self, Ws: list, factors) -> list:
+        "`W_i + s·ΔW_i` for each adapted parameter's `W_i` (float32 or wider), differentiable in `factors`."
+        return [W + D.to(W.dtype) * self.scale for W, D in zip(Ws, self.deltas(*factors))]
+
     def delta_weight(self) -> torch.Tensor:
         "`s·ΔW` (detached, in the parameter's layout) in the factors' precision, at least float32."
         with torch.no_grad():
@@ -125,31 +130,35 @@ class ParamLayer(AdaptedLayer):
         if tuple(getattr(update, "paths", ())) != self.paths or update.shape != tuple(P.shape):
             raise ValueError(f"update must be a LoRA on parameters {self.paths} {tuple(P.shape)}, got "
                              f"{type(update).__name__} on {getattr(update, 'paths', None)}")
+        held = {t for v in self.updates.values() for t in getattr(v, "tokens", ())}
+        if both := sorted(held & set(getattr(update, "tokens", ()))):
+            raise ValueError(f"tokens {both[:8]} are trained by another adapter of this embedding already (PEFT "
+                             f"refuses overlapping trainable tokens too)")
         self.updates[name] = update.train(self.training)
         self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
 
     weight = property(lambda self: self.base.weight, doc="The module's own `weight` (PEFT: adapters not applied).")
 
     def delta_weight(self, names: list | None = None) -> dict:
-        "`{path: Σ s_i ΔW_i}` (detached, each parameter's layout, float32 or wider) over `names` (default: active)."
+        "`{path: adapted − P0}` (detached, each parameter's layout, float32 or wider) over `names` (default: active)."
         ups = [self.updates[n] for n in (self.active if names is None else names)]
-        with torch.no_grad(): return {p: D.detach() for p, D in zip(self.paths, self._sums(ups, None))}
-
-    def _sums(self, ups: list, start) -> list:
-        "`start[i] + Σ s_u ΔW_u` per path (`start=None`: zero), in float32 or wider, differentiable in the factors."
         Ps = [self.base.get_parameter(p) for p in self.paths]
-        out = [torch.zeros(P.shape, device=P.device, dtype=torch.promote_types(P.dtype, torch.float32))
-               if start is None else start[i].to(torch.promote_types(P.dtype, torch.float32)) for i, P in enumerate(Ps)]
-        for u in ups:
-            for i, D in enumerate(u.deltas(*u.factors)): out[i] = out[i] + D.to(out[i].dtype) * u.scale
+        P0s = [getattr(self, f"original_{i}") for i in range(len(Ps))] if self.merged else Ps
+        with torch.no_grad(): Ss = self._sums(ups, P0s)
+        return {p: (S - P0.to(S.dtype)).detach() for p, S, P0 in zip(self.paths, Ss, P0s)}
+
+    def _sums(self, ups: list, start: list) -> list:
+        "Each parameter `start[i]` (float32 or wider) with the updates `ups` folded in, differentiable in them."
+        out = [S.to(torch.promote_types(S.dtype, torch.float32)) for S in start]
+        for u in ups: out = u.fold(out, u.factors)
         return out
 
     def forward(self, *args, **kwargs):
         "The module's forward with `P0 + Σ s_i ΔW_i` over the active adapters in place of each adapted parameter."
         active, merged, disabled = self._state
         if self.__dict__.get("_rows") is not None and not disabled:
-            raise ValueError(f"a LoRA on parameters {self.paths} cannot run a per-row batch of adapters "
-                             f"(adapter_names=; PEFT refuses it too)")
+            raise ValueError(f"an adapter on parameters {self.paths} cannot run a per-row batch of adapters "
+                             f"(adapter_names=): not supported (PEFT refuses it on parameters and attention too)")
         live, Ps = self.live(), [self.base.get_parameter(p) for p in self.paths]
         if disabled and merged: Ws = [getattr(self, f"original_{i}") for i in range(len(Ps))]
         elif not live: return self.base(*args, **kwargs)
@@ -204,12 +213,90 @@ class AttentionLoRAUpdate(ParamLoRAUpdate):
         with torch.no_grad(): return tuple(D.to(torch.promote_types(D.dtype, torch.float32)) * self.scale
                                            for D in self.deltas(*self.factors))
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00001d
-def param_update_class(kw: dict) -> type:
-    "The update class a saved spec `kw` of a parameter's LoRA names: `AttentionLoRAUpdate` or `ParamLoRAUpdate`."
-    return AttentionLoRAUpdate if kw.get("attention") else ParamLoRAUpdate
+# %% ../nbs/07c_peft_layers.ipynb #7c00001e
+def _check_tokens(tokens, n: int) -> list[int]:
+    "`tokens` as a list of distinct row indices of an `n`-row embedding, else `TypeError`/`ValueError` naming them."
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)) or not tokens or \
+            not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise TypeError(f"tokens must be a non-empty list of token ids (ints), got {tokens!r}")
+    if bad := [t for t in tokens if not 0 <= t < n]:
+        raise ValueError(f"tokens {bad[:8]} are not rows of the embedding (0 to {n - 1})")
+    if len(set(tokens)) < len(tokens): raise ValueError(f"tokens must be distinct, got {list(tokens)}")
+    return [int(t) for t in tokens]
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000020
+# %% ../nbs/07c_peft_layers.ipynb #7c00001f
+class TokenUpdate(ParamLoRAUpdate):
+    "PEFT's trainable tokens: rows `tokens` of an `nn.Embedding`'s weight replaced by trained `values`."
+    kind, scale, rank, rslora = "tokens", 1.0, 0, False
+    peft_names = {"values": "token_adapter.trainable_tokens_delta"}  # PEFT's tensor name, under the embedding's
+
+    def __init__(self, base: nn.Module, parameter: str = "weight", tokens: list = (),
+                 dtype: torch.dtype | None = None):  # the values' dtype; default: float32 for half precision
+        if not isinstance(base, nn.Embedding):
+            raise TypeError(f"trainable tokens adapt an nn.Embedding, got {type(base).__name__}")
+        P = _target_parameter(base, "weight")
+        if parameter != "weight": raise ValueError(f"trainable tokens adapt the weight, got parameter={parameter!r}")
+        if dtype is not None and dtype not in Update.dtypes:
+            raise ValueError(f"dtype must be a real floating dtype, one of {Update.dtypes}, got {dtype!r}")
+        nn.Module.__init__(self)
+        self.parameter, self.shape, self.tokens = "weight", tuple(P.shape), _check_tokens(tokens, P.shape[0])
+        self.transposed, self.experts, self.d_out, self.d_in = False, 1, P.shape[1], P.shape[0]
+        self.register_buffer("index", torch.tensor(self.tokens, device=P.device), persistent=False)
+        dt = dtype or (torch.float32 if P.element_size() < 4 else P.dtype)
+        self.values = nn.Parameter(P.detach()[self.index].to(dt).clone())  # PEFT's start: the rows themselves
+        self.spec = dict(parameter="weight", tokens=self.tokens, dtype=dtype)
+
+    factors = property(lambda self: (self.values,))
+
+    def fold(self, Ws: list, factors) -> list:
+        "The weight with rows `tokens` replaced by `values` (PEFT's `index_copy`), differentiable in `values`."
+        return [Ws[0].index_copy(0, self.index.to(Ws[0].device), factors[0].to(Ws[0].dtype))]
+
+    def delta_weight(self) -> torch.Tensor:
+        "The trained rows, detached (what replaces `W0[tokens]`)."
+        return self.values.detach().clone()
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000022
+def select_tokens(model: nn.Module, tokens) -> dict[str, list]:
+    "The embeddings PEFT's `trainable_token_indices` picks in `model`, with their token ids, checked."
+    if isinstance(tokens, dict): layers = tokens
+    else:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        layers = {next((n for n, m in model.named_modules() if m is emb), "embed_tokens"): tokens}
+    if not layers or not all(isinstance(k, str) and k for k in layers):
+        raise TypeError(f"trainable_token_indices must be a list of token ids or a map of module names to them, "
+                        f"got {tokens!r}")
+    holders = {}
+    for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
+    tied, out = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)), {}
+    for key, ids in layers.items():
+        if not (hits := [n for n in _outer_names(model) if n.endswith(key)]):
+            raise ValueError(f"trainable_token_indices: {key!r} matches no module of the model")
+        for n in hits:
+            m = model.get_submodule(n)
+            base = m.base if isinstance(m, ParamLayer) else m
+            if not isinstance(base, nn.Embedding):
+                raise TypeError(f"trainable_token_indices: module {n!r} is a {type(base).__name__}; trainable tokens "
+                                f"are built for nn.Embedding only")
+            if tied or len(holders.get(id(base.weight), [])) > 1:
+                raise ValueError(f"trainable_token_indices on {n!r}: its weight is tied to the output head (PEFT "
+                                 f"then trains the head's rows too), which is not supported: untie it, or use "
+                                 f"modules_to_save")
+            out[n] = _check_tokens(ids, base.num_embeddings)
+    return out
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000024
+def token_key(key: str, prefix: str) -> tuple | None:
+    "`(module, 'values')` for PEFT's name (under `prefix`) of a trainable-tokens tensor, else `None`."
+    tail = "." + TokenUpdate.peft_names["values"]
+    return (key[len(prefix):-len(tail)], "values") if key.startswith(prefix) and key.endswith(tail) else None
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000026
+def param_update_class(kw: dict) -> type:
+    "The update class a saved spec `kw` names: `TokenUpdate`, `AttentionLoRAUpdate` or `ParamLoRAUpdate`."
+    return TokenUpdate if "tokens" in kw else AttentionLoRAUpdate if kw.get("attention") else ParamLoRAUpdate
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000029
 def select_parameters(model: nn.Module, target_parameters) -> dict[str, str]:
     "The parameters PEFT's `target_parameters` choose in `model`: `{module name: parameter name}`, checked."
     if isinstance(target_parameters, str) or not isinstance(target_parameters, (list, tuple, set)) or \
@@ -238,15 +325,15 @@ def select_parameters(model: nn.Module, target_parameters) -> dict[str, str]:
                          f"{[k for k, _ in model.named_parameters()][:8]}")
     return found
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000023
+# %% ../nbs/07c_peft_layers.ipynb #7c00002c
 PEFT_LAYER_OPTIONS = ("target_parameters", "trainable_token_indices")  # inject's keywords handled in this chapter
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000024
+# %% ../nbs/07c_peft_layers.ipynb #7c00002d
 def _attention(m: nn.Module) -> bool:
     "Whether `m` is an `nn.MultiheadAttention`, or the `ParamLayer` adapting one."
     return isinstance(m.base if isinstance(m, ParamLayer) else m, nn.MultiheadAttention)
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000025
+# %% ../nbs/07c_peft_layers.ipynb #7c00002e
 def peft_layers_needed(model, targets, options: dict) -> bool:
     "Whether an `inject` call needs this chapter: `options` name one of `PEFT_LAYER_OPTIONS`, or `targets` an MHA."
     if set(options) & set(PEFT_LAYER_OPTIONS): return True
@@ -254,7 +341,7 @@ def peft_layers_needed(model, targets, options: dict) -> bool:
     try: return any(_attention(m) and target_matches(n, targets) for n, m in model.named_modules() if n)
     except (re.error, TypeError): return False  # inject's own checks name the problem
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000026
+# %% ../nbs/07c_peft_layers.ipynb #7c00002f
 def _split_targets(model: nn.Module, targets, choosing: dict) -> tuple[list, list]:
     "The modules PEFT's `targets` (with the `choosing` options) pick: `(attention modules, other layers)`."
     if targets is None: return [], []
@@ -265,81 +352,94 @@ def _split_targets(model: nn.Module, targets, choosing: dict) -> tuple[list, lis
                          f"adapts out_proj itself; target the attention module alone")
     return att, [n for n in chosen if n not in att]
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000027
+# %% ../nbs/07c_peft_layers.ipynb #7c000030
 def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "default", rank=None, alpha=None,
                        dropout: float = 0.0, rslora: bool = False, dora: bool = False, rank_pattern=None,
                        alpha_pattern=None, modules_to_save=None, exclude_modules=None, layers_to_transform=None,
                        layers_pattern=None, options: dict | None = None) -> nn.Module:
-    "`inject` where PEFT builds other wrappers: LoRA on the parameters `target_parameters` picks, on MHA modules."
+    "`inject` where PEFT builds other wrappers: parameters `target_parameters` picks, MHA modules, trainable tokens."
     options = dict(options or {})
-    if (tokens := options.pop("trainable_token_indices", None)) is not None:
-        raise ValueError(f"trainable_token_indices={tokens!r} (PEFT's TrainableTokens wrapper) is not supported: "
-                         f"train the embedding in full with modules_to_save instead")
-    params = options.pop("target_parameters", None)  # None: PEFT's default, no parameter
-    found = {} if params is None else select_parameters(model, params)
+    params, tokens = options.pop("target_parameters", None), options.pop("trainable_token_indices", None)
+    found = {} if params is None else select_parameters(model, params)  # None: PEFT's default, none
+    picked = {} if tokens is None else select_tokens(model, tokens)
     choosing = dict(exclude_modules=exclude_modules, layers_to_transform=layers_to_transform,
                     layers_pattern=layers_pattern, modules_to_save=modules_to_save)
     att, rest = _split_targets(model, targets, choosing)
-    if not (found or att):  # nothing of this chapter's: the plain `inject`
+    if not (found or att or picked):  # nothing of this chapter's: the plain `inject`
         return inject(model, method, targets=targets, name=name, rank=rank, alpha=alpha, dropout=dropout,
                       rslora=rslora, dora=dora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **choosing,
                       **options)
     if not (isinstance(method, str) and method.lower() == "lora"):
-        what = "target_parameters" if found else f"modules {att[:4]} (nn.MultiheadAttention)"
+        what = "target_parameters" if found else "trainable_token_indices" if picked else f"modules {att[:4]}"
         raise ValueError(f"{what}: PEFT adapts them with LoRA only, got method={method!r}")
-    if dropout or dora:
-        raise ValueError(f"dropout={dropout}, dora={dora}: PEFT's LoRA on a parameter refuses lora_dropout and "
-                         f"use_dora, and on nn.MultiheadAttention refuses use_dora and never applies lora_dropout")
-    if options: raise ValueError(f"options {list(options)} do not apply to LoRA on parameters or attention modules")
-    opts = _method_options("lora", 0.0, rslora, False, {})
+    if picked and not (rest or att or found):
+        raise TypeError("trainable_token_indices needs targets (PEFT's LoraConfig needs target_modules too)")
+    if (found or att) and (dropout or dora or options):
+        raise ValueError(f"dropout={dropout}, dora={dora}, options {list(options)}: PEFT's LoRA on a parameter "
+                         f"refuses lora_dropout, use_dora and the other options; on nn.MultiheadAttention it "
+                         f"refuses use_dora and never applies lora_dropout")
+    opts = _method_options("lora", dropout, rslora, dora, options)
     plan = {} if not rest else plan_injection(model, "lora", exact_targets(rest), rank, alpha, opts, name=name,
                                               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     taken = list(plan) + att
-    if both := [n for n in found if any(n == p or n.startswith(p + ".") or p.startswith(n + ".") for p in taken)]:
-        raise ValueError(f"modules {both[:4]} are chosen by targets and hold a parameter target_parameters picks: "
-                         f"a module is adapted one way (as PEFT)")
-    saved = plan_saved(model, modules_to_save, list(plan) + att + list(found))
+    if both := [n for n in [*found, *picked] if any(n == p or n.startswith(p + ".") or p.startswith(n + ".")
+                                                    for p in taken)]:
+        raise ValueError(f"modules {both[:4]} are chosen by targets and by target_parameters or "
+                         f"trainable_token_indices: a module is adapted one way (as PEFT)")
+    saved = plan_saved(model, modules_to_save, taken + list(found) + list(picked))
     value = lambda key: [pattern_value(p, key, v) for p, v in ((rank_pattern, rank), (alpha_pattern, alpha))]
     spec = lambda r, a, **kw: dict(method="lora", rank=8 if r is None else r, alpha=a, rslora=bool(rslora), **kw)
     specs = {n: dict(method="lora", **_update_kwargs("lora", *value(n), opts)) for n in plan}
     specs |= {n: spec(*value(n), parameter="in_proj_weight", attention=True) for n in att}
     specs |= {n: spec(*value(f"{n}.{p}"), parameter=p) for n, p in found.items()}  # PEFT's key: `<module>.<name>`
+    specs |= {n: dict(method="lora", parameter="weight", tokens=ids) for n, ids in picked.items()}
     return install(model, name, specs, saved=saved)  # every update built and checked before the first change
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000028
+# %% ../nbs/07c_peft_layers.ipynb #7c000031
 def param_update(layer: nn.Module, kw: dict, name: str) -> ParamLoRAUpdate:
     "The parameter LoRA the keyword arguments `kw` (a saved spec) build on module `name`, `layer`; errors name it."
     try: return param_update_class(kw)(layer, **kw)
     except (ValueError, TypeError) as e: raise type(e)(f"module {name!r} ({type(layer).__name__}): {e}") from None
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000029
+# %% ../nbs/07c_peft_layers.ipynb #7c000032
 ParamLoRAUpdate.layer_class = ParamLayer  # what `install` puts in the module's place
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00002d
+# %% ../nbs/07c_peft_layers.ipynb #7c000036
 def peft_parameter_config(model: nn.Module, config: dict, ups: dict, bases: dict) -> dict:
-    "PEFT's `config` for the updates `ups` (on layers `bases`) with their parameter LoRAs in `target_parameters`."
+    "PEFT's `config` for the updates `ups` (on layers `bases`) with this chapter's in their own fields."
     params = {n: u for n, u in ups.items() if getattr(u, "kind", None) == "parameter"}
-    if not params: return config
-    wanted, others = [f"{n}.{u.parameter}" for n, u in params.items()], [n for n in ups if n not in params]
-    if (picked := select_parameters(model, wanted)) != {n: u.parameter for n, u in params.items()}:
+    toks = {n: u for n, u in ups.items() if getattr(u, "kind", None) == "tokens"}
+    if not (params or toks): return config
+    others = [n for n in ups if n not in params and n not in toks]
+    wanted = [f"{n}.{u.parameter}" for n, u in params.items()]
+    if params and (picked := select_parameters(model, wanted)) != {n: u.parameter for n, u in params.items()}:
         raise ValueError(f"target_parameters {wanted[:4]} would also pick {sorted(set(picked) - set(params))[:4]} "
                          f"(PEFT's suffix rule): cannot be exported to PEFT")
+    if toks and (picked := select_tokens(model, {n: u.tokens for n, u in toks.items()})) != \
+            {n: u.tokens for n, u in toks.items()}:
+        raise ValueError(f"trainable_token_indices {list(toks)[:4]} would also pick "
+                         f"{sorted(set(picked) - set(toks))[:4]} (PEFT's suffix rule): cannot be exported to PEFT")
     key = lambda n: "^" + re.escape(n)
     rename = {key(n): key(f"{n}.{u.parameter}") for n, u in params.items()}
     renamed = lambda pattern: {rename.get(k, k): v for k, v in (pattern or {}).items()}
     fans = {layer_kind(bases[n]) == "linear" and not isinstance(bases[n], nn.Linear) for n in others}  # Conv1D
     if len(fans) > 1: raise ValueError(f"PEFT has one fan_in_fan_out per adapter; these modules differ: {others}")
-    return dict(config, target_modules=exact_targets(others) if others else None, target_parameters=wanted,
+    return dict(config, target_modules=exact_targets(others) if others else None, target_parameters=wanted or None,
+                trainable_token_indices={n: u.tokens for n, u in toks.items()} or None,
                 rank_pattern=renamed(config.get("rank_pattern")), alpha_pattern=renamed(config.get("alpha_pattern")),
                 fan_in_fan_out=bool(fans and fans.pop()))
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00002e
-def peft_parameter_kw(config: dict, n: str, layer: nn.Module, kw: dict, what: str) -> dict:
-    "`kw` for module `n` (`layer`) of a PEFT LoRA `config`; for an MHA or a parameter `target_parameters` picks: its."
+# %% ../nbs/07c_peft_layers.ipynb #7c000037
+def peft_parameter_kw(model: nn.Module, config: dict, n: str, layer: nn.Module, kw: dict, what: str) -> dict:
+    "`kw` for module `n` (`layer`) of `model` in a PEFT `config`; for trainable tokens, an MHA or a parameter: theirs."
     if config.get("peft_type") != "LORA":
-        if config.get("target_parameters"):
-            raise ValueError(f"{what}: target_parameters in a {config.get('peft_type')} config: it is LoRA's option")
+        if bad := [k for k in ("target_parameters", "trainable_token_indices") if config.get(k)]:
+            raise ValueError(f"{what}: {bad} in a {config.get('peft_type')} config: they are LoRA's options")
         return kw
+    if (tokens := config.get("trainable_token_indices")) is not None:
+        try: picked = select_tokens(model, tokens)
+        except (TypeError, ValueError) as e: raise ValueError(f"{what}: {e}") from None
+        if n in picked: return dict(parameter="weight", tokens=picked[n])
     if isinstance(layer, nn.MultiheadAttention):  # PEFT's attention LoRA: its lora_dropout never applies
         if config.get("use_dora"): raise ValueError(f"{what}: module {n!r}: PEFT refuses use_dora on attention")
         return dict(parameter="in_proj_weight", rank=kw["rank"], alpha=kw["alpha"], rslora=bool(kw.get("rslora")),
@@ -360,7 +460,7 @@ def peft_parameter_kw(config: dict, n: str, layer: nn.Module, kw: dict, what: st
                 alpha=pattern_value(config.get("alpha_pattern"), key, config["lora_alpha"]),
                 rslora=bool(config.get("use_rslora")))
 
-# %% ../nbs/07c_peft_layers.ipynb #7c00002f
+# %% ../nbs/07c_peft_layers.ipynb #7c000038
 def peft_layer_problem(u) -> str | None:
     "Why `export_peft`/`import_peft` refuse update `u` of this chapter, or `None`."
     if getattr(u, "kind", None) != "attention": return None
@@ -368,7 +468,7 @@ def peft_layer_problem(u) -> str | None:
             "its merge; huggingface/peft#3774), so a PEFT file of it would not mean what this adapter does: use "
             "save_adapter()")
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000031
+# %% ../nbs/07c_peft_layers.ipynb #7c00003a
 def attention_keys(model: nn.Module, keys: dict) -> dict:
     "PEFT's `(module, factor)` of its tensors, with an attention module's `out_proj` ones as ours: `(mha, 'out_A')`."
     mods, out = dict(model.named_modules()), {}
@@ -377,7 +477,7 @@ def attention_keys(model: nn.Module, keys: dict) -> dict:
         out[k] = (parent, f"out_{f}") if parent != n and parent in mods and _attention(mods[parent]) else (n, f)
     return out
 
-# %% ../nbs/07c_peft_layers.ipynb #7c000035
+# %% ../nbs/07c_peft_layers.ipynb #7c00003e
 def refuse_peft_layers(model: nn.Module, names: list, what: str) -> None:
     "`ValueError` naming the modules where adapters `names` are this chapter's LoRAs, which `what` does not take."
     ours = lambda a: isinstance(a, ParamLayer) and bool(set(names) & set(a.updates))

@@ -180,3 +180,53 @@ def test_multihead_attention_as_peft_but_its_double_out_proj(tmp_path):
     with pytest.raises(ValueError, match="DoRA"):
         peft.get_peft_model(Attn(), peft.LoraConfig(target_modules=["mha"], r=2, use_dora=True))
     with pytest.raises(ValueError, match="use_dora"): lt.inject(Attn(), "lora", targets=["mha"], rank=2, dora=True)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_trainable_tokens_both_ways_with_peft(tmp_path):
+    ids = torch.tensor([[1, 5, 7, 2, 5, 30]])
+    made = randomize(peft.get_peft_model(tiny_llama(), peft.LoraConfig(target_modules=["q_proj"], r=2, lora_alpha=4,
+                                                                       trainable_token_indices=[5, 7])), seed=4)
+    made.save_pretrained(tmp_path / "from_peft")
+    ours = lt.import_peft(tiny_llama(), tmp_path / "from_peft")
+    assert type(ours.model.embed_tokens.updates["default"]).__name__ == "TokenUpdate"
+    logits = made(ids).logits
+    assert not torch.allclose(logits, tiny_llama()(ids).logits)
+    torch.testing.assert_close(ours(ids).logits, logits)
+    lt.merge(ours); made.merge_adapter()
+    torch.testing.assert_close(ours.model.embed_tokens.base.weight, made.base_model.model.model.embed_tokens
+                               .token_adapter.base_layer.weight)
+    torch.testing.assert_close(ours(ids).logits, logits)
+    with lt.disable_adapters(ours): torch.testing.assert_close(ours(ids).logits, tiny_llama()(ids).logits)
+    lt.unmerge(ours)
+    assert torch.equal(ours.model.embed_tokens.base.weight, tiny_llama().model.embed_tokens.weight)
+    theirs = lt.inject(tiny_llama(), "lora", targets=["v_proj"], rank=2, alpha=2,
+                       trainable_token_indices={"embed_tokens": [3, 4]})
+    randomize(theirs, seed=5)
+    y = theirs(ids := torch.tensor([[3, 4, 9, 4]])).logits
+    lt.export_peft(theirs, tmp_path / "to_peft")
+    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "to_peft")
+    torch.testing.assert_close(again(ids).logits, y)
+    torch.testing.assert_close(lt.load_adapter(tiny_llama(), lt.save_adapter(theirs, tmp_path / "ours"))(ids).logits, y)
+    lt.delete_adapter(theirs, "default")
+    assert type(theirs.model.embed_tokens) is nn.Embedding
+
+
+def test_trainable_tokens_on_a_tied_head_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2,
+                                                                    n_positions=16)).eval()
+    with pytest.raises(ValueError, match="tied to the output head"):
+        lt.inject(gpt2(), "lora", targets=["c_attn"], rank=2, trainable_token_indices=[1, 2])
+    made = peft.get_peft_model(gpt2(), peft.LoraConfig(target_modules=["c_attn"], r=2, trainable_token_indices=[1, 2]))
+    made.save_pretrained(tmp_path / "tied")
+    with pytest.raises(ValueError, match="tied to the output head"): lt.import_peft(gpt2(), tmp_path / "tied")
