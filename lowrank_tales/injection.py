@@ -289,7 +289,7 @@ def build_update(model: nn.Module, name: str, spec: dict) -> Update:
     kw = dict(spec)
     if (method := kw.pop("method", None)) not in UPDATES:
         raise ValueError(f"module {name!r}: method must be one of {list(UPDATES)}, got {method!r}")
-    if "parameter" in kw: return _peft_layers().param_update(layer, kw, name)  # LoRA on a parameter (07c)
+    if "parameter" in kw: return _peft_layers().param_update(m, layer, kw, name)  # LoRA on a parameter (07c)
     try: return UPDATES[method](layer, **kw)
     except (ValueError, TypeError) as e:
         raise type(e)(f"module {name!r} ({type(layer).__name__} {tuple(layer.weight.shape)}): {e}") from None

@@ -126,6 +126,12 @@ class ParamLayer(AdaptedLayer):
     def add(self, name: str, update: ParamLoRAUpdate, active: bool = True) -> None:
         "Hold `update` (a LoRA on these parameters) as adapter `name`, active and trainable or inactive and frozen."
         if check_name(name) in self.updates: raise ValueError(f"the layer already has an adapter named {name!r}")
+        self.check_update(update)
+        self.updates[name] = update.train(self.training)
+        self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
+
+    def check_update(self, update) -> None:
+        "`ValueError` unless `update` can join this layer: the same parameters and shape, no token held twice."
         P = self.base.get_parameter(self.paths[0])
         if tuple(getattr(update, "paths", ())) != self.paths or update.shape != tuple(P.shape):
             raise ValueError(f"update must be a LoRA on parameters {self.paths} {tuple(P.shape)}, got "
@@ -134,8 +140,6 @@ class ParamLayer(AdaptedLayer):
         if both := sorted(held & set(getattr(update, "tokens", ()))):
             raise ValueError(f"tokens {both[:8]} are trained by another adapter of this embedding already (PEFT "
                              f"refuses overlapping trainable tokens too)")
-        self.updates[name] = update.train(self.training)
-        self._set(self.active + [name] if active else self.active, self.merged, self.disabled)
 
     weight = property(lambda self: self.base.weight, doc="The module's own `weight` (PEFT: adapters not applied).")
 
@@ -396,9 +400,13 @@ def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "d
     return install(model, name, specs, saved=saved)  # every update built and checked before the first change
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000031
-def param_update(layer: nn.Module, kw: dict, name: str) -> ParamLoRAUpdate:
-    "The parameter LoRA the keyword arguments `kw` (a saved spec) build on module `name`, `layer`; errors name it."
-    try: return param_update_class(kw)(layer, **kw)
+def param_update(m: nn.Module, layer: nn.Module, kw: dict, name: str) -> ParamLoRAUpdate:
+    """The update the keyword arguments `kw` (a saved spec) build on module `name`, `layer` (inside `m`, a `ParamLayer`
+    already there, or `layer` itself), checked against `m`; errors name the module."""
+    try:
+        u = param_update_class(kw)(layer, **kw)
+        if isinstance(m, ParamLayer): m.check_update(u)
+        return u
     except (ValueError, TypeError) as e: raise type(e)(f"module {name!r} ({type(layer).__name__}): {e}") from None
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000032
