@@ -88,8 +88,8 @@ def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
 # The package is library code only. A new module is added here on purpose; test catalogues, fixtures and a chapter's
 # own experiments live in tests/ or in the chapter's plain cells instead.
 LIBRARY_MODULES = {"__init__", "_modidx", "core", "kernels", "products", "alternating", "completion", "hadamard",
-                   "kronecker", "khatri_rao_decomposition", "adapters", "injection", "adapter_files", "peft_interop", "peft_layers",
-                   "extraction", "compression", "planning", "finetune",
+                   "kronecker", "khatri_rao_decomposition", "adapters", "injection", "adapter_files", "peft_interop",
+                   "peft_layers", "extraction", "compression", "planning", "finetune",
                    "distributed", "widgets"}
 TEST_TOOLS = {"pytest", "hypothesis", "fastcore.test", "unittest"}
 # Where a library module may write os.environ, and why: the worker of `launch` is a fresh process that `launch` spawns,
