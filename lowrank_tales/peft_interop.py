@@ -146,7 +146,7 @@ def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
             raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
                              f"{n!r}) would also pick {others[:4]}")
     lora = {n: u for n, u in ups.items() if u.kind != "tokens"}  # trainable tokens: no rank, no alpha
-    config = dict(peft_config(lora, bases), modules_to_save=list(copies) or None)
+    config = dict(peft_config(lora, {n: bases[n] for n in lora}), modules_to_save=list(copies) or None)
     config = peft_parameter_config(model, config, ups, bases)  # LoRAs on parameters: PEFT's target_parameters
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
@@ -296,15 +296,16 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
                          f"architecture?)")
     for n in names:
         layer = mods[n].base if isinstance(mods[n], Adapter) else mods[n]
-        if config.get("fan_in_fan_out") and (isinstance(layer, nn.Linear) or layer_kind(layer) != "linear"):
-            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT "
-                             f"means it for GPT-2's Conv1D)")
         kw = dict(rank=pattern_value(config.get("rank_pattern"), n, r),
                   alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
                                        dora=bool(config.get("use_dora")))
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1))
         kw = peft_parameter_kw(model, config, n, layer, kw, what)  # tokens, attention, a parameter: chapter 07c
+        if "parameter" not in kw and config.get("fan_in_fan_out") and (isinstance(layer, nn.Linear) or
+                                                                       layer_kind(layer) != "linear"):
+            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT "
+                             f"means it for GPT-2's Conv1D)")
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 

@@ -219,12 +219,22 @@ def test_trainable_tokens_both_ways_with_peft(tmp_path):
     assert type(theirs.model.embed_tokens) is nn.Embedding
 
 
-def test_trainable_tokens_on_a_tied_head_refused(tmp_path):
+def test_trainable_tokens_on_gpt2_untied_and_tied(tmp_path):
+    "GPT-2 (Conv1D layers, PEFT's fan_in_fan_out): untied, both ways with PEFT; tied, refused by name."
     transformers = pytest.importorskip("transformers")
-    def gpt2():
+    def gpt2(tie=True):
         torch.manual_seed(0)
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2,
-                                                                    n_positions=16)).eval()
+                                                                    n_positions=16, tie_word_embeddings=tie)).eval()
+    ids = torch.tensor([[1, 2, 5, 2]])
+    made = randomize(peft.get_peft_model(gpt2(False), peft.LoraConfig(target_modules=["c_attn"], r=2,
+                                                                      trainable_token_indices=[1, 2])), seed=6)
+    made.save_pretrained(tmp_path / "untied")
+    torch.testing.assert_close(lt.import_peft(gpt2(False), tmp_path / "untied")(ids).logits, made(ids).logits)
+    ours = randomize(lt.inject(gpt2(False), "lora", targets=["c_attn"], rank=2, trainable_token_indices=[2, 5]))
+    lt.export_peft(ours, tmp_path / "to_peft")
+    again = peft.PeftModel.from_pretrained(gpt2(False), tmp_path / "to_peft")
+    torch.testing.assert_close(again(ids).logits, ours(ids).logits)
     with pytest.raises(ValueError, match="tied to the output head"):
         lt.inject(gpt2(), "lora", targets=["c_attn"], rank=2, trainable_token_indices=[1, 2])
     made = peft.get_peft_model(gpt2(), peft.LoraConfig(target_modules=["c_attn"], r=2, trainable_token_indices=[1, 2]))
