@@ -22,6 +22,7 @@ from .injection import (SavedModule, _fill as _fill_state, _names, active_adapte
                                      check_model, install, saved_modules, shadow)
 from .injection import (BIASES, _adapter_biases, _adopt_biases, _bias_of, _bias_parameters,
                                      _check_bias, adapter_names)
+from .peft_layers import param_update_class
 try: import fcntl
 except ImportError: fcntl = None  # no advisory locks (Windows): a save then takes any journal it finds for stale
 
@@ -433,7 +434,7 @@ def _build(layer: nn.Module, spec: dict, where: str) -> Update:
     kw = from_json(dict(spec))
     method = kw.pop("method", None)
     if method not in UPDATES: raise ValueError(f"{where}: method {method!r} is not one of {list(UPDATES)}")
-    try: return UPDATES[method](layer, **kw)
+    try: return (param_update_class(kw) if "parameter" in kw else UPDATES[method])(layer, **kw)  # parameters: 07c
     except (TypeError, ValueError) as e: raise ValueError(f"{where}: {e}") from None
 
 # %% ../nbs/07a_adapter_files.ipynb #1c72b06b

@@ -289,9 +289,16 @@ def build_update(model: nn.Module, name: str, spec: dict) -> Update:
     kw = dict(spec)
     if (method := kw.pop("method", None)) not in UPDATES:
         raise ValueError(f"module {name!r}: method must be one of {list(UPDATES)}, got {method!r}")
+    if "parameter" in kw: return _peft_layers().param_update(m, layer, kw, name)  # LoRA on a parameter (07c)
     try: return UPDATES[method](layer, **kw)
     except (ValueError, TypeError) as e:
         raise type(e)(f"module {name!r} ({type(layer).__name__} {tuple(layer.weight.shape)}): {e}") from None
+
+# %% ../nbs/07_models.ipynb #7c0a1e01
+def _peft_layers():
+    "The chapter of PEFT's other wrappers (`peft_layers`, LoRA on a parameter), imported when first needed."
+    from lowrank_tales import peft_layers  # it imports this module: not at the top
+    return peft_layers
 
 # %% ../nbs/07_models.ipynb #6d464a85
 def _fill(named: dict, tensors: dict, prefix: str = "") -> None:
@@ -414,7 +421,8 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
     for n, u in updates.items():
         if isinstance(m := model.get_submodule(n), AdaptedLayer): m.add(name, u, active=False)
         else:
-            replace_module(model, n, new := LAYERS.get(u.method, AdaptedLayer)(m, name=name, update=u))
+            cls = getattr(u, "layer_class", LAYERS.get(u.method, AdaptedLayer))  # a parameter's: `ParamLayer`
+            replace_module(model, n, new := cls(m, name=name, update=u))
             new.set_active(new.active if first else []); new.set_disabled(off)
     for n, c in copies.items():
         if not isinstance(m := model.get_submodule(n), SavedModule):
@@ -455,6 +463,8 @@ def inject(model: nn.Module, method, *,
     """Add adapter `name` of `method` to every targeted layer (the first adapter freezes the rest); returns `model`.
 
     `method` may also be a `Plan` (from `plan`): its chosen method and size per layer, added as adapter `name`."""
+    if _peft_layers().peft_layers_needed(model, targets, options):  # PEFT's other wrappers (chapter 07c)
+        return _peft_layers().inject_peft_layers(**locals())
     if _is_plan(method):
         given = dict(targets=targets, rank=rank, dropout=dropout, rslora=rslora, dora=dora, rank_pattern=rank_pattern,
                      alpha_pattern=alpha_pattern, modules_to_save=modules_to_save, exclude_modules=exclude_modules,
@@ -670,7 +680,8 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
     for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
     for n in layers:
         m = model.get_submodule(n)
-        own, W = (f"{n}.base.weight", m.base.weight) if isinstance(m, Adapter) else (f"{n}.weight", m.weight)
+        p = m.__dict__.get("parameter", "weight")  # a `ParamLayer` adapts a parameter of its own name
+        own, W = (f"{n}.base.{p}", getattr(m.base, p)) if isinstance(m, Adapter) else (f"{n}.weight", m.weight)
         if len(others := [k for k in holders[id(W)] if k != own]):
             raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
                              "them too; untie them first (give the module a copy of the weight)")

@@ -22,6 +22,8 @@ from .adapter_files import (_as_original, _build, _cast_checked, _check_flag, _f
                                          _target_dtypes, _to_write, _bias_targets, _load_biases,
                                          check_folder, check_tensors, parse_config,
                                          parse_safetensors, read_files, write_files)
+from .peft_layers import (attention_keys, peft_layer_problem, peft_parameter_config, peft_parameter_kw,
+                                      token_key)
 
 # %% auto #0
 __all__ = ['PEFT_TYPES', 'PEFT_NAMES', 'PEFT_PREFIX', 'UNSUPPORTED_PEFT', 'PEFT_INERT', 'PEFT_APPLIED', 'peft_name', 'peft_shape',
@@ -39,6 +41,7 @@ PEFT_PREFIX = "base_model.model."
 
 def peft_name(u: Update, factor: str) -> str:
     "PEFT's name for the `factor` of update `u`."
+    if names := getattr(u, "peft_names", None): return names[factor]  # trainable tokens' (chapter 07c)
     if u.method == "lora" and u.kind == "embedding" and factor != "magnitude": return f"lora_embedding_{factor}"
     return PEFT_NAMES[u.method][factor]
 
@@ -58,6 +61,7 @@ def peft_shape(base: nn.Module, u: Update, factor: str) -> tuple:
 # %% ../nbs/07b_peft.ipynb #6844a8ff
 def peft_problem(base: nn.Module, u: Update) -> str | None:
     "Why update `u` on layer `base` cannot be written as a PEFT adapter, or `None`."
+    if why := peft_layer_problem(u): return why  # chapter 07c's wrappers
     if u.method == "lokh":
         return "LoKH has no PEFT equivalent (PEFT offers LoRA, LoHa and LoKr): use save_adapter() instead"
     if u.method == "loha" and u.ranks[0] != u.ranks[1]:
@@ -181,7 +185,9 @@ def _export_files(model: nn.Module, name: str) -> dict[str, bytes]:
         if others := [m for m in outer if m != n and m.endswith(n) and not m.startswith(n + ".")]:
             raise ValueError(f"module {n!r} cannot be exported to PEFT: its modules_to_save rule (names ending in "
                              f"{n!r}) would also pick {others[:4]}")
-    config = dict(peft_config(ups, bases), modules_to_save=list(copies) or None)
+    lora = {n: u for n, u in ups.items() if u.kind != "tokens"}  # trainable tokens: no rank, no alpha
+    config = dict(peft_config(lora, {n: bases[n] for n in lora}), modules_to_save=list(copies) or None)
+    config = peft_parameter_config(model, config, ups, bases)  # LoRAs on parameters: PEFT's target_parameters
     if (bias := _bias_of(model, name)) != "none": config["bias"] = bias  # only LoRA has one (inject refuses others)
     tensors = {f"{PEFT_PREFIX}{n}.{peft_name(u, k)}": p.detach().reshape(peft_shape(bases[n], u, k)).contiguous()
                for n, u in ups.items() for k, p in u.named_parameters()}
@@ -204,9 +210,8 @@ def export_peft(model: nn.Module, path, name=None) -> Path:
     return write_files(path, files)
 
 # %% ../nbs/07b_peft.ipynb #09ddf678
-UNSUPPORTED_PEFT = dict(lora_bias=False,
-                        trainable_token_indices=None, alora_invocation_tokens=None,
-                        target_parameters=None, layer_replication=None, use_qalora=False, megatron_config=None,
+UNSUPPORTED_PEFT = dict(lora_bias=False, alora_invocation_tokens=None,
+                        layer_replication=None, use_qalora=False, megatron_config=None,
                         velora_config=None, monteclora_config=None, use_bdlora=None, arrow_config=None,
                         kasa_config=None, ensure_weight_tying=False)
 
@@ -217,7 +222,8 @@ PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mo
               "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "init_weights"}
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights",
-                "bias", "rank_dropout", "module_dropout", "rank_dropout_scale"}
+                "bias", "rank_dropout", "module_dropout", "rank_dropout_scale", "target_parameters",
+                "trainable_token_indices"}
 PEFT_APPLIED |= {"use_effective_conv2d", "decompose_both"}  # PEFT's Tucker kernels; LoKr's A = A1 A2
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
@@ -338,9 +344,6 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
                          f"architecture?)")
     for n in names:
         layer = mods[n].base if isinstance(mods[n], Adapter) else mods[n]
-        if config.get("fan_in_fan_out") and (isinstance(layer, nn.Linear) or layer_kind(layer) != "linear"):
-            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT "
-                             f"means it for GPT-2's Conv1D)")
         kw = dict(rank=pattern_value(config.get("rank_pattern"), n, r),
                   alpha=pattern_value(config.get("alpha_pattern"), n, alpha))
         if method == "lora": kw.update(dropout=config.get("lora_dropout") or 0.0, rslora=bool(config.get("use_rslora")),
@@ -351,6 +354,11 @@ def _peft_specs(model: nn.Module, config: dict, method: str, names: list, what: 
         if method == "lokr": kw.update(factor=config.get("decompose_factor", -1),
                                        rank_dropout_scale=bool(config.get("rank_dropout_scale")),
                                        decompose_both=config.get("decompose_both", False))
+        kw = peft_parameter_kw(model, config, n, layer, kw, what)  # tokens, attention, a parameter: chapter 07c
+        if "parameter" not in kw and config.get("fan_in_fan_out") and (isinstance(layer, nn.Linear) or
+                                                                       layer_kind(layer) != "linear"):
+            raise ValueError(f"{what} uses fan_in_fan_out=True on module {n!r}, a {type(layer).__name__} (PEFT "
+                             f"means it for GPT-2's Conv1D)")
         specs[n] = _spec(_build(shadow(layer), dict(kw, method=method), f"{what}, module {n!r}"))
     return specs
 
@@ -389,11 +397,13 @@ def import_peft(model: nn.Module, path, name: str = "default", *, trainable: boo
     bias = config.get("bias") or "none"
     tensors, found_biases = _split_biases(tensors, bias, saved)
     of_saved = {k: n for k in tensors for n in saved if k.startswith(f"{PEFT_PREFIX}{n}.")}
-    keys = {k: split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    keys = {k: token_key(k, PEFT_PREFIX) or split_peft_key(k, method, what) for k in tensors if k not in of_saved}
+    keys = attention_keys(model, keys)  # an nn.MultiheadAttention's out_proj tensors belong to its adapter
     if method == "lora" and config.get("init_lora_weights") in ("pissa", "olora"):
         config, tensors = _without_residual(model, config, tensors, keys, what)
     specs = _peft_specs(model, config, method, list(dict.fromkeys(n for n, _ in keys.values())), what)
-    _check_peft_targets(model, config, list(specs), what)  # after the checks of each module (missing, unadaptable)
+    layers = [n for n in specs if "parameter" not in specs[n]]  # target_parameters: checked by peft_parameter_kw
+    _check_peft_targets(model, config, layers, what)  # after the checks of each module (missing, unadaptable)
     ups, existing = _load_targets(model, name, specs, what)
     bases = {n: (lambda m: m.base if isinstance(m, Adapter) else m)(model.get_submodule(n)) for n in ups}
     for n, u in ups.items():  # what PEFT computes differently from us is refused, never imported with another meaning

@@ -18,6 +18,8 @@ from .injection import (METHODS, adapter_layers, adapter_names, build_update, ch
                                      check_targets, install, plan_injection, shadow, target_matches)
 from .extraction import (balanced_tsvd, build_shadow, check_method, fit_update, lokh_max_p,
                                       shadow_adapter, target_updates, update_matrix, weights_of)
+from .peft_layers import refuse_peft_layers
+
 
 # %% auto #0
 __all__ = ['energy_rank', 'effective_rank', 'stable_rank', 'rank_cap', 'Table', 'spectrum_row', 'Spectrum', 'spectrum',
@@ -489,6 +491,7 @@ def _check_convert(model, name, method, rank, energy) -> str:
     check_model(model)
     if name not in adapter_names(model):
         raise ValueError(f"name must be one of the model's adapters {adapter_names(model)}, got {name!r}")
+    refuse_peft_layers(model, [name], "convert_adapter")  # LoRAs on parameters, attention modules (chapter 07c)
     method = check_method(method)
     kinds = {n: layer_kind(a.base) for n, a in adapter_layers(model).items() if name in a.updates}
     if bad := [n for n, k in kinds.items() if k not in UPDATES[method].kinds]:
@@ -582,6 +585,7 @@ def _check_combination(model, names, weights, combination, rank) -> tuple[list, 
         raise ValueError(f"names must be a non-empty list of distinct adapter names, got {names!r}")
     if bad := [k for k in names if k not in adapter_names(model)]:
         raise ValueError(f"names {bad} are not adapters of the model; it has {adapter_names(model)}")
+    refuse_peft_layers(model, list(names), "add_weighted_adapter")  # LoRAs on parameters, attention (chapter 07c)
     if not isinstance(weights, (list, tuple)) or len(weights) != len(names):
         raise ValueError(f"weights must be a list of {len(names)} numbers (one per name), got {weights!r}")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):

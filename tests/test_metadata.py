@@ -89,7 +89,7 @@ def test_nbdev_clean_keeps_the_kernelspec(tmp_path):
 # own experiments live in tests/ or in the chapter's plain cells instead.
 LIBRARY_MODULES = {"__init__", "_modidx", "core", "kernels", "products", "alternating", "completion", "hadamard",
                    "kronecker", "khatri_rao_decomposition", "adapters", "injection", "adapter_files", "peft_interop",
-                   "extraction", "compression", "planning", "finetune",
+                   "peft_layers", "extraction", "compression", "planning", "finetune",
                    "distributed", "widgets"}
 TEST_TOOLS = {"pytest", "hypothesis", "fastcore.test", "unittest"}
 # Where a library module may write os.environ, and why: the worker of `launch` is a fresh process that `launch` spawns,
