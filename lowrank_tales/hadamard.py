@@ -228,7 +228,7 @@ def _hadamard_run(At, Om, F, sweep, reg, momentum, max_iter, tol, progress) -> t
     return state["F"], losses
 
 # %% ../nbs/03_hadamard.ipynb #b7c1e2a4
-ALL_MAX_ITER = type(DEFAULT_MAX_ITER)(500)  # the default cap per start with init="all" (a default cap: reaching it warns)
+ALL_MAX_ITER = type(DEFAULT_MAX_ITER)(500)  # init="all": the default cap per start (a default cap: reaching it warns)
 
 # %% ../nbs/03_hadamard.ipynb #231c2c38
 def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor, float32/float64
