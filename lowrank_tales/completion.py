@@ -112,7 +112,7 @@ def _transpose(S):
     return S.t() if is_tensor(S) else S.T
 
 # %% ../nbs/02_completion.ipynb #65524679
-_TORCH_OBSERVATIONS = 10 ** 5  # from this many numpy observations on, solve in torch: its sparse products use every thread
+_TORCH_OBSERVATIONS = 10 ** 5  # from this many numpy observations on, solve in torch (its sparse products: all threads)
 
 def _from_coo(rows, cols, vals, shape, ref) -> _Observed:
     "An `_Observed` from unordered (row, col, value) triples without duplicates: in torch, or in numpy+scipy when few."
