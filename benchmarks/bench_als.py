@@ -23,6 +23,13 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    The default (conjugate gradients at this rank) and the exact Cholesky solves are timed side by side, and both are
    fitted for 10 sweeps on 98 % of the ratings to compare their training and held-out RMSE (target: ≤ 1 s per
    iteration at the same RMSE).
+5. Completion at 2 M ratings against cmfrec (`--large`): no 2 M-rating data set loads offline, so `planted_ratings`
+   draws one -- 20,000 users × 10,000 films, MovieLens-like power-law activity and popularity, half stars from a planted
+   rank-64 model with biases and noise, whose noise floor (the RMSE of the planted mean) is known. A planted model
+   rather than MovieLens-small tiled with noise: tiling repeats users, which a rank-64 model memorises, and its "truth"
+   is unknown. Ours (`als(S, 64, biases=True)` at every default, 10 sweeps, half the default ridge) against cmfrec
+   (`CMF(k=64)` at its defaults and λ = 5, 20, 40), 2 threads each, fits interleaved, 90 % train / 10 % scored.
+   Target: ≤ 1 s per iteration and faster than cmfrec at equal RMSE.
 
     python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
     python benchmarks/bench_als.py --dense      # only part 1
@@ -30,6 +37,7 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
     python benchmarks/bench_als.py --scaling    # only the dense scaling: time per sweep against M and against K
     python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32), and part 4 at full size
     python benchmarks/bench_als.py --scale      # part 4 on the CPU (a tenth of the size)
+    python benchmarks/bench_als.py --large      # part 5 (OMP_NUM_THREADS=2: both sides on two threads)
 
 Results go to benchmarks/results/als.json (a run keeps the sections it did not redo).
 """
@@ -152,6 +160,85 @@ def completion_scale_part(device: str, n_users: int, n_items: int, n_ratings: in
             "users": n_users, "items": n_items, "ratings": int(len(vals)), "rank": rank, "dtype": "float32",
             "s_per_iter": per_iter["auto"], "fit_1_iter_s": times["auto 1"], "cholesky_s_per_iter": per_iter["cholesky"],
             "accuracy_sweeps": accuracy_sweeps, "heldout_fraction": 0.02, "accuracy": accuracy}
+
+
+def planted_ratings(n_users: int = 20_000, n_items: int = 10_000, n_ratings: int = 2_000_000, rank: int = 64,
+                    seed: int = 0):
+    """A 2 M-rating benchmark that ships offline: MovieLens-like popularity skew (user activity from a Pareto law, film
+    popularity from a Zipf law, each pair at most once, as `synthetic_ratings`) on a planted model with a known noise
+    floor: 3.5 + user bias (sd 0.35) + film bias (sd 0.45) + a rank-`rank` signal (sd 0.6) + noise (sd 0.5), rounded
+    to half stars in [0.5, 5]. Returns users, films, ratings (float32) and the planted mean of each rating (float64):
+    its RMSE against the ratings is the floor no model can beat on average."""
+    rng = np.random.default_rng(seed)
+    users, items, _ = synthetic_ratings(n_users, n_items, n_ratings, seed)  # only the (user, film) pairs are kept
+    U, V = rng.standard_normal((n_users, rank)), rng.standard_normal((n_items, rank))
+    signal = np.einsum("ij,ij->i", U[users], V[items]) * (0.6 / np.sqrt(rank))
+    mean = 3.5 + 0.35 * rng.standard_normal(n_users)[users] + 0.45 * rng.standard_normal(n_items)[items] + signal
+    vals = np.clip(np.round((mean + 0.5 * rng.standard_normal(len(users))) * 2) / 2, 0.5, 5.0)
+    return users, items, vals.astype(np.float32), mean
+
+
+# cmfrec 3.5's grid for its best λ at scale (its default is lambda_=10, a plain ridge); ours: its default weighted λ
+# (0.04·rms ≈ 0.14 here) and one alternative, half of it
+CMFREC_LARGE_LAMBDAS = (5.0, 10.0, 20.0, 40.0)
+OURS_LARGE_REG = 0.07
+
+
+def large_part(rank: int = 64, n_iter: int = 10, repeats: int = 2) -> dict:
+    """Completion at 2 M ratings, rank 64, on the CPU with the same threads on both sides: ours (`als(S, 64,
+    biases=True)` at every default, exactly `n_iter` sweeps, and half the default ridge) against cmfrec (its defaults,
+    k=64, and each λ of a small grid), on 90 % of the planted ratings (scipy CSR for ours, a pandas frame for cmfrec,
+    float32 both), scored on the other 10 % (films and users seen in training).
+    Fits interleaved round by round (each round in a fresh order), medians of `repeats` timed rounds after a warm-up
+    of ours; seconds per iteration = fit time / sweeps (each side's setup included, so alike)."""
+    import random
+    import pandas as pd
+    import scipy.sparse
+    from cmfrec import CMF
+    users, items, vals, mean = planted_ratings()
+    n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+    held = np.random.default_rng(1).random(len(vals)) < 0.1
+    tr = ~held
+    te = held & np.isin(items, items[tr]) & np.isin(users, users[tr])
+    S = scipy.sparse.csr_array((vals[tr], (users[tr], items[tr])), shape=(n_users, n_items))
+    frame = pd.DataFrame({"UserId": users[tr], "ItemId": items[tr], "Rating": vals[tr]})
+    threads = torch.get_num_threads()
+    truth = vals[te].astype(np.float64)
+    rmse = lambda pred: float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))
+    def ours(**kw):
+        f = als(S, rank, biases=True, seed=0, progress=False, **kw)
+        return f.n_iter, rmse(predict(f, users[te], items[te]))
+    def theirs(**kw):
+        model = CMF(k=rank, verbose=False, random_state=0, nthreads=threads, **kw)
+        model.fit(frame)
+        return model.niter, rmse(model.predict(user=users[te], item=items[te]))
+    fits = {"ours, defaults (als(S, 64, biases=True))": lambda: ours(),
+            f"ours, {n_iter} sweeps": lambda: ours(max_iter=n_iter, tol=0.0),
+            f"ours, reg={OURS_LARGE_REG:g} (half the default)": lambda: ours(reg=OURS_LARGE_REG),
+            "cmfrec, defaults (CMF(k=64): λ=10, 10 sweeps)": lambda: theirs()}
+    for lam in CMFREC_LARGE_LAMBDAS:
+        if lam != 10.0: fits[f"cmfrec, λ={lam:g}"] = lambda lam=lam: theirs(lambda_=lam)
+    ours()  # warm-up: torch's first sparse products
+    samples, order = {name: [] for name in fits}, random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(list(fits), len(fits)):
+            t = time.perf_counter(); sweeps, err = fits[name](); dt = time.perf_counter() - t
+            samples[name].append((dt, sweeps, err))
+    rows = []
+    for name, s in samples.items():
+        fit_s, sweeps, err = statistics.median(x[0] for x in s), s[-1][1], s[-1][2]
+        rows.append({"model": name, "heldout_rmse": err, "fit_s": fit_s, "sweeps": sweeps, "s_per_iter": fit_s / sweeps})
+    best = min((r for r in rows if r["model"].startswith("cmfrec")), key=lambda r: r["heldout_rmse"])
+    for r in rows:
+        r["speedup_vs_cmfrec_best"] = best["fit_s"] / r["fit_s"]
+        r["rmse_vs_cmfrec_best"] = r["heldout_rmse"] - best["heldout_rmse"]
+    floor = float(np.sqrt(np.mean((mean[te] - truth) ** 2)))
+    return {"data": "planted rank-64 + biases + noise, half stars, MovieLens-like power-law degrees (planted_ratings)",
+            "users": n_users, "items": n_items, "ratings": int(len(vals)), "train": int(tr.sum()), "scored": int(te.sum()),
+            "rank": rank, "threads": threads, "repeats": repeats, "dtype": "float32 (both)",
+            "noise_floor_rmse": floor, "cmfrec_best": best["model"], "rows": rows,
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "target": "≤ 1 s per iteration and faster than cmfrec at equal RMSE"}
 
 
 def movielens():
@@ -338,6 +425,8 @@ def main():
     p.add_argument("--dense", action="store_true"); p.add_argument("--completion", action="store_true"); p.add_argument("--gpu", action="store_true")
     p.add_argument("--scaling", action="store_true", help="only the dense scaling (time against size and rank)")
     p.add_argument("--scale", action="store_true", help="only completion at scale on the CPU (a tenth of MovieLens-20M's size)")
+    p.add_argument("--large", action="store_true",
+                   help="only completion at 2 M planted ratings, rank 64, against cmfrec (same threads)")
     p.add_argument("--no-spark", action="store_true", help="leave Spark's ALS out of the completion comparison")
     args = p.parse_args()
     path = RESULTS / "als.json"
@@ -350,7 +439,12 @@ def main():
             print(table(r["rows"], ["K", "sweep_s", "fraction_of_peak", "sweep/floor", "memory_floor_ratio"]))
         results["completion_gpu"] = c = completion_scale_part("cuda", 138_493, 26_744, 20_000_263)
         print(f"\ncompletion at scale on {c['device']}: {c['ratings']:,} ratings, rank {c['rank']}: {c['s_per_iter']:.3f} s per iteration")
-    both = not (args.dense or args.completion or args.gpu or args.scaling or args.scale)
+    both = not (args.dense or args.completion or args.gpu or args.scaling or args.scale or args.large)
+    if args.large:
+        results["completion_large"] = c = large_part()
+        print(f"\ncompletion at 2 M ratings against cmfrec ({c['threads']} threads): {c['ratings']:,} planted ratings, "
+              f"{c['users']:,} × {c['items']:,}, rank {c['rank']}, noise floor RMSE {c['noise_floor_rmse']:.4f}")
+        print(table(c["rows"], ["model", "heldout_rmse", "fit_s", "sweeps", "s_per_iter", "speedup_vs_cmfrec_best"]))
     if args.scale:
         results["completion_scale_cpu"] = c = completion_scale_part("cpu", 13_849, 2_674, 2_000_026)
         print(f"\ncompletion at scale on the CPU ({c['threads']} threads): {c['ratings']:,} ratings, {c['users']:,} × {c['items']:,}, "

@@ -5,19 +5,21 @@
    (one column at a time, an m×m `np.diag` weight matrix per column, `np.linalg.solve`), and the same block descent
    vectorised in numpy (every Gram matrix of a block by one BLAS product, one batched `np.linalg.solve`): the fair
    reference for speed.
-2. Hadamard, error against wall time: `hadamard_als(init="all")` (Gillis et al.'s four SVD-based starts, our momentum)
-   against Gillis et al. (2026)'s algorithm as they describe it (exact four-block descent with extrapolation
-   β = 0.75, β̄ = 1, γ = 1.05, γ̄ = 1.01, η = 1.5, a sweep rejected when the error increases; their four starts from
-   numpy's SVD, the best fit kept), vectorised in numpy, up to 1000 sweeps per start; and the same algorithm
-   column by column (its time per sweep measured, its iterates those of the vectorised form).
+2. Hadamard, error against wall time, best of four starts after n sweeps each (up to 500, the default cap of
+   `init="all"`): `hadamard_als(init="all")` (Gillis et al.'s four SVD-based starts, Wertz et al.'s momentum rule),
+   the same with Gillis et al.'s rule (`momentum="gillis"`), Gillis et al. (2026)'s algorithm as their published
+   code runs it (github.com/StefanoSicilia/Hadamard-Decomposition, `loop_BCD`: exact four-block descent with
+   extrapolation β = 0.75, β̄ = 1, γ = 1.05, γ̄ = 1.01, η = 1.5; a try is undone when its error is not below the
+   previous try's; their four starts from numpy's SVD, the best fit kept), vectorised in numpy; the plain vectorised
+   block descent (numpy, β = 0); and their algorithm column by column (time per sweep measured, same iterates).
 3. Kronecker and Khatri-Rao: the closed forms (`kronecker_als`, `khatri_rao_als`, method="svd") against fitting the
    same structure by Adam in torch (learning rate picked from a grid), until Adam's error is within 0.1% of ours.
 
 Timings are interleaved (each round calls every function once, in a fresh random order) and the medians of the repeats
 after a warm-up are reported; both sides run single-threaded (OMP_NUM_THREADS=1 unless set) because the machine's 2
 cores are shared (the load average is recorded at the start and at the end).
-Run: `.venv/bin/python benchmarks/bench_structured.py` (about ten minutes on 2 shared CPU cores). Writes
-`benchmarks/results/structured.json`.
+Run: `.venv/bin/python benchmarks/bench_structured.py` (about ten minutes on 2 shared CPU cores), or with
+`--frontier` only part 2 (the other sections kept from the saved file). Writes `benchmarks/results/structured.json`.
 """
 from __future__ import annotations
 import os, sys, time
@@ -144,22 +146,30 @@ def _to_target(curves, target):
         if e <= target: return n, t
     return None, None
 
-def _our_curve(X, r, init, sweeps):
+def _our_curve(X, r, init, sweeps, momentum=0.5):
     "Our fit from one start: errors after each sweep, and seconds (the start, then the mean sweep time added each sweep)."
     t0 = time.perf_counter(); hadamard_als(X, r, init=init, max_iter=0, progress=False); t_init = time.perf_counter() - t0
-    t0 = time.perf_counter(); f = hadamard_als(X, r, init=init, max_iter=sweeps, tol=0, progress=False)
+    t0 = time.perf_counter(); f = hadamard_als(X, r, init=init, max_iter=sweeps, tol=0, progress=False, momentum=momentum)
     total = time.perf_counter() - t0
     errs = np.sqrt(np.maximum(np.array(f.losses), 0)) / np.linalg.norm(X)
     return errs, t_init + np.arange(sweeps + 1) * (total - t_init) / sweeps
 
-def bench_frontier(name, X, r, target, published, sweeps=1000):
-    "Error against wall time: ours (init='all') and Gillis et al.'s algorithm (numpy), starts interleaved."
-    starts, ours, theirs = gillis_starts(X, r, r), [], []
+CONTENDERS = ("ours", "ours_gillis_rule", "gillis_numpy", "plain_numpy")
+
+
+def bench_frontier(name, X, r, target, published, sweeps=500):
+    """Error against wall time, best of the four starts after n sweeps each: ours (`init="all"`, its default momentum
+    rule), ours with Gillis et al.'s rule (`momentum="gillis"`), their algorithm (numpy, their starts), and the plain
+    vectorised block descent (numpy, their starts, no extrapolation); one start of each in turn."""
+    starts, curves = gillis_starts(X, r, r), {k: [] for k in CONTENDERS}
     t_starts = time.perf_counter(); gillis_starts(X, r, r); t_starts = time.perf_counter() - t_starts
-    for k, F in starts.items():  # interleaved: one start of ours, then the same start of theirs
-        ours.append(_our_curve(X, r, k, sweeps))
+    for k, F in starts.items():  # interleaved: one start of each contender in turn
+        curves["ours"].append(_our_curve(X, r, k, sweeps))
+        curves["ours_gillis_rule"].append(_our_curve(X, r, k, sweeps, momentum="gillis"))
         e, t = gillis_bcd(X, F, sweeps)
-        theirs.append((e, t + t_starts / 4))
+        curves["gillis_numpy"].append((e, t + t_starts / 4))
+        e, t = gillis_bcd(X, F, sweeps, mom=(0.0, 1.0, 1.05, 1.01, 1.5))  # β = 0: plain exact block descent
+        curves["plain_numpy"].append((e, t + t_starts / 4))
     col = lambda: gillis_bcd(X, starts["svd"], 3, ref_update)
     vec = lambda: gillis_bcd(X, starts["svd"], 3, vec_update)
     t = median_interleaved({"column": col, "numpy": vec}, repeats=3)
@@ -168,15 +178,15 @@ def bench_frontier(name, X, r, target, published, sweeps=1000):
     row = dict(case=f"hadamard {name} r={r}", shape=list(X.shape), target=target, published=published,
                sweeps_per_start=sweeps, column_form_same_iterates=bool(test_same),
                column_s_per_sweep=per_col, numpy_s_per_sweep_measured=per_vec)
-    for who, curves in (("ours", ours), ("gillis_numpy", theirs)):
+    for who, cs in curves.items():
         for n in sorted({n for n in (100, 300, sweeps) if n <= sweeps}):
-            e, s = _curve_at(curves, n)
+            e, s = _curve_at(cs, n)
             row[f"{who}_error_{n}"], row[f"{who}_s_{n}"] = float(e), float(s)
-        n, s = _to_target(curves, target)
+        n, s = _to_target(cs, target)
         row[f"{who}_sweeps_to_target"], row[f"{who}_s_to_target"] = n, None if s is None else float(s)
     n = row["gillis_numpy_sweeps_to_target"]
     row["gillis_column_s_to_target_est"] = None if n is None else 4 * n * per_col + t_starts
-    row["gillis_column_s_1000_est"] = 4 * sweeps * per_col + t_starts
+    row[f"gillis_column_s_{sweeps}_est"] = 4 * sweeps * per_col + t_starts
     return row
 
 
@@ -222,18 +232,34 @@ FRONTIER = (("Les Miserables", 4, 0.3824, 0.3824), ("Les Miserables", 6, 0.2224,
 
 
 def print_frontier(rows):
-    print(f"{'case':30} {'target':>7} | {'ours@100':>8} {'ours@1000':>9} {'sweeps':>6} {'time':>7} | "
-          f"{'ref@100':>8} {'ref@1000':>8} {'sweeps':>6} {'numpy':>7} {'columns':>8}")
-    fmt = lambda v, f: "never" if v is None else format(v, f) + ("s" if f.endswith("f") else "")
+    "Per case and contender: best-of-starts error at 100 and at the cap, sweeps and seconds to reach the target."
+    fmt = lambda v, f: "never" if v is None else format(v, f)
     for r in rows:
-        print(f"{r['case']:30} {r['target']:7.4f} | {r['ours_error_100']:8.4f} {r['ours_error_%d' % r['sweeps_per_start']]:9.4f} "
-              f"{fmt(r['ours_sweeps_to_target'], 'd'):>6} {fmt(r['ours_s_to_target'], '.2f'):>7} | "
-              f"{r['gillis_numpy_error_100']:8.4f} {r['gillis_numpy_error_%d' % r['sweeps_per_start']]:8.4f} "
-              f"{fmt(r['gillis_numpy_sweeps_to_target'], 'd'):>6} {fmt(r['gillis_numpy_s_to_target'], '.2f'):>7} "
-              f"{fmt(r['gillis_column_s_to_target_est'], '.1f'):>8}")
+        n = r["sweeps_per_start"]
+        print(f"{r['case']} (target {r['target']:.4f}; their column form: {r['column_s_per_sweep'] * 1e3:.1f} ms a sweep, "
+              f"est. {fmt(r['gillis_column_s_to_target_est'], '.1f')} s to target)")
+        for who in CONTENDERS:
+            print(f"    {who:18} @100 {r[f'{who}_error_100']:.4f}  @{n} {r[f'{who}_error_{n}']:.4f}  "
+                  f"sweeps to target {fmt(r[f'{who}_sweeps_to_target'], 'd'):>5}  "
+                  f"seconds {fmt(r[f'{who}_s_to_target'], '.2f'):>6}")
+
+
+def _save_frontier(frontier, load_start):
+    "`--frontier`: only the error-against-time part was rerun; the other saved sections stay, with their own record."
+    import json
+    from common import RESULTS
+    old = json.loads((RESULTS / "structured.json").read_text())
+    info = dict(machine(), blas_threads=os.environ["OPENBLAS_NUM_THREADS"], loadavg_at_start=load_start)
+    print("Hadamard error against wall time, best of four starts | " + " | ".join(f"{k}: {v}" for k, v in info.items()))
+    print_frontier(frontier)
+    out = {k: v for k, v in old.items() if k not in ("machine", "when")}
+    out.update(hadamard_frontier=frontier, frontier_info=dict(info, when=time.strftime("%Y-%m-%d %H:%M:%S")))
+    print(f"wrote {save('structured', out)}")
 
 
 def main():
+    """The whole benchmark (about ten minutes on 2 shared cores); `--frontier`: only the Hadamard error against wall
+    time, the other sections kept from the saved file."""
     import networkx as nx
     from skimage.data import camera
     from skimage.transform import resize
@@ -245,9 +271,10 @@ def main():
     digits = load_digits().data.T.copy()
     W = pretrained_like(512, 512)
     results = []
-    for name, X, r in (("Les Miserables", les, 4), ("camera", img, 8)):
+    for name, X, r in (("Les Miserables", les, 4), ("camera", img, 8)) if "--frontier" not in sys.argv[1:] else ():
         results.append(bench_hadamard(name, X, r))
     frontier = [bench_frontier(name, data[name], r, target, published) for name, r, target, published in FRONTIER]
+    if "--frontier" in sys.argv[1:]: return _save_frontier(frontier, load_start)
     results.append(bench_vs_adam("kronecker camera B 16x16, 8 terms", img, lambda: kronecker_als(img, (16, 16), terms=8),
                                  small_start([(8, 16, 16), (8, 16, 16)]), kron_sum))
     results.append(bench_vs_adam("kronecker pretrained-like 512x512 B 16x32, 4 terms", W, lambda: kronecker_als(W, (16, 32), terms=4),
@@ -271,7 +298,8 @@ def main():
         else:
             print(f"{r['case'] + ' (Adam)':66} {r['ours_s'] * 1e3:8.2f}ms {r['adam_s'] * 1e3:8.1f}ms {r['speedup']:7.1f}x"
                   f"   {r['ours_error']:.6f} / {r['adam_error']:.6f} ({r['adam_steps']} steps, lr {r['adam_lr']})")
-    print("\nHadamard error against wall time: ours (init='all') against Gillis et al.'s algorithm, best of four starts")
+    print("\nHadamard error against wall time, best of four starts: ours (init='all'), ours with Gillis et al.'s rule, "
+          "their algorithm and the plain block descent (numpy)")
     print_frontier(frontier)
     print(f"wrote {save('structured', dict(info=info, results=results, hadamard_frontier=frontier))}")
 

@@ -113,9 +113,11 @@ def _transpose(S):
     return S.t() if is_tensor(S) else S.T
 
 # %% ../nbs/02_completion.ipynb #65524679
+_TORCH_OBSERVATIONS = 10 ** 5  # from this many numpy observations on, solve in torch (its sparse products: all threads)
+
 def _from_coo(rows, cols, vals, shape, ref) -> _Observed:
-    "An `_Observed` from unordered (row, col, value) triples without duplicates, computed in numpy+scipy or torch."
-    if not is_tensor(vals) and _scipy_sparse_module() is None:
+    "An `_Observed` from unordered (row, col, value) triples without duplicates: in torch, or in numpy+scipy when few."
+    if not is_tensor(vals) and (_scipy_sparse_module() is None or len(vals) >= _TORCH_OBSERVATIONS):
         rows, cols, vals = (torch.from_numpy(np.asarray(x)) for x in (rows, cols, vals))
     M, N = shape
     argsort = torch.argsort if is_tensor(vals) else np.argsort

@@ -15,7 +15,7 @@ from .kernels import balanced_factors, batched_svd, fix_signs, spd_solve, weight
 from .products import face_split, khatri_rao
 
 # %% auto #0
-__all__ = ['masked_default_reg', 'hadamard_als']
+__all__ = ['GILLIS_MOMENTUM', 'ALL_MAX_ITER', 'masked_default_reg', 'hadamard_als']
 
 # %% ../nbs/03_hadamard.ipynb #6789fce9
 def _cholesky_solve_batch(G, B):
@@ -153,6 +153,20 @@ def _momentum_step(A, Om, F, sweep, reg, beta, beta_max, last):
     if loss < last: return F_new, loss, min(beta_max, 1.05 * beta), min(1.0, 1.01 * beta_max)
     return exact, _loss(A, Om, exact, reg), beta / 1.5, beta
 
+# %% ../nbs/03_hadamard.ipynb #b7c1e2a0
+GILLIS_MOMENTUM = 0.75  # the starting β of Gillis et al.'s rule (momentum="gillis"), as in their published code
+
+# %% ../nbs/03_hadamard.ipynb #b7c1e2a1
+def _gillis_step(A, Om, sweep, reg, s: dict) -> None:
+    "One sweep by Gillis et al.'s rule, updating the state `s`: kept if its loss beats the last try's, else undone."
+    F_new, _ = sweep(A, Om, s["F"], reg, s["beta"])
+    loss = _loss(A, Om, F_new, reg)
+    if loss < s["trial"]:
+        s.update(F=F_new, loss=loss, beta_old=s["beta"], beta=min(s["beta_max"], 1.05 * s["beta"]),
+                 beta_max=min(1.0, 1.01 * s["beta_max"]))
+    else: s.update(beta=s["beta"] / 1.5, beta_max=s["beta_old"])
+    s["trial"] = loss
+
 # %% ../nbs/03_hadamard.ipynb #3c9681f3
 def _check_ranks(ranks, shape) -> tuple:
     "`ranks` (an int r, or a pair (r1, r2)) as two ranks between 1 and min(M, N)."
@@ -162,10 +176,13 @@ def _check_ranks(ranks, shape) -> tuple:
     return tuple(check_int(r, "ranks", high=high, why=f" (min(M, N) for A of shape {tuple(shape)})") for r in pair)
 
 # %% ../nbs/03_hadamard.ipynb #abc69b0d
-def _check_momentum(momentum) -> float:
-    "`momentum` as a float in [0, 1)."
+def _check_momentum(momentum):
+    "`momentum` as a float in [0, 1), or the string 'gillis'."
+    if isinstance(momentum, str):
+        if momentum == "gillis": return momentum
+        raise ValueError(f"momentum must be a number in [0, 1) or 'gillis', got {momentum!r}")
     momentum = check_nonnegative(momentum, "momentum")
-    if momentum >= 1: raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if momentum >= 1: raise ValueError(f"momentum must be in [0, 1), got {momentum!r}; or 'gillis'")
     return momentum
 
 # %% ../nbs/03_hadamard.ipynb #a2115509
@@ -194,16 +211,24 @@ def _hadamard(W1, Z1, W2, Z2):
 
 # %% ../nbs/03_hadamard.ipynb #4f3f7dab
 def _hadamard_run(At, Om, F, sweep, reg, momentum, max_iter, tol, progress) -> tuple:
-    "One fit from the start `F`: exact block sweeps (accelerated when `momentum` > 0); the factors and losses."
-    def step(s):  # state: (F, its loss, β, β_max)
-        F, last, beta, beta_max = s
-        if beta > 0: F, last, beta, beta_max = _momentum_step(At, Om, F, sweep, reg, beta, beta_max, last)
-        else: F = sweep(At, Om, F, reg)[0]; last = _loss(At, Om, F, reg)
-        return (F, last, beta, beta_max), last
-    start = (F, _loss(At, Om, F, reg), momentum, 1.0)  # every state carries its loss, measured from the residual
-    state, losses = run_sweeps(step, start, lambda s: s[1], max_iter, tol, progress, "hadamard_als",
+    "One fit from the start `F`: exact block sweeps (accelerated by either rule); the factors and losses."
+    gillis, loss0 = momentum == "gillis", _loss(At, Om, F, reg)
+    beta = GILLIS_MOMENTUM if gillis else momentum
+    start = {"F": F, "beta": beta, "beta_max": 1.0, "loss": loss0, "beta_old": beta, "trial": loss0}
+    def step(s):  # state: the factors and their loss (measured from the residual), β, β_max, the Gillis rule's try
+        s = dict(s)
+        if gillis: _gillis_step(At, Om, sweep, reg, s)
+        elif s["beta"] > 0:
+            s["F"], s["loss"], s["beta"], s["beta_max"] = _momentum_step(At, Om, s["F"], sweep, reg, s["beta"],
+                                                                         s["beta_max"], s["loss"])
+        else: s["F"] = sweep(At, Om, s["F"], reg)[0]; s["loss"] = _loss(At, Om, s["F"], reg)
+        return s, s["loss"]
+    state, losses = run_sweeps(step, start, lambda s: s["loss"], max_iter, tol, progress, "hadamard_als",
                                residual_precision(At), patience=10)
-    return state[0], losses
+    return state["F"], losses
+
+# %% ../nbs/03_hadamard.ipynb #b7c1e2a4
+ALL_MAX_ITER = type(DEFAULT_MAX_ITER)(500)  # init="all": the default cap per start (a default cap: reaching it warns)
 
 # %% ../nbs/03_hadamard.ipynb #231c2c38
 def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor, float32/float64
@@ -212,16 +237,17 @@ def hadamard_als(A,  # matrix (M, N), numpy array, masked array or torch tensor,
                  mask=None,  # boolean (M, N), True where A is observed; None: all observed
                  reg=None,  # ridge λ on the squared norms of all four factors; None: 0, with a mask rms(A)^1.5
                  init: str = "svd",  # "svd" (magnitude/sign); "fs", "fsl", "fsr" (face-split TSVD); "all"; "random"
-                 max_iter: int = DEFAULT_MAX_ITER,  # maximum sweeps over the four blocks (the default warns)
+                 max_iter: int = DEFAULT_MAX_ITER,  # most sweeps per start: 100, or 500 with init="all" (defaults warn)
                  tol: float = 1e-10,  # stop after 10 sweeps in a row that lower the loss by at most `tol` times itself
                  seed=None,  # seed of the random starts: None, an integer or a numpy Generator
                  method: str = "als",  # "als" (exact block updates) or "gd" (block gradient steps, for comparison)
                  progress=None,  # progress bar: True, False, or None (automatic)
                  restarts: int = 1,  # starts: the first from `init` (four with "all"), restarts − 1 random; best wins
-                 momentum: float = 0.5,  # starting extrapolation β; 0: plain (monotone) block coordinate descent
+                 momentum=0.5,  # starting β (Wertz et al.'s rule); 0: plain block descent; "gillis": Gillis et al.'s
                 ) -> Factorization:  # factors W1 (M, r1), Z1 (r1, N), W2 (M, r2), Z2 (r2, N)
     "Hadamard decomposition `A ≈ (W1 Z1) ∘ (W2 Z2)` by exact block ALS (or block gradient descent), with optional mask."
     A, mask = observed_data(A, mask)
+    max_iter = ALL_MAX_ITER if init == "all" and max_iter is DEFAULT_MAX_ITER else max_iter
     r1, r2 = _check_ranks(ranks, A.shape)
     method, init = check_choice(method, "method", ("als", "gd")), _check_init(init, r1, r2, A.shape)
     momentum, tol, restarts = _check_momentum(momentum), check_tol(tol), check_int(restarts, "restarts", 1)
