@@ -348,7 +348,8 @@ def tie_heads(model: nn.Module) -> nn.Module:
     kept = {id(m) for m in mods.values()}
     tokens = lambda m: isinstance(m, ParamLayer) and any(u.kind == "tokens" for u in m.updates.values())
     for n, m in mods.items():
-        if isinstance(m, TiedHead) and not (id(m.follows) in kept and tokens(m.follows)): replace_module(model, n, m.base)
+        if isinstance(m, TiedHead) and not (id(m.follows) in kept and tokens(m.follows)):
+            replace_module(model, n, m.base)
     for n, m in mods.items():
         if not tokens(m): continue
         for h in _tied_names(model, n, m): replace_module(model, h, TiedHead(model.get_submodule(h), m))
