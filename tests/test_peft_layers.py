@@ -273,6 +273,9 @@ def test_trainable_tokens_on_a_tied_head_as_peft(tmp_path, arch):
     lora = [(n, p) for n, p in made.named_parameters() if "lora_A" in n][0]
     ours_A = ours.get_submodule(lora[0].split("base_model.model.")[1].split(".lora_A")[0]).updates["default"].A
     torch.testing.assert_close(ours_A.grad, lora[1].grad)
+    for m in (ours, made): torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.5).step()
+    yp = made(ids).logits.detach()
+    torch.testing.assert_close(ours(ids).logits, yp)  # one step: both uses moved by the summed gradient
     with torch.no_grad():
         lt.merge(ours); made.merge_adapter()
         torch.testing.assert_close(ours.lm_head.weight, made.base_model.model.lm_head.weight)
