@@ -428,6 +428,7 @@ def install(model: nn.Module, name: str, specs: dict, tensors: dict | None = Non
         if not isinstance(m := model.get_submodule(n), SavedModule):
             replace_module(model, n, m := SavedModule(m)); m.set_disabled(off)
         m.add(name, active=first, module=c)
+    if any(getattr(u, "kind", None) == "tokens" for u in updates.values()): _peft_layers().tie_heads(model)  # 07c
     return accept_adapter_names(_guard_loads(model))  # `adapter_names=` in a forward is never silently ignored
 
 # %% ../nbs/07_models.ipynb #8d40ffd9
@@ -682,7 +683,8 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
         m = model.get_submodule(n)
         p = m.__dict__.get("parameter", "weight")  # a `ParamLayer` adapts a parameter of its own name
         own, W = (f"{n}.base.{p}", getattr(m.base, p)) if isinstance(m, Adapter) else (f"{n}.weight", m.weight)
-        if len(others := [k for k in holders[id(W)] if k != own]):
+        follow = {f"{k}.base.weight" for k, t in model.named_modules() if getattr(t, "follows", None) is m}  # 07c
+        if len(others := [k for k in holders[id(W)] if k != own and k not in follow]):
             raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
                              "them too; untie them first (give the module a copy of the weight)")
 
@@ -766,7 +768,7 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
         if name in a.updates and a.delete(name): replace_module(model, n, a.base)
     for n, s in saved_modules(model).items():
         if name in s.copies and s.delete(name): replace_module(model, n, s.original)
-    return model
+    return _peft_layers().tie_heads(model)  # a head tied to trainable tokens follows its embedding (07c)
 
 # %% ../nbs/07_models.ipynb #c98fd963
 def unload(model: nn.Module) -> nn.Module:
@@ -776,7 +778,7 @@ def unload(model: nn.Module) -> nn.Module:
     _drop_biases(model)
     for n, a in ads.items(): replace_module(model, n, a.unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.original)
-    return model
+    return _peft_layers().tie_heads(model)  # a head tied to trainable tokens follows its embedding (07c)
 
 # %% ../nbs/07_models.ipynb #428d2708
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -791,4 +793,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     _drop_biases(model)
     for n, a in ads.items(): replace_module(model, n, a.merge_and_unload())
     for n, s in saved_modules(model).items(): replace_module(model, n, s.live())  # the trained copy in its place
-    return model
+    return _peft_layers().tie_heads(model)  # a head tied to trainable tokens follows its embedding (07c)

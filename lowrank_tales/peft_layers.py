@@ -14,13 +14,13 @@ from .adapters import AdaptedLayer, Update, _merge_after_load, _unmerge_for_load
 from .core import check_int, check_nonnegative
 from .injection import (_method_options, _outer_names, _update_kwargs, adapter_layers, check_model,
                                      exact_targets, inject, install, pattern_value, plan_injection, plan_saved,
-                                     select_targets, target_matches)
+                                     replace_module, select_targets, target_matches)
 
 # %% auto #0
 __all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'AttentionLoRAUpdate',
-           'TokenUpdate', 'select_tokens', 'token_key', 'param_update_class', 'select_parameters', 'peft_layers_needed',
-           'inject_peft_layers', 'param_update', 'peft_parameter_config', 'peft_parameter_kw', 'peft_layer_problem',
-           'attention_keys', 'refuse_peft_layers']
+           'TokenUpdate', 'select_tokens', 'TiedHead', 'tie_heads', 'token_key', 'param_update_class',
+           'select_parameters', 'peft_layers_needed', 'inject_peft_layers', 'param_update', 'peft_parameter_config',
+           'peft_parameter_kw', 'peft_layer_problem', 'attention_keys', 'refuse_peft_layers']
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000008
 def expert_dims(shape: tuple, transposed: bool = False) -> tuple[int, int, int]:
@@ -140,6 +140,9 @@ class ParamLayer(AdaptedLayer):
         if both := sorted(held & set(getattr(update, "tokens", ()))):
             raise ValueError(f"tokens {both[:8]} are trained by another adapter of this embedding already (PEFT "
                              f"refuses overlapping trainable tokens too)")
+        if self.__dict__.get("tied_heads") and getattr(update, "kind", None) != "tokens":
+            raise ValueError(f"this embedding's weight is tied to {list(self.tied_heads)}, which follow its trainable "
+                             f"tokens: a LoRA on the tied weight is not supported (PEFT's head would not follow it)")
 
     weight = property(lambda self: self.base.weight, doc="The module's own `weight` (PEFT: adapters not applied).")
 
@@ -159,15 +162,19 @@ class ParamLayer(AdaptedLayer):
 
     def forward(self, *args, **kwargs):
         "The module's forward with `P0 + Σ s_i ΔW_i` over the active adapters in place of each adapted parameter."
-        active, merged, disabled = self._state
-        if self.__dict__.get("_rows") is not None and not disabled:
+        if self.__dict__.get("_rows") is not None and not self.disabled:
             raise ValueError(f"an adapter on parameters {self.paths} cannot run a per-row batch of adapters "
                              f"(adapter_names=): not supported (PEFT refuses it on parameters and attention too)")
-        live, Ps = self.live(), [self.base.get_parameter(p) for p in self.paths]
-        if disabled and merged: Ws = [getattr(self, f"original_{i}") for i in range(len(Ps))]
-        elif not live: return self.base(*args, **kwargs)
-        else: Ws = [W.to(P.dtype) for W, P in zip(self._sums(live, Ps), Ps)]  # merged ones are in `P` already
+        if (Ws := self.current()) is None: return self.base(*args, **kwargs)
         return torch.func.functional_call(self.base, dict(zip(self.paths, Ws)), args, kwargs)
+
+    def current(self) -> list | None:
+        "The parameters the forward computes with now (differentiable in the live updates), or `None`: the module's."
+        active, merged, disabled = self._state
+        live, Ps = self.live(), [self.base.get_parameter(p) for p in self.paths]
+        if disabled and merged: return [getattr(self, f"original_{i}") for i in range(len(Ps))]
+        if not live: return None
+        return [W.to(P.dtype) for W, P in zip(self._sums(live, Ps), Ps)]  # merged ones are in `P` already
 
     def _write(self, merged: list) -> None:
         "Make each parameter `P0 + Σ s_i ΔW_i` over `merged` (float32, rounded once), or `P0` exactly for none."
@@ -273,6 +280,7 @@ def select_tokens(model: nn.Module, tokens) -> dict[str, list]:
     holders = {}
     for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
     tied, out = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)), {}
+    head = lambda k: k.endswith(".weight") and isinstance(model.get_submodule(k[:-len(".weight")]), nn.Linear)
     for key, ids in layers.items():
         if not (hits := [n for n in _outer_names(model) if n.endswith(key)]):
             raise ValueError(f"trainable_token_indices: {key!r} matches no module of the model")
@@ -282,12 +290,71 @@ def select_tokens(model: nn.Module, tokens) -> dict[str, list]:
             if not isinstance(base, nn.Embedding):
                 raise TypeError(f"trainable_token_indices: module {n!r} is a {type(base).__name__}; trainable tokens "
                                 f"are built for nn.Embedding only")
-            if tied or len(holders.get(id(base.weight), [])) > 1:
-                raise ValueError(f"trainable_token_indices on {n!r}: its weight is tied to the output head (PEFT "
-                                 f"then trains the head's rows too), which is not supported: untie it, or use "
-                                 f"modules_to_save")
+            others = [k for k in holders[id(base.weight)] if k not in (f"{n}.weight", f"{n}.base.weight")]
+            if others and not (tied and all(map(head, others))):
+                raise ValueError(f"trainable_token_indices on {n!r}: its weight is shared with {others[:4]}, "
+                                 f"{'not nn.Linear heads' if tied else 'but the model config does not tie them'} "
+                                 f"(PEFT ties only tie_word_embeddings heads): untie it, or use modules_to_save")
+            lora = [a for a, u in m.updates.items() if u.kind != "tokens"] if isinstance(m, ParamLayer) else []
+            if others and lora:
+                raise ValueError(f"trainable_token_indices on {n!r}: it holds LoRAs {lora} on its tied weight, which "
+                                 f"the tied heads {others[:4]} would not follow: not supported")
             out[n] = _check_tokens(ids, base.num_embeddings)
     return out
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000051
+def _tied_head_state(head, state: dict, prefix: str, local_metadata) -> None:
+    "State-dict hook: a tied head saves the shared weight as its embedding saves it, `W0` while merged."
+    if head.follows.merged and f"{prefix}base.weight" in state: state[f"{prefix}base.weight"] = head.follows.original_0
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000052
+def _merge_tied_after_load(head, incompatible) -> None:
+    "Load post-hook: the head's load wrote `W0` into the shared weight; a merged embedding's rows go back in."
+    if head.follows.merged: head.follows._write(list(head.follows.merged))
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000053
+class TiedHead(nn.Module):
+    "Output head `base` tied to embedding `layer` (a `ParamLayer`): it computes with the weight `layer` computes with."
+    def __init__(self, base: nn.Module, layer: ParamLayer):
+        if not isinstance(layer, ParamLayer) or not isinstance(base, nn.Linear) or base.weight is not layer.base.weight:
+            raise TypeError(f"a tied head is an nn.Linear holding a ParamLayer's weight, got {type(base).__name__} "
+                            f"and {type(layer).__name__}")
+        super().__init__()
+        self.base, self._follows = base, [layer]  # a list, not a submodule: its values are saved once, as PEFT's
+        self.register_state_dict_post_hook(_tied_head_state)
+        self.register_load_state_dict_post_hook(_merge_tied_after_load)
+
+    follows = property(lambda self: self._follows[0], doc="The embedding's `ParamLayer` whose weight this head uses.")
+    weight = property(lambda self: self.base.weight, doc="The shared weight (PEFT: adapters not applied).")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "`x Wᵀ + b` with `W` the embedding layer's current weight (the rows replaced while live)."
+        if (Ws := self.follows.current()) is None: return self.base(x)
+        return torch.nn.functional.linear(x, Ws[0], self.base.bias)
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000054
+def _tied_names(model: nn.Module, n: str, layer: ParamLayer) -> list[str]:
+    "The plain `nn.Linear` modules of `model` holding the weight of embedding layer `layer` (module `n`) as `weight`."
+    heads = [k.removesuffix(".weight") for k, p in model.named_parameters(remove_duplicate=False)
+             if p is layer.base.weight and k != f"{n}.base.weight" and k.endswith(".weight")]
+    return [h for h in heads if isinstance(model.get_submodule(h), nn.Linear) and
+            not isinstance(model.get_submodule(h.rpartition(".")[0]), TiedHead)]
+
+# %% ../nbs/07c_peft_layers.ipynb #7c000055
+def tie_heads(model: nn.Module) -> nn.Module:
+    """Put a `TiedHead` on each `nn.Linear` holding the weight of an embedding with trainable tokens, and the plain
+    head back where its embedding has none left (or left the model); returns `model`."""
+    mods = dict(model.named_modules())
+    kept = {id(m) for m in mods.values()}
+    tokens = lambda m: isinstance(m, ParamLayer) and any(u.kind == "tokens" for u in m.updates.values())
+    for n, m in mods.items():
+        if isinstance(m, TiedHead) and not (id(m.follows) in kept and tokens(m.follows)):
+            replace_module(model, n, m.base)
+    for n, m in mods.items():
+        if not tokens(m): continue
+        for h in _tied_names(model, n, m): replace_module(model, h, TiedHead(model.get_submodule(h), m))
+        m.tied_heads = tuple(k for k, t in model.named_modules() if isinstance(t, TiedHead) and t.follows is m)
+    return model
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000024
 def token_key(key: str, prefix: str) -> tuple | None:

@@ -219,8 +219,8 @@ def test_trainable_tokens_both_ways_with_peft(tmp_path):
     assert type(theirs.model.embed_tokens) is nn.Embedding
 
 
-def test_trainable_tokens_on_gpt2_untied_and_tied(tmp_path):
-    "GPT-2 (Conv1D layers, PEFT's fan_in_fan_out): untied, both ways with PEFT; tied, refused by name."
+def test_trainable_tokens_on_gpt2_untied(tmp_path):
+    "GPT-2 (Conv1D layers, PEFT's fan_in_fan_out) untied, both ways with PEFT (tied: the test below)."
     transformers = pytest.importorskip("transformers")
     def gpt2(tie=True):
         torch.manual_seed(0)
@@ -235,8 +235,65 @@ def test_trainable_tokens_on_gpt2_untied_and_tied(tmp_path):
     lt.export_peft(ours, tmp_path / "to_peft")
     again = peft.PeftModel.from_pretrained(gpt2(False), tmp_path / "to_peft")
     torch.testing.assert_close(again(ids).logits, ours(ids).logits)
-    with pytest.raises(ValueError, match="tied to the output head"):
-        lt.inject(gpt2(), "lora", targets=["c_attn"], rank=2, trainable_token_indices=[1, 2])
-    made = peft.get_peft_model(gpt2(), peft.LoraConfig(target_modules=["c_attn"], r=2, trainable_token_indices=[1, 2]))
-    made.save_pretrained(tmp_path / "tied")
-    with pytest.raises(ValueError, match="tied to the output head"): lt.import_peft(gpt2(), tmp_path / "tied")
+
+
+def tied_models():
+    "Tiny GPT-2 (Conv1D layers, lm_head tied to wte) and tiny Llama with tie_word_embeddings=True."
+    transformers = pytest.importorskip("transformers")
+    def gpt2():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2,
+                                                                    n_positions=16)).eval()
+    def llama():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    return dict(gpt2=(gpt2, "c_attn", "transformer.wte"), llama=(llama, "q_proj", "model.embed_tokens"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trainable_tokens_on_a_tied_head_as_peft(tmp_path, arch):
+    "The tied head uses the embedding's trained rows (one tensor, gradients added), both ways with PEFT's files."
+    base, target, emb = tied_models()[arch]
+    ids = torch.tensor([[1, 2, 5, 2, 9]])
+    assert (b := base()).get_output_embeddings().weight is b.get_input_embeddings().weight
+    made = randomize(peft.get_peft_model(base(), peft.LoraConfig(target_modules=[target], r=2, lora_alpha=4,
+                                                                 trainable_token_indices=[2, 5])), seed=7)
+    made.save_pretrained(tmp_path / "from_peft")
+    ours = lt.import_peft(base(), tmp_path / "from_peft")
+    assert type(ours.lm_head).__name__ == "TiedHead"
+    y, yp = ours(ids).logits, made(ids).logits
+    assert not torch.allclose(yp, base()(ids).logits)
+    torch.testing.assert_close(y, yp)
+    y.square().sum().backward(); yp.square().sum().backward()
+    u = ours.get_submodule(emb).updates["default"]
+    delta = made.base_model.model.get_submodule(emb).token_adapter.trainable_tokens_delta["default"]
+    torch.testing.assert_close(u.values.grad, delta.grad)
+    lora = [(n, p) for n, p in made.named_parameters() if "lora_A" in n][0]
+    ours_A = ours.get_submodule(lora[0].split("base_model.model.")[1].split(".lora_A")[0]).updates["default"].A
+    torch.testing.assert_close(ours_A.grad, lora[1].grad)
+    for m in (ours, made): torch.optim.SGD([q for q in m.parameters() if q.requires_grad], lr=0.5).step()
+    yp = made(ids).logits.detach()
+    torch.testing.assert_close(ours(ids).logits, yp)  # one step: both uses moved by the summed gradient
+    with torch.no_grad():
+        lt.merge(ours); made.merge_adapter()
+        torch.testing.assert_close(ours.lm_head.weight, made.base_model.model.lm_head.weight)
+        torch.testing.assert_close(ours(ids).logits, yp)
+        with lt.disable_adapters(ours): torch.testing.assert_close(ours(ids).logits, base()(ids).logits)
+        lt.unmerge(ours)
+        assert torch.equal(ours.lm_head.weight, base().lm_head.weight)
+    mine = randomize(lt.inject(base(), "lora", targets=[target], rank=2, alpha=2, trainable_token_indices=[3, 4]),
+                     seed=8)
+    y = mine(ids := torch.tensor([[3, 4, 9, 4]])).logits
+    lt.export_peft(mine, tmp_path / "to_peft")
+    again = peft.PeftModel.from_pretrained(base(), tmp_path / "to_peft")
+    torch.testing.assert_close(again(ids).logits, y)
+    back = lt.load_adapter(base(), lt.save_adapter(mine, tmp_path / "ours"))
+    torch.testing.assert_close(back(ids).logits, y)
+    lt.merge_and_unload(back)
+    assert type(back.lm_head) is nn.Linear and back.lm_head.weight is back.get_input_embeddings().weight
+    torch.testing.assert_close(back(ids).logits, y)
+    lt.delete_adapter(mine, "default")
+    assert type(mine.lm_head) is nn.Linear and mine.lm_head.weight is mine.get_input_embeddings().weight
+    torch.testing.assert_close(mine(ids).logits, base()(ids).logits)
