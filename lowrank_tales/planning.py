@@ -70,8 +70,8 @@ def _cell(v) -> str:
 
 # %% ../nbs/09b_planning.ipynb #7ab1e0f0
 def _fold(text: str) -> str:
-    "HTML for a header or a text cell: escaped, free to fold after a `_` or `.` between word characters."
-    return re.sub(r"(?<=[^\W\d])([_.])(?=\w)", r"\1<wbr>", html.escape(text))
+    "HTML for a header or text cell: escaped, free to fold after a `_` or `.` following a letter, or a range's dash."
+    return re.sub(r"((?<=[^\W\d])[_.]|–)(?=\w)", r"\1<wbr>", html.escape(text))
 
 # %% ../nbs/09b_planning.ipynb #70b0df48
 @dataclass(repr=False)
