@@ -60,7 +60,7 @@ ADAPTER_TARGETS = {"cpu": {"LoRA": 1.2, "LoHA": 1.6, "LoKr": 1.3, "LoKH": 1.7},
                    "gpu": {"LoRA": 1.25, "LoHA": 1.45, "LoKr": 1.4, "LoKH": 1.6}}  # training step / frozen step
 ADAPTER_SECTIONS = ("cpu", "cpu_1_threads", "cpu_bf16_autocast", "cpu_bf16_weights", "gpu")
 
-def _row(area, target, value, bound, at_most=True, fmt="{:.3g}"):
+def _row(area, target, value, bound, at_most=True, fmt="{:#.3g}"):
     "One target row: the measured value formatted, and its verdict."
     return {"area": area, "target": target, "measured": "—" if value is None else fmt.format(value),
             "verdict": verdict(value, bound, at_most)}

@@ -4,7 +4,9 @@
 
 # %% ../nbs/09b_planning.ipynb #431caf36
 from __future__ import annotations
+import html
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +68,11 @@ def _cell(v) -> str:
     if isinstance(v, float): return f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
 
+# %% ../nbs/09b_planning.ipynb #7ab1e0f0
+def _fold(text: str) -> str:
+    "HTML for a header or text cell: escaped, free to fold after a `_` or `.` following a letter, or a range's dash."
+    return re.sub(r"((?<=[^\W\d])[_.]|–)(?=\w)", r"\1<wbr>", html.escape(text))
+
 # %% ../nbs/09b_planning.ipynb #70b0df48
 @dataclass(repr=False)
 class Table:
@@ -85,10 +92,14 @@ class Table:
         return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{c}</th>" for c in self.cols())
-        row = lambda r: "<tr>" + "".join(f"<td>{_cell(r.get(c))}</td>" for c in self.cols()) + "</tr>"
-        body = "".join(row(r) for r in self.rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
+        "Numbers right-aligned; headers and text free to fold after `_` and `.`, so a wide table fits narrower."
+        cols = self.cols()
+        num = [any(isinstance(r.get(c), (int, float)) for r in self.rows) for c in cols]
+        al = lambda j: ' style="text-align:right"' if num[j] else ""
+        td = lambda v, j: f"<td{al(j)}>{_cell(v) if isinstance(v, (int, float)) else _fold(_cell(v))}</td>"
+        head = "".join(f"<th{al(j)}>{_fold(str(c))}</th>" for j, c in enumerate(cols))
+        body = "".join("<tr>" + "".join(td(r.get(c), j) for j, c in enumerate(cols)) + "</tr>" for r in self.rows)
+        return f'<table class="table table-sm lt-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 # %% ../nbs/09b_planning.ipynb #302ba244
 def spectrum_row(D: torch.Tensor, **about) -> dict:
