@@ -26,7 +26,8 @@ from .peft_layers import refuse_peft_layers
 # %% auto #0
 __all__ = ['energy_rank', 'effective_rank', 'stable_rank', 'rank_cap', 'Table', 'spectrum_row', 'Spectrum', 'spectrum',
            'exact_factors', 'lora_equivalent', 'lora_as', 'lokr_as_lokh', 'saved_elements', 'lokr_full_shapes',
-           'plan_row', 'Plan', 'layer_budgets', 'smallest_adapter', 'plan', 'convert_adapter', 'add_weighted_adapter']
+           'plan_row', 'Plan', 'log_ticks_in_full', 'layer_budgets', 'smallest_adapter', 'plan', 'convert_adapter',
+           'add_weighted_adapter']
 
 # %% ../nbs/09b_planning.ipynb #d69ab90d
 def energy_rank(s: torch.Tensor, q: float) -> int:
@@ -260,6 +261,7 @@ class Plan(Table):
     "For each budget, layer and method: the configuration that fits, its costs, and its error on the reference."
     budgets: list = field(default_factory=list)  # the per-layer budgets, by layer name, one dict per budget asked
     has_error: bool = False  # whether rows carry `rel_error` (a reference was given)
+    error_of: str = "ΔW"  # what `rel_error` measures: "W" (reference="weights") or "ΔW" (a fine-tune's update)
 
 # %% ../nbs/09b_planning.ipynb #6d0d1cd6
 def _pick(rows: list, has_error: bool) -> dict:
@@ -279,6 +281,14 @@ def _choose(self, budget: int | None = None) -> dict:
 
 Plan.choose = _choose
 
+# %% ../nbs/09b_planning.ipynb #b7e1c0a4
+def log_ticks_in_full(axis) -> None:
+    "Ticks on a log `axis` at 1, 2 and 5 × 10^k, written in full (`2,000`, `0.5`): short labels that never overlap."
+    ticker = optional_import("matplotlib.ticker", "widgets")
+    axis.set_minor_locator(ticker.LogLocator(subs=(2, 5)))
+    text = ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}")
+    axis.set_major_formatter(text); axis.set_minor_formatter(text)
+
 # %% ../nbs/09b_planning.ipynb #f576c381
 def _plot(self, ax=None):
     "The figure: mean relative error (or, without a reference, rank cap) against parameters per layer, per method."
@@ -289,8 +299,9 @@ def _plot(self, ax=None):
         pts = [[r for r in self.rows if r["method"] == m and r["budget"] == i] for i in range(len(self.budgets))]
         pts = [(np.mean([r["params"] for r in p]), np.mean([r[what] for r in p])) for p in pts if p]
         ax.plot(*zip(*pts), "o-", label=m)
-    ax.set(xscale="log", xlabel="parameters per layer (mean)", ylabel="relative error of ΔW" if self.has_error
-           else "rank cap (mean)")
+    ax.set(xscale="log", xlabel="parameters per layer (mean)",
+           ylabel=f"relative error of {self.error_of}" if self.has_error else "rank cap (mean)")
+    log_ticks_in_full(ax.xaxis)
     ax.legend()
     return ax
 
@@ -402,7 +413,8 @@ def plan(model: nn.Module,  # the model to adapt
             if (row := plan_row(m, layer, per_layer[n], tokens, Ds[n], fit_options.get(m))) is not None]
     cols = ("budget", "layer", "budget_params", "method", "config", "params", "rank_cap") + \
         (("rel_error",) if reference is not None else ()) + ("forward_macs", "train_macs", "activation_bytes")
-    return Plan(rows, cols, budgets=budgets, has_error=reference is not None)
+    return Plan(rows, cols, budgets=budgets, has_error=reference is not None,
+                error_of="W" if isinstance(reference, str) else "ΔW")  # a string reference is "weights"
 
 # %% ../nbs/09b_planning.ipynb #4b9c3510
 def _scale_kw(u) -> dict:

@@ -20,7 +20,7 @@ from .hadamard import hadamard_als
 from .kronecker import kronecker_als
 from .khatri_rao_decomposition import khatri_rao_als
 from .adapters import LoRA, LoHA, LoKr, LoKH, split_dim, balanced_dims, max_factors
-from .planning import rank_cap
+from .planning import log_ticks_in_full, rank_cap
 
 # %% auto #0
 __all__ = ['METHODS', 'ADAPTER_CONFIGS', 'one_thread', 'camera_image', 'Approximation', 'approximate', 'plot_approximation',
@@ -253,6 +253,7 @@ def plot_completion(hidden: float, ridge: float, ranks=range(1, 11), rank: int |
     ax.plot(list(ranks), errs[:, 1], "s-", ms=3, label="test (hidden)")
     if rank is not None: ax.axvline(rank, color="gray", ls=":", lw=1)
     ax.set_xlabel("ALS rank"); ax.set_ylabel("RMSE"); ax.set_yscale("log")
+    log_ticks_in_full(ax.yaxis)  # RMSE at 0.1, 0.2, 0.5, 1: plain numbers, none crowd
     ax.set_title(f"{hidden:.0%} hidden, ridge {ridge}", fontsize=9); ax.legend(fontsize=8)
     return ax
 
