@@ -12,9 +12,9 @@ from torch import nn
 
 from .adapters import AdaptedLayer, Update, _merge_after_load, _unmerge_for_load, check_name, layer_kind
 from .core import check_int, check_nonnegative
-from .injection import (_method_options, _outer_names, _update_kwargs, adapter_layers, check_model,
-                                     exact_targets, inject, install, pattern_value, plan_injection, plan_saved,
-                                     replace_module, select_targets, target_matches)
+from .injection import (_adopt_biases, _check_bias, _method_options, _outer_names, _update_kwargs,
+                                     adapter_layers, check_model, exact_targets, inject, install, pattern_value,
+                                     plan_injection, plan_saved, replace_module, select_targets, target_matches)
 
 # %% auto #0
 __all__ = ['PEFT_LAYER_OPTIONS', 'expert_dims', 'expert_delta', 'ParamLoRAUpdate', 'ParamLayer', 'AttentionLoRAUpdate',
@@ -445,8 +445,9 @@ def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "d
         raise ValueError(f"{what}: PEFT adapts them with LoRA only, got method={method!r}")
     if picked and not (rest or att or found):
         raise TypeError("trainable_token_indices needs targets (PEFT's LoraConfig needs target_modules too)")
-    if (found or att) and (dropout or dora or options):
-        raise ValueError(f"dropout={dropout}, dora={dora}, options {list(options)}: PEFT's LoRA on a parameter "
+    bias, others = options.get("bias", "none"), [k for k in options if k != "bias"]  # PEFT's bias: any LoRA's
+    if (found or att) and (dropout or dora or others):
+        raise ValueError(f"dropout={dropout}, dora={dora}, options {others}: PEFT's LoRA on a parameter "
                          f"refuses lora_dropout, use_dora and the other options; on nn.MultiheadAttention it "
                          f"refuses use_dora and never applies lora_dropout")
     opts = _method_options("lora", dropout, rslora, dora, options)
@@ -464,7 +465,10 @@ def inject_peft_layers(model: nn.Module, method, *, targets=None, name: str = "d
     specs |= {n: spec(*value(n), parameter="in_proj_weight", attention=True) for n in att}
     specs |= {n: spec(*value(f"{n}.{p}"), parameter=p) for n, p in found.items()}  # PEFT's key: `<module>.<name>`
     specs |= {n: dict(method="lora", parameter="weight", tokens=ids) for n, ids in picked.items()}
-    return install(model, name, specs, saved=saved)  # every update built and checked before the first change
+    _check_bias(model, name, bias)
+    install(model, name, specs, saved=saved)  # every update built and checked before the first change
+    _adopt_biases(model, name, bias)
+    return model
 
 # %% ../nbs/07c_peft_layers.ipynb #7c000031
 def param_update(m: nn.Module, layer: nn.Module, kw: dict, name: str) -> ParamLoRAUpdate:
