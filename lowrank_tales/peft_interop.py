@@ -369,6 +369,7 @@ def _check_peft_targets(model: nn.Module, config: dict, names: list, what: str) 
     refuses a config matching nothing, and ignores tensors of modules it skips."""
     targets = config.get("target_modules")
     if targets is None or targets == ALL_LINEAR: return
+    if targets == [] and config.get("target_parameters"): return  # PEFT's way to adapt parameters alone
     options = {k: config.get(k) for k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
     try: chosen = set(select_targets(model, targets, **options, modules_to_save=config.get("modules_to_save")))
     except ValueError: chosen = set()

@@ -503,7 +503,8 @@ def peft_parameter_config(model: nn.Module, config: dict, ups: dict, bases: dict
     renamed = lambda pattern: {rename.get(k, k): v for k, v in (pattern or {}).items()}
     fans = {layer_kind(bases[n]) == "linear" and not isinstance(bases[n], nn.Linear) for n in others}  # Conv1D
     if len(fans) > 1: raise ValueError(f"PEFT has one fan_in_fan_out per adapter; these modules differ: {others}")
-    return dict(config, target_modules=exact_targets(others) if others else None, target_parameters=wanted or None,
+    # target_modules [] where none: PEFT reads None as its defaults for the model type (Llama's q_proj, v_proj)
+    return dict(config, target_modules=exact_targets(others) if others else [], target_parameters=wanted or None,
                 trainable_token_indices={n: u.tokens for n, u in toks.items()} or None,
                 rank_pattern=renamed(config.get("rank_pattern")), alpha_pattern=renamed(config.get("alpha_pattern")),
                 fan_in_fan_out=bool(fans and fans.pop()))
