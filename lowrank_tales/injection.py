@@ -91,6 +91,9 @@ def active_adapters(model: nn.Module) -> list[str]:
 # %% ../nbs/07_models.ipynb #49d3578c
 def _names(model: nn.Module, name, default: list) -> list[str]:
     "`name` (a name or a list of names) checked against `model`'s adapters, or `default` when `None`."
+    if name is not None and not (isinstance(name, str) or isinstance(name, (list, tuple)) and
+                                 all(isinstance(n, str) for n in name)):
+        raise TypeError(f"adapter names must be a name or a list of names, got {name!r}")
     names = check_unique(default if name is None else [name] if isinstance(name, str) else name)
     have = adapter_names(model)
     if lost := [n for n in names if n not in have]:

@@ -240,3 +240,13 @@ def test_peft_folder_of_parameters_alone(tmp_path):
                                                                    target_parameters=["v_proj.weight"])))
     made.save_pretrained(tmp_path / "p")
     torch.testing.assert_close(lt.import_peft(llama(), tmp_path / "p")(IDS).logits, made(IDS).logits)
+
+
+@pytest.mark.parametrize("call", ["set_adapter", "merge", "save_adapter"])
+@pytest.mark.parametrize("bad", [3, b"x", {"default": 1}])
+def test_adapter_names_of_the_wrong_type_are_named(tmp_path, call, bad):
+    "Was: `'int' object is not iterable`, or a dict's keys / bytes' ints taken as names."
+    m = lt.inject(llama(), "lora", targets=["q_proj"], trainable_token_indices=[1], rank=2, bias="all")
+    args = (tmp_path / "a", bad) if call == "save_adapter" else (bad,)
+    refuses(lambda: getattr(lt, call)(m, *args), m, contains="a name or a list of names")
+    assert not (tmp_path / "a").exists()
