@@ -631,7 +631,8 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     check_tensors(record, tensors, what)  # the file's own record
     specs = {n: v["spec"] for n, v in mods.items()}
     ups, existing = _load_targets(check_model(model), name, specs, what)
-    held = _bias_targets(model, name, bias, list(specs), what)
+    holders = [f"{n}.out_proj" if s.get("attention") else n for n, s in specs.items()]  # an MHA's: its out_proj's
+    held = _bias_targets(model, name, bias, holders, what)
     check_tensors(shapes(ups) | _saved_targets(model, name, list(saved), existing, what)
                   | {k: tuple(p.shape) for k, p in held.items()}, tensors, what)  # the model
     tensors = _cast_checked(tensors, _target_dtypes(model, ups, list(saved)) | {k: p.dtype for k, p in held.items()},

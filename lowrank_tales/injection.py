@@ -513,27 +513,20 @@ def _plain_parameters(module: nn.Module, prefix: str = "") -> dict:
         if m is not None: out |= _plain_parameters(m, f"{prefix}{k}.")
     return out
 
-# %% ../nbs/07_models.ipynb #a7b1c0f1
-def _original_base(model: nn.Module, n: str) -> nn.Module:
-    "Module `n` of `model` as the plain model holds it: an adapted layer's base, a saved module's original."
-    m = _original(model.get_submodule(n))
-    return m.base if isinstance(m, Adapter) else m
-
 # %% ../nbs/07_models.ipynb #a7b1c005
 def _bias_parameters(model: nn.Module, bias: str, adapted: list) -> dict:
     """The biases PEFT's `bias` trains and saves, by name in the plain model: for `'all'` every parameter named
-    `bias`, for `'lora_only'` those of the modules `adapted` (an
-    `nn.MultiheadAttention`'s: its `out_proj.bias`), for `'none'` none."""
+    `bias`, for `'lora_only'` those of the modules `adapted`, for `'none'` none."""
     if bias == "none": return {}
     params = _plain_parameters(model)
     if bias == "all": return {k: p for k, p in params.items() if k == "bias" or k.endswith(".bias")}
-    mha = lambda n: isinstance(_original_base(model, n), nn.MultiheadAttention)  # PEFT wraps its out_proj
-    return {k: params[k] for n in adapted if (k := f"{n}.out_proj.bias" if mha(n) else f"{n}.bias") in params}
+    return {k: params[k] for n in adapted if (k := f"{n}.bias") in params}
 
 # %% ../nbs/07_models.ipynb #a7b1c006
 def _adapter_biases(model: nn.Module, name: str) -> dict:
     "The biases adapter `name` of `model` trains and saves (PEFT's `bias`), by name in the plain model."
-    layers = [n for n, a in adapter_layers(model).items() if name in a.updates]
+    attention = lambda a: getattr(a.updates[name], "kind", None) == "attention"  # PEFT wraps its out_proj (07c)
+    layers = [f"{n}.out_proj" if attention(a) else n for n, a in adapter_layers(model).items() if name in a.updates]
     return _bias_parameters(model, _bias_of(model, name), layers)
 
 # %% ../nbs/07_models.ipynb #a7b1c007

@@ -520,15 +520,15 @@ def peft_parameter_kw(model: nn.Module, config: dict, n: str, layer: nn.Module, 
         try: picked = select_tokens(model, tokens)
         except (TypeError, ValueError) as e: raise ValueError(f"{what}: {e}") from None
         if n in picked: return dict(parameter="weight", tokens=picked[n])
-    if isinstance(layer, nn.MultiheadAttention):  # PEFT's attention LoRA: its lora_dropout never applies
-        if config.get("use_dora"): raise ValueError(f"{what}: module {n!r}: PEFT refuses use_dora on attention")
-        return dict(parameter="in_proj_weight", rank=kw["rank"], alpha=kw["alpha"], rslora=bool(kw.get("rslora")),
-                    attention=True)
     wanted = config.get("target_parameters") or []
     if not isinstance(wanted, list) or not all(isinstance(t, str) for t in wanted):
         raise ValueError(f"{what}: field target_parameters must be a list of parameter names, got {wanted!r}")
     keys = [k for k, p in layer._parameters.items()
             if p is not None and any(f"{n}.{k}" == t or f"{n}.{k}".endswith("." + t) for t in wanted)]
+    if isinstance(layer, nn.MultiheadAttention) and not keys:  # PEFT's attention LoRA: no lora_dropout applies
+        if config.get("use_dora"): raise ValueError(f"{what}: module {n!r}: PEFT refuses use_dora on attention")
+        return dict(parameter="in_proj_weight", rank=kw["rank"], alpha=kw["alpha"], rslora=bool(kw.get("rslora")),
+                    attention=True)
     if not keys: return kw
     if len(keys) > 1:
         raise ValueError(f"{what}: target_parameters picks {keys} of one module {n!r}: PEFT nests a wrapper per "

@@ -250,3 +250,19 @@ def test_adapter_names_of_the_wrong_type_are_named(tmp_path, call, bad):
     args = (tmp_path / "a", bad) if call == "save_adapter" else (bad,)
     refuses(lambda: getattr(lt, call)(m, *args), m, contains="a name or a list of names")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_parameter_lora_on_an_attention_weight_both_ways_with_peft(tmp_path, bias):
+    "target_parameters on an MHA's in_proj_weight is PEFT's ParamWrapper, not its attention LoRA (was: imported as"
+    " the attention LoRA and refused; with 'lora_only', out_proj.bias trained, which PEFT does not)."
+    ours = lt.inject(Attn(), "lora", target_parameters=["mha.in_proj_weight"], rank=2, alpha=3, bias=bias)
+    theirs = peft.get_peft_model(Attn(), peft.LoraConfig(r=2, lora_alpha=3, target_modules=[], bias=bias,
+                                                         target_parameters=["mha.in_proj_weight"]))
+    assert trained_biases(ours) == trained_biases(theirs, "base_model.model.") == []
+    y = randomize(ours)(Q)
+    lt.export_peft(ours, tmp_path / "to_peft")
+    torch.testing.assert_close(peft.PeftModel.from_pretrained(Attn(), tmp_path / "to_peft")(Q), y)
+    torch.testing.assert_close(lt.import_peft(Attn(), tmp_path / "to_peft")(Q), y)
+    randomize(theirs, seed=2).save_pretrained(tmp_path / "from_peft")
+    torch.testing.assert_close(lt.import_peft(Attn(), tmp_path / "from_peft")(Q), theirs(Q))
