@@ -84,7 +84,8 @@ def trained_biases(m, strip=""):
 BIAS_CASES = {  # our inject keywords and PEFT's LoraConfig keywords on tiny Llama
     "tokens": (dict(targets=["q_proj"], trainable_token_indices=[1, 2]),
                dict(target_modules=["q_proj"], trainable_token_indices=[1, 2])),
-    "parameters": (dict(target_parameters=["v_proj.weight"]), dict(target_modules=[], target_parameters=["v_proj.weight"])),
+    "parameters": (dict(target_parameters=["v_proj.weight"]),
+                   dict(target_modules=[], target_parameters=["v_proj.weight"])),
 }
 
 
@@ -266,3 +267,39 @@ def test_parameter_lora_on_an_attention_weight_both_ways_with_peft(tmp_path, bia
     torch.testing.assert_close(lt.import_peft(Attn(), tmp_path / "to_peft")(Q), y)
     randomize(theirs, seed=2).save_pretrained(tmp_path / "from_peft")
     torch.testing.assert_close(lt.import_peft(Attn(), tmp_path / "from_peft")(Q), theirs(Q))
+
+
+def test_three_options_on_one_conv_each_both_ways_with_peft(tmp_path):
+    "LoHa with the Tucker form, plain LoHa, LoKr Tucker with decompose_both on one Conv2d: each adapter's files (ours"
+    " and PEFT's, read by PEFT and by us) give its output; all three active sum on the kernel; merge keeps the output."
+    net = lambda: (torch.manual_seed(0), nn.Sequential(nn.Conv2d(4, 36, 3, padding=1), nn.Flatten(),
+                                                       nn.Linear(36 * 9, 8)))[1]
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2))
+    m = lt.inject(net(), "loha", targets=["0"], rank=2, alpha=3, use_effective_conv2d=True)
+    lt.inject(m, "loha", targets=["0", "2"], rank=3, name="b")
+    lt.inject(m, "lokr", targets=["0"], rank=2, name="c", use_effective_conv2d=True, decompose_both=True)
+    randomize(m)
+    for n in ("default", "b", "c"):
+        lt.set_adapter(m, n)
+        y = m(x)
+        lt.export_peft(m, tmp_path / n, name=n)
+        lt.save_adapter(m, tmp_path / f"ours_{n}", name=n)
+        sub = lambda p: p if n == "default" else p / n
+        torch.testing.assert_close(peft.PeftModel.from_pretrained(net(), sub(tmp_path / n))(x), y)
+        torch.testing.assert_close(lt.import_peft(net(), sub(tmp_path / n))(x), y)
+        torch.testing.assert_close(lt.load_adapter(net(), sub(tmp_path / f"ours_{n}"))(x), y)
+    lt.set_adapter(m, ["default", "b", "c"])
+    y = m(x)
+    W = m[0].base.weight.detach() + sum(u.delta_weight().reshape(m[0].base.weight.shape) for u in m[0].updates.values())
+    torch.testing.assert_close(y, m[2](torch.flatten(nn.functional.conv2d(x, W, m[0].base.bias, padding=1), 1)))
+    lt.merge(m)
+    torch.testing.assert_close(m(x), y)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_trainable_counts_as_peft(tie, bias):
+    ours = lt.inject(llama(tie), "lora", targets=["q_proj"], trainable_token_indices=[1, 2], rank=2, bias=bias)
+    theirs = peft.get_peft_model(llama(tie), peft.LoraConfig(r=2, target_modules=["q_proj"], bias=bias,
+                                                             trainable_token_indices=[1, 2]))
+    assert lt.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()[0]
