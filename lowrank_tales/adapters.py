@@ -226,6 +226,12 @@ def _regrad(f, inputs: tuple, need, g) -> list:
     for i, gr in zip(idx, gs): out[i] = gr
     return out
 
+# %% ../nbs/06_adapters.ipynb #b1a5c0d1
+def _bias_grad(g: torch.Tensor, need: bool) -> torch.Tensor | None:
+    """The gradient of `F.linear`'s bias for the output gradient `g` (summed over its leading dimensions) if `need`:
+    PEFT's `bias="all"`/`"lora_only"` trains the bias of an adapted layer, through the functions below."""
+    return g.reshape(-1, g.shape[-1]).sum(0) if need else None
+
 # %% ../nbs/06_adapters.ipynb #c183d3d3
 class FoldedLinear(torch.autograd.Function):
     "`F.linear(x, W0 + Σ s_i ΔW_i, b)`, saving `x` and the factors; backward pulls `G = gᵀx` back to the factors."
@@ -243,7 +249,7 @@ class FoldedLinear(torch.autograd.Function):
             with _autocast_off(g):
                 ref = lambda x, *fs: F.linear(x, _folded_matrix(W0, ups, _split(ups, fs)).to(x.dtype))
                 dx, *grads = _regrad(ref, (x, *flat), [need[0], *need[4:]], g.to(x.dtype))
-            return (dx, None, None, None, *grads)
+            return (dx, None, _bias_grad(g, need[2]), None, *grads)
         with _autocast_off(g):
             g2, x2 = g.reshape(-1, g.shape[-1]).to(x.dtype), x.reshape(-1, x.shape[-1])
             parts = [u.pullback(fs) for u, fs in zip(ups, factors)]  # each ΔW formed once, for dX and its gradients
@@ -255,7 +261,7 @@ class FoldedLinear(torch.autograd.Function):
             one = len(ups) == 1
             G = _scaled_outer(g2, x2, ups[0].scale if one else 1.0)
             grads = [gr for u, (_, pull) in zip(ups, parts) for gr in pull(G if one else G * u.scale)]
-        return (dx, None, None, None, *[gr if n else None for gr, n in zip(grads, need[4:])])
+        return (dx, None, _bias_grad(g, need[2]), None, *[gr if n else None for gr, n in zip(grads, need[4:])])
 
 # %% ../nbs/06_adapters.ipynb #a1b2c3g1
 def _lyco_options(u: Update, rank_dropout, module_dropout, use_effective_conv2d, base) -> None:
@@ -653,7 +659,7 @@ class LowRankLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: plain autograd ops, so a second derivative is right
             ref = lambda x, U, V: s * F.linear(F.linear(x, U), V) + (0 if W0 is None else F.linear(x, W0))
             with _autocast_off(g): dx, dU, dV = _regrad(ref, (x, U, V), [need[0], need[3], need[4]], g.to(x.dtype))
-            return dx, None, None, dU, dV, None
+            return dx, None, _bias_grad(g, need[2]), dU, dV, None
         with _autocast_off(g):
             g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)
             gV = g2 @ V
@@ -662,7 +668,7 @@ class LowRankLinear(torch.autograd.Function):
                 dx = (torch.mm(gV, U) * s if W0 is None else (g2 @ W0).addmm_(gV, U, alpha=s)).reshape(ctx.shape)
             dU = torch.addmm(U, gV.T, x2, beta=0, alpha=s) if need[3] else None  # s·gVᵀx, the scale inside the GEMM
             dV = torch.addmm(V, g2.T, h, beta=0, alpha=s) if need[4] else None
-        return dx, None, None, dU, dV, None
+        return dx, None, _bias_grad(g, need[2]), dU, dV, None
 
 # %% ../nbs/06_adapters.ipynb #34ef83f0
 def conv_low_rank_update(base: nn.Module, x, U, V, scale: float):
@@ -885,7 +891,7 @@ class KronLinear(torch.autograd.Function):
             ref = lambda x, A, B: s * (A @ x.reshape(-1, a2, b2) @ B.T).reshape(*x.shape[:-1], a1 * b1) + \
                 (0 if W0 is None else F.linear(x, W0))
             with _autocast_off(g): dx, dA, dB = _regrad(ref, (x, A, B), [need[0], need[3], need[4]], g.to(x.dtype))
-            return dx, None, None, dA, dB, None
+            return dx, None, _bias_grad(g, need[2]), dA, dB, None
         with _autocast_off(g):
             g2 = g.reshape(-1, a1 * b1).to(X.dtype)
             dZ = torch.bmm(A.T.expand(len(X), a2, a1), g2.view(-1, a1, b1)).view(-1, b1)  # (T·a2, b1)
@@ -894,7 +900,7 @@ class KronLinear(torch.autograd.Function):
                 dx = (dZ @ B * s if W0 is None else (g2 @ W0).view(-1, b2).addmm_(dZ, B, alpha=s)).reshape(ctx.shape)
             dA = torch.bmm(g2.view(-1, a1, b1), Z.transpose(1, 2)).sum(0).mul_(s) if need[3] else None
             dB = torch.addmm(B, dZ.T, X.reshape(-1, b2), beta=0, alpha=s) if need[4] else None
-        return dx, None, None, dA, dB, None
+        return dx, None, _bias_grad(g, need[2]), dA, dB, None
 
 # %% ../nbs/06_adapters.ipynb #1950fc34
 def _check_divides(a, n: int, name: str, shape) -> None:

@@ -303,3 +303,38 @@ def test_trainable_counts_as_peft(tie, bias):
     theirs = peft.get_peft_model(llama(tie), peft.LoraConfig(r=2, target_modules=["q_proj"], bias=bias,
                                                              trainable_token_indices=[1, 2]))
     assert lt.trainable_parameters(ours) == theirs.get_nb_trainable_parameters()[0]
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50,
+                                                                n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("arch,lora,kr,ha", [("llama", ["q_proj", "o_proj"], ["k_proj"], ["v_proj"]),
+                                             ("gpt2", ["c_attn"], ["c_fc"], ["c_proj"])])
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapted_layers_biases_get_their_gradient(arch, lora, kr, ha, dora):
+    "Was: the adapted layers' autograd functions (FoldedLinear, LowRankLinear, KronLinear) gave no bias gradient, so"
+    " bias='all'/'lora_only' never trained an adapted layer's bias. Oracle: the same model merged (plain layers)."
+    import copy
+    m = lt.inject({"llama": llama, "gpt2": gpt2}[arch](), "lora", targets=lora, rank=2, bias="all", dora=dora)
+    lt.inject(m, "lokr", targets=kr, rank=2, name="kr")
+    lt.inject(m, "loha", targets=ha, rank=2, name="ha")
+    lt.set_adapter(m, ["default", "kr", "ha"])
+    randomize(m)
+    merged = lt.merge(copy.deepcopy(m))
+    for x in (m, merged): x(IDS).logits.square().mean().backward()
+    grads = lambda x: {n: p.grad for n, p in x.named_parameters() if p.requires_grad and n.endswith("bias")}
+    ours, oracle = grads(m), grads(merged)
+    assert ours.keys() == oracle.keys() and any(f"{t}.base.bias" in k for k in ours for t in lora + kr + ha)
+    assert all(g is not None for g in ours.values()), [k for k, g in ours.items() if g is None]
+    for k in ours: torch.testing.assert_close(ours[k], oracle[k], atol=1e-6, rtol=1e-4)
+
+
+def test_lora_bias_gradient_as_peft():
+    ours = lt.inject(llama(), "lora", targets=["q_proj"], rank=2, bias="lora_only")
+    theirs = peft.get_peft_model(llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    for x in (ours, theirs): x(IDS).logits.square().mean().backward()  # B = 0 in both: the bias's gradient is W0's
+    torch.testing.assert_close(ours.model.layers[0].self_attn.q_proj.base.bias.grad,
+                               theirs.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.grad)
