@@ -223,8 +223,7 @@ PEFT_INERT = {"task_type", "peft_type", "auto_mapping", "peft_version", "base_mo
 PEFT_APPLIED = {"r", "lora_alpha", "alpha", "lora_dropout", "fan_in_fan_out", "use_rslora", "use_dora",
                 "modules_to_save", "rank_pattern", "alpha_pattern", "decompose_factor", "init_lora_weights",
                 "bias", "rank_dropout", "module_dropout", "rank_dropout_scale", "target_parameters",
-                "trainable_token_indices"}
-PEFT_APPLIED |= {"use_effective_conv2d", "decompose_both"}  # PEFT's Tucker kernels; LoKr's A = A1 A2
+                "trainable_token_indices", "use_effective_conv2d", "decompose_both"}
 
 # %% ../nbs/07b_peft.ipynb #06e2ad57
 def _field_rules(method: str) -> dict:
