@@ -391,7 +391,7 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
     bias_reg = reg if bias_reg is None and not (auto_reg and missing) else bias_reg  # before scaling: unitless
     obs.vals, reg, e = scale_problem(obs.vals, reg, 2)  # fit A·2⁻ᵉ when A is huge or tiny (bias_reg is unitless)
     if auto_reg and missing:  # the noise-edge defaults: the factors' ridge in A's units, the biases' unitless
-        reg, edge = _default_ridges(obs.vals, obs.shape, weighted_reg)
+        reg, edge = _default_ridges(obs, weighted_reg)
         bias_reg = edge if bias_reg is None else bias_reg
     cg = method == "cg" or (method == "auto" and rank >= CG_RANK and len(obs.vals) >= CG_OBSERVATIONS)
     small = len(obs.vals) * (rank + bool(biases)) ** 2 < SERIAL_WORK  # tiny operations: threads only wait
@@ -400,11 +400,11 @@ def als(A,  # data (M, N): numpy array, masked array or torch tensor (with `mask
                            3 if cg else 0, bias_reg)
 
 # %% ../nbs/02_completion.ipynb #21fbb4b9
-def _default_ridges(vals, shape, weighted: bool = True) -> tuple:
+def _default_ridges(obs, weighted: bool = True) -> tuple:
     """The ridges of `reg=None` with missing entries: the factors' `DEFAULT_REG`·s(√M+√N)/√|Ω|, the biases' (s=1);
     a plain ridge (not `weighted`) the same threshold: times |Ω|/√(MN), the geometric mean of the mean counts."""
-    n, (M, N) = len(vals), shape
-    s2 = _sum_squares(vals - float(vals.sum()) / n) / n  # the values' spread about their mean (constant data: rms)
+    n, (M, N), v = obs.count, obs.shape, obs.vals  # over every rank's observations (obs.sum)
+    s2 = obs.sum(_sum_squares(v - obs.sum(float(v.sum())) / n)) / n  # the spread about their mean; constant: rms
     edge = DEFAULT_REG * (M ** 0.5 + N ** 0.5) / n ** 0.5  # unitless: the biases' ridge, and s times it the factors'
     if not weighted: edge *= n / (M ** 0.5 * N ** 0.5)
-    return edge * (s2 or _sum_squares(vals) / n) ** 0.5, edge
+    return edge * (s2 or obs.sum(_sum_squares(v)) / n) ** 0.5, edge

@@ -27,7 +27,8 @@ from .core import (Factorization, as_float_array, check_choice, check_finite, op
                                 check_int, check_nonnegative, check_tol, is_tensor, iterations, like, scale_pow2,
                                 scale_problem, to_numpy, is_sparse, stored_entries)
 from .kernels import weighted_grams
-from .completion import _from_coo, _masked_als, _masked_loss, _transpose, masked_sweep
+from .completion import (COMPLETION_TOL, _check_flags, _default_ridges, _from_coo, _masked_als,
+                                      _masked_loss, _transpose, masked_sweep)
 from .injection import adapter_layers as adapters, check_model, saved_modules
 
 # %% auto #0
@@ -403,22 +404,24 @@ def distributed_als(ratings,  # THIS rank's entries: (n, 3) array, (rows, cols, 
                     rank: int,  # K
                     *,
                     shape: tuple | None = None,  # global (M, N); default: the largest ids over all ranks plus one
-                    reg: float = 0.0,  # ridge λ ≥ 0
-                    weighted_reg: bool = False,  # scale each row's/column's ridge by its global number of observations
+                    reg=None,  # ridge λ ≥ 0; None: `als`'s default with missing entries (the noise-edge ridge)
+                    weighted_reg=None,  # scale each row's/column's ridge by its global count; None: as `als` (True)
                     max_iter: int = 100,  # maximum number of sweeps
-                    tol: float = 1e-10,  # stop when a sweep lowers the loss by at most `tol` times itself; 0: max_iter
+                    tol=None,  # stop when a sweep lowers the loss by ≤ tol of itself; None: als's 1e-2; 0: max_iter
                     init: str = "svd",  # "svd" (randomized SVD of the summed data) or "random"
                     seed=None,  # random seed (None: drawn on rank 0 and shared)
                     progress=None,  # progress bar on rank 0: True, False or None (automatic)
                    ) -> Factorization:  # the same factors (W, Z) on every rank
     "ALS with missing entries when every rank holds a shard of the ratings: `als`'s own sweep, its sums all-reduced."
     rows, cols, vals = as_triplets(ratings)
-    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(tol)
-    reg, max_iter = check_nonnegative(reg, "reg"), check_int(max_iter, "max_iter", 0)
+    init, tol = check_choice(init, "init", ("svd", "random")), check_tol(COMPLETION_TOL if tol is None else tol)
+    _check_flags(False, weighted_reg, None)
+    auto_reg, weighted_reg = reg is None, True if weighted_reg is None else bool(weighted_reg)
+    reg, max_iter = check_nonnegative(0.0 if reg is None else reg, "reg"), check_int(max_iter, "max_iter", 0)
     M, N = _global_shape(rows, cols, shape)
     rank = check_int(rank, "rank", 1, min(M, N), f" (min(M, N) for shape {(M, N)})")
-    check_same_across_ranks(dict(shape=(M, N), rank=rank, reg=reg, weighted_reg=bool(weighted_reg), max_iter=max_iter,
-                                 tol=tol, init=init, seed=seed, dtype=str(vals.dtype)),
+    check_same_across_ranks(dict(shape=(M, N), rank=rank, reg=None if auto_reg else reg, weighted_reg=weighted_reg,
+                                 max_iter=max_iter, tol=tol, init=init, seed=seed, dtype=str(vals.dtype)),
                             "the arguments of distributed_als")
     _check_entries(rows, cols, (M, N))
     comm = _AllReduce() if world()[1] > 1 else None
@@ -428,7 +431,8 @@ def distributed_als(ratings,  # THIS rank's entries: (n, 3) array, (rows, cols, 
     _, reg, e = scale_problem(np.array([amax if comm is None else comm.max(amax)]), reg, 2)  # the same 2⁻ᵉ everywhere
     obs = _from_coo(rows, cols, scale_pow2(vals, -e), (M, N), _result_kind(ratings, vals.dtype))
     obs.comm = comm  # every sum over the observations in the sweep, loss and start is now a sum over all ranks
-    f = _masked_als(obs, rank, reg, False, bool(weighted_reg), max_iter, tol, init, _shared_seed(seed),
+    if auto_reg: reg = _default_ridges(obs, weighted_reg)[0]  # global counts and spread, as `als` takes them
+    f = _masked_als(obs, rank, reg, False, weighted_reg, max_iter, tol, init, _shared_seed(seed),
                     progress if world()[0] == 0 else False, e)
     f.method = f"als (masked, {world()[1]} rank{'s' if world()[1] > 1 else ''})"
     return f

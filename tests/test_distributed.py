@@ -179,11 +179,28 @@ def test_distributed_als_stops_like_als_and_infers_the_shape():
     owner = np.random.default_rng(0).integers(0, 2, len(vals))
     ref = als(scipy.sparse.csr_array((vals, (rows, cols)), shape=shape), K, reg=0.01, weighted_reg=False, seed=0,
               max_iter=100, tol=1e-3)
-    f0, _ = launch(als_on_shard, 2, rows, cols, vals, owner, K, reg=0.01, seed=0, max_iter=100, tol=1e-3,
-                   timeout=TIMEOUT, echo=False)
+    f0, _ = launch(als_on_shard, 2, rows, cols, vals, owner, K, reg=0.01, weighted_reg=False, seed=0, max_iter=100,
+                   tol=1e-3, timeout=TIMEOUT, echo=False)
     assert f0.n_iter == ref.n_iter < 100
     assert f0.factors[0].shape == (shape[0], K) and f0.factors[1].shape == (K, shape[1])
     np.testing.assert_allclose(f0.factors[0], ref.factors[0], rtol=0, atol=1e-9)
+
+
+def test_distributed_als_defaults_are_als_completion_defaults():
+    "At every default two ranks give `als`'s completion fit: the noise-edge ridge from global sums, the 1 % rule."
+    rows, cols, vals, shape, K = problem(seed=5)
+    owner = np.random.default_rng(2).integers(0, 2, len(vals))
+    ref = als(scipy.sparse.csr_array((vals, (rows, cols)), shape=shape), K, seed=1)
+    f0, f1 = launch(als_on_shard, 2, rows, cols, vals, owner, K, shape=shape, seed=1, timeout=TIMEOUT, echo=False)
+    assert f0.n_iter == ref.n_iter < 100 and f0.converged
+    for i in (0, 1):
+        np.testing.assert_allclose(f0.factors[i], ref.factors[i], rtol=0, atol=1e-10)
+        np.testing.assert_array_equal(f0.factors[i], f1.factors[i])
+    np.testing.assert_allclose(f0.losses, ref.losses, rtol=1e-10)
+    # ... and the default is the ridge itself: the same fit with it passed explicitly (weighted, as Spark's regParam)
+    edge = vals.std() * (np.sqrt(shape[0]) + np.sqrt(shape[1])) / np.sqrt(len(vals)) / 3
+    np.testing.assert_allclose(distributed_als((rows, cols, vals), K, shape=shape, reg=edge, seed=1).losses, ref.losses,
+                               rtol=1e-10)
 
 
 def shard_with_other_shape(rows, cols, vals, owner, K):
