@@ -683,12 +683,14 @@ def _check_untied(model: nn.Module, layers: list, what: str) -> None:
     "`ValueError` if the weight of an adapted layer in `layers` is also held by another module (tied weights)."
     holders = {}
     for n, p in model.named_parameters(remove_duplicate=False): holders.setdefault(id(p), []).append(n)
+    follow = {}  # id of an adapted layer → the weights of the heads that follow it (tied trainable tokens, 07c)
+    for k, t in model.named_modules():
+        if (led := getattr(t, "follows", None)) is not None: follow.setdefault(id(led), set()).add(f"{k}.base.weight")
     for n in layers:
         m = model.get_submodule(n)
         p = m.__dict__.get("parameter", "weight")  # a `ParamLayer` adapts a parameter of its own name
         own, W = (f"{n}.base.{p}", getattr(m.base, p)) if isinstance(m, Adapter) else (f"{n}.weight", m.weight)
-        follow = {f"{k}.base.weight" for k, t in model.named_modules() if getattr(t, "follows", None) is m}  # 07c
-        if len(others := [k for k in holders[id(W)] if k != own and k not in follow]):
+        if len(others := [k for k in holders[id(W)] if k != own and k not in follow.get(id(m), ())]):
             raise ValueError(f"module {n!r} shares its weight with {others[:4]} (tied weights): {what} would change "
                              "them too; untie them first (give the module a copy of the weight)")
 
